@@ -1,0 +1,123 @@
+"""Crash-safe writes: every file is written under a temporary name and renamed into place.
+
+A reader (or a resumed run) therefore sees either the old file or the complete new one, never half of one.
+Folders that must change together (an adapter, a checkpoint) are written as a whole into a temporary sibling
+folder and swapped in with two renames; ``read_folder`` finds the previous version if a crash fell between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import InputError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is flushed and renamed to ``path``."""
+    path = Path(path)
+    _ensure_parent(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces ``path`` as a whole.
+
+    The swap is two renames: the old folder moves aside to ``<name>.old``, the new one moves in, the old one is
+    deleted. ``read_folder`` falls back to ``<name>.old`` if a crash left only that.
+    """
+    path = Path(path)
+    _ensure_parent(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):  # files written by other libraries get ordinary permissions too
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_folder(path: str | os.PathLike) -> Path | None:
+    """The folder written by ``atomic_folder`` at ``path``, or its previous version after an interrupted swap."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    old = path.with_name(path.name + ".old")
+    return old if old.is_dir() else None
+
+
+def _ensure_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{path.parent}: cannot create the output folder ({e.strerror or e})") from e
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"{path.parent}: the output folder is not writable")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """Read a JSON object, turning every failure into a one-line InputError that names the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: {what} must hold a JSON object, found {type(obj).__name__}")
+    return obj
