@@ -1,0 +1,1 @@
+"""The core: attaching methods to modules, adapter files, accounting and format conversion."""

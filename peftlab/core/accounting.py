@@ -1,0 +1,90 @@
+"""Honest parameter accounting, reported by name.
+
+- ``trainable``: entries the optimiser updates (method parameters plus the task head).
+- ``changed``: entries of the final, merged weights that differ from the pretrained base. A merged LoRA update
+  is dense, so it changes every entry of an adapted matrix even though only ``r * (in + out)`` entries trained.
+  Parameters a method adds without a weight form (soft prompts) and a new task head count in full.
+- ``delta_rank``: rank of the weight difference of every adapted (or trained) pretrained matrix.
+- ``adapter_bytes``: size of the adapter folder on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .attach import Attachment
+
+
+def parameter_counts(attachment: Attachment) -> dict:
+    model = attachment.model
+    own = {id(p) for layer in attachment.layers().values() for p in layer.adapter_parameters().values()}
+    total = sum(p.numel() for p in model.parameters())
+    adapter = sum(p.numel() for p in model.parameters() if id(p) in own)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "total": total,
+        "base": total - adapter,
+        "adapter": adapter,
+        "trainable": trainable,
+        "changed": changed_parameters(attachment),
+    }
+
+
+@torch.no_grad()
+def _deltas(attachment: Attachment) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(pretrained weight, weight difference) for every adapted layer with a weight form."""
+    out = {}
+    for name, layer in attachment.layers().items():
+        delta = layer.delta_weight()
+        if delta is None:
+            continue
+        weight = layer.base.weight.detach()
+        if attachment.merged:
+            weight = weight - delta.to(weight.dtype)
+        out[name] = (weight, delta.to(weight.dtype))
+    return out
+
+
+@torch.no_grad()
+def changed_parameters(attachment: Attachment) -> int:
+    changed = 0
+    for layer in attachment.layers().values():
+        if layer.delta_weight() is None:  # added parameters without a weight form count in full
+            changed += sum(p.numel() for p in layer.adapter_parameters().values())
+    for weight, delta in _deltas(attachment).values():
+        changed += int(torch.count_nonzero((weight + delta) != weight))
+    state = attachment.state()
+    for name, start in attachment.initial.items():
+        changed += int(torch.count_nonzero(state[name].detach() != start))
+    return changed
+
+
+@torch.no_grad()
+def delta_ranks(attachment: Attachment) -> dict[str, int]:
+    """Rank of the weight difference per pretrained matrix the method changed (the task head is left out)."""
+    ranks = {name: _rank(delta) for name, (_, delta) in _deltas(attachment).items()}
+    state = attachment.state()
+    heads = tuple(h + "." for h in attachment.trainable_modules)
+    for name, start in attachment.initial.items():
+        if start.ndim == 2 and not name.startswith(heads):
+            ranks[name] = _rank(state[name].detach() - start)
+    return ranks
+
+
+def _rank(delta: torch.Tensor) -> int:
+    """Numerical rank, with the tolerance of the dtype the difference was computed in."""
+    rtol = max(delta.shape) * torch.finfo(delta.dtype).eps
+    return int(torch.linalg.matrix_rank(delta.float(), rtol=rtol))
+
+
+def rank_summary(ranks: dict[str, int]) -> dict:
+    if not ranks:
+        return {}
+    values = list(ranks.values())
+    return {"min": min(values), "max": max(values), "mean": sum(values) / len(values), "per_matrix": ranks}
+
+
+def folder_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -1,0 +1,69 @@
+"""The adapter protocol: how the core finds a method's own parameters and merges them.
+
+A method that adds parameters to a layer *wraps* that layer instead of subclassing the model: the wrapper holds
+the original layer as ``self.base`` and adds the method's contribution in ``forward``. The core never guesses from
+parameter names which weights belong to a method; it asks each wrapper through this protocol:
+
+- ``adapter_parameters()`` -- the method's own parameters, by name relative to the wrapper;
+- ``delta_weight()``       -- the change the adapter makes to ``base.weight`` once merged (None if it has none);
+- ``merge()`` / ``unmerge()`` -- explicit calls, never hidden inside ``.train()`` or ``.eval()``.
+
+Merging adds the delta into the base weight, after which ``forward`` skips the adapter branch, so a merged model
+runs at the speed of the plain base.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import PeftlabError
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every wrapper: ``self.base`` is the wrapped layer, ``self.merged`` says where the delta lives."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.merged = False
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The method's own parameters, keyed by their name inside this wrapper (e.g. ``lora_A``)."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor | None:
+        """The additive change to ``base.weight`` this adapter stands for, or None when it has no weight form."""
+        return None
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``base.weight``; afterwards ``forward`` costs what the base layer costs."""
+        if self.merged:
+            raise PeftlabError(f"{type(self).__name__} is already merged")
+        delta = self.delta_weight()
+        if delta is None:
+            raise PeftlabError(f"{type(self).__name__} has no weight form and cannot be merged")
+        self.base.weight.add_(delta.to(self.base.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the adapter back out of ``base.weight`` (the exact inverse of ``merge`` up to float rounding)."""
+        if not self.merged:
+            raise PeftlabError(f"{type(self).__name__} is not merged")
+        delta = self.delta_weight()
+        self.base.weight.sub_(delta.to(self.base.weight.dtype))
+        self.merged = False
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapter wrapper in ``model``, keyed by the wrapped layer's module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` is (a plain setattr on its parent)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

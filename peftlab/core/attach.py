@@ -1,0 +1,293 @@
+"""Attaching a method to any ``nn.Module``, and saving or loading the result as a small adapter folder.
+
+``attach(model, "lora", r=8)`` freezes the model, lets the method wrap its target layers, unfreezes the task
+head, and returns an ``Attachment``: a handle that knows the method, its config, the adapted modules and the base
+model's fingerprint, and offers ``merge()``, ``unmerge()``, ``unload()`` and ``save()``. The model stays an
+ordinary model of its own class (a Hugging Face model keeps working as one); nothing is subclassed.
+
+An adapter folder holds two files:
+
+- ``adapter.safetensors`` -- the method's parameters and the trained task head, keyed by base module names;
+- ``adapter.json`` -- format and version, method and config, adapted modules, task-head modules, and the base
+  model's signature (parameter names and shapes) with its SHA-256 fingerprint, so loading onto a different base
+  fails with a message that says what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..errors import InputError, PeftlabError
+from ..fileio import atomic_folder, read_folder, read_json
+from ..methods import Method, config_from_dict, config_to_dict, get_method
+from .adapter import AdapterLayer, adapter_layers, replace_module
+
+FORMAT = "peftlab-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter.json"
+WEIGHTS_FILE = "adapter.safetensors"
+HEAD_NAMES = ("classifier", "score", "qa_outputs")
+
+
+def task_head_names(model: nn.Module) -> list[str]:
+    """The task head: top-level modules a Hugging Face task model adds (``classifier``, ``score``, ...)."""
+    return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+
+
+def base_signature(model: nn.Module) -> dict[str, list[int]]:
+    """Parameter name -> shape of the base model, with adapter wrappers looked through."""
+    wrappers = adapter_layers(model)
+    own = {f"{w}.{p}" for w, layer in wrappers.items() for p in layer.adapter_parameters()}
+    signature = {}
+    for name, p in model.named_parameters():
+        if name not in own:
+            signature[base_name(name, wrappers)] = list(p.shape)
+    return signature
+
+
+def base_name(name: str, wrappers: dict[str, AdapterLayer]) -> str:
+    """``x.query.base.weight`` -> ``x.query.weight`` for a parameter inside a wrapped layer."""
+    module, _, leaf = name.rpartition(".")
+    if module.endswith(".base") and module[: -len(".base")] in wrappers:
+        return f"{module[: -len('.base')]}.{leaf}"
+    if module == "base" and "" in wrappers:
+        return leaf
+    return name
+
+
+def fingerprint(signature: dict[str, list[int]]) -> str:
+    text = json.dumps(sorted(signature.items()), separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Attachment:
+    """A method attached to a model: the handle for training, accounting, merging and saving."""
+
+    model: nn.Module
+    method: Method
+    config: Any
+    targets: list[str]
+    trainable_modules: list[str]
+    signature: dict[str, list[int]]
+    # Trainable base parameters as they were at attach time (pretrained values; the head's fresh init). Changed
+    # parameters are counted against these, and regularisers toward the pretrained weights start from them.
+    initial: dict[str, torch.Tensor] = field(repr=False)
+    merged: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.signature)
+
+    def layers(self) -> dict[str, AdapterLayer]:
+        return adapter_layers(self.model)
+
+    def state(self) -> dict[str, nn.Parameter]:
+        """Everything the adapter file holds, keyed by base module names: the method's own parameters, then the
+        base parameters that train (the task head; all of them for full fine-tuning)."""
+        layers = self.layers()
+        state: dict[str, nn.Parameter] = {}
+        for name, layer in layers.items():
+            for pname, p in layer.adapter_parameters().items():
+                state[f"{name}.{pname}"] = p
+        own = {id(p) for p in state.values()}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in own:
+                state[base_name(name, layers)] = p
+        return state
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def merge(self) -> None:
+        """Fold every adapter into its base weights (explicit; training or eval mode never merges)."""
+        if self.merged:
+            raise PeftlabError("the adapter is already merged")
+        if not self.method.mergeable:
+            raise InputError(f"method {self.method.name!r} has no weight form and cannot be merged")
+        for layer in self.layers().values():
+            layer.merge()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise PeftlabError("the adapter is not merged")
+        for layer in self.layers().values():
+            layer.unmerge()
+        self.merged = False
+
+    def unload(self) -> nn.Module:
+        """Replace every wrapper by its base layer and return the plain model.
+
+        After ``merge()`` the result is the fine-tuned model with no extra latency, loadable by plain
+        ``transformers`` once saved; without it, the adapters are simply dropped (the trained head stays).
+        """
+        for name, layer in self.layers().items():
+            if name == "":
+                raise PeftlabError("cannot unload an adapter wrapped around the whole model")
+            replace_module(self.model, name, layer.base)
+        return self.model
+
+    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Write the adapter folder (atomically: a reader sees the old folder or the complete new one)."""
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state().items()}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "peftlab_version": __version__,
+            "method": self.method.name,
+            "config": config_to_dict(self.config),
+            "targets": self.targets,
+            "trainable_modules": self.trainable_modules,
+            "base": {"fingerprint": self.fingerprint, "parameters": self.signature},
+            **(extra or {}),
+        }
+        path = Path(path)
+        with atomic_folder(path) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def attach(
+    model: nn.Module,
+    method: str | Method = "lora",
+    config: Any = None,
+    *,
+    trainable_modules: Sequence[str] | str = "auto",
+    **options: Any,
+) -> Attachment:
+    """Attach ``method`` to ``model`` in place and return the handle.
+
+    ``config`` is the method's config dataclass (built from ``options`` when omitted; ``options`` also override
+    fields of a given config). ``trainable_modules`` are modules that train in full beside the method and are
+    saved with it; ``"auto"`` picks the task head of a Hugging Face task model (``classifier``, ``score``).
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    if config is None:
+        config = config_from_dict(method.config, options, source=f"{method.name} options")
+    elif options:
+        config = dataclasses.replace(config, **options)
+    if adapter_layers(model):
+        raise InputError("the model already carries a peftlab adapter; unload it before attaching another")
+    heads = task_head_names(model) if trainable_modules == "auto" else list(trainable_modules)
+    modules = dict(model.named_modules())
+    for head in heads:
+        if head not in modules:
+            raise InputError(f"trainable_modules: the model has no module {head!r}")
+    signature = base_signature(model)
+    model.requires_grad_(False)
+    targets = method.apply(model, config, heads)
+    for head in heads:
+        model.get_submodule(head).requires_grad_(True)
+    attachment = Attachment(model, method, config, list(targets), heads, signature, initial={})
+    layers = attachment.layers()
+    own = {id(p) for layer in layers.values() for p in layer.adapter_parameters().values()}
+    attachment.initial = {
+        base_name(n, layers): p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and id(p) not in own
+    }
+    return attachment
+
+
+def read_adapter_meta(path: str | Path) -> tuple[Path, dict]:
+    """The adapter folder (or its previous version after an interrupted save) and its checked metadata."""
+    path = Path(path)
+    folder = read_folder(path)
+    if folder is None:
+        raise InputError(f"{path}: adapter folder not found")
+    meta = read_json(folder / CONFIG_FILE, "adapter config")
+    source = folder / CONFIG_FILE
+    if meta.get("format") != FORMAT:
+        if (folder / "adapter_config.json").exists():
+            raise InputError(f"{folder}: this is a Hugging Face PEFT adapter; load it with peftlab.import_hf")
+        raise InputError(f"{source}: not a peftlab adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InputError(
+            f"{source}: format_version {version!r} is newer than this peftlab reads (up to {FORMAT_VERSION}); "
+            "upgrade peftlab"
+        )
+    for key in ("method", "config", "targets", "trainable_modules", "base"):
+        if key not in meta:
+            raise InputError(f"{source}: missing field {key!r}")
+    return folder, meta
+
+
+def check_base(model: nn.Module, meta: dict, source: Path) -> None:
+    """Refuse a base whose parameter names and shapes differ from the adapter's, saying what differs."""
+    here = base_signature(model)
+    theirs = {k: list(v) for k, v in meta["base"].get("parameters", {}).items()}
+    if fingerprint(here) == meta["base"].get("fingerprint"):
+        return
+    shape = [k for k in here if k in theirs and here[k] != theirs[k]]
+    missing = [k for k in theirs if k not in here]
+    extra = [k for k in here if k not in theirs]
+    if shape:
+        k = shape[0]
+        detail = f"parameter {k!r} is {tuple(here[k])} in this model but {tuple(theirs[k])} in the adapter's base"
+    elif missing:
+        detail = f"this model has no parameter {missing[0]!r}"
+    elif extra:
+        detail = f"this model has parameter {extra[0]!r}, which the adapter's base lacks"
+    else:
+        detail = "the recorded fingerprint does not match the recorded parameters"
+    raise InputError(
+        f"{source}: adapter was trained on a different base model: {detail} "
+        f"({len(here)} parameters here, {len(theirs)} in the adapter's base)"
+    )
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file (never a pickle), turning a truncated or corrupt file into a one-line error."""
+    if not path.exists():
+        raise InputError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy saved tensors into the attachment's parameters, checking names and shapes first."""
+    state = attachment.state()
+    missing = [k for k in state if k not in tensors]
+    unexpected = [k for k in tensors if k not in state]
+    if missing or unexpected:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise InputError(
+            f"{source}: tensors do not fit the adapter ({what}; {len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    for k, p in state.items():
+        if tuple(tensors[k].shape) != tuple(p.shape):
+            raise InputError(f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}")
+    with torch.no_grad():
+        for k, p in state.items():
+            p.copy_(tensors[k].to(p.dtype))
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> Attachment:
+    """Attach the adapter saved in ``path`` to ``model`` (which must be the same base it was trained on)."""
+    folder, meta = read_adapter_meta(path)
+    source = folder / CONFIG_FILE
+    check_base(model, meta, source)
+    method = get_method(meta["method"])
+    config = config_from_dict(method.config, meta["config"], source=f"{source}: config")
+    attachment = attach(model, method, config, trainable_modules=meta["trainable_modules"])
+    if attachment.targets != list(meta["targets"]):
+        raise InputError(f"{source}: the config selects other modules than the adapter was saved with")
+    load_state(attachment, read_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+    return attachment

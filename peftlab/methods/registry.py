@@ -1,0 +1,126 @@
+"""The method registry: every method registers itself here by name.
+
+A method is a small record: its config dataclass (whose fields become CLI flags and config-file keys), an
+``apply`` function that adapts a model in place, and a few facts the rest of peftlab needs (family, default
+learning rate, whether it merges into the base weights).
+
+``apply(model, config, protected)`` receives a model whose parameters are all frozen. It wraps layers in
+adapter layers (their parameters train) and/or unfreezes base parameters the method trains itself, and returns
+the names of the modules it adapted. ``protected`` names the task head, which a method must not adapt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import InputError, suggest
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type
+    apply: Callable[[nn.Module, Any, Sequence[str]], list[str]]
+    family: str
+    summary: str
+    paper: str
+    lr: float
+    mergeable: bool
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise InputError(f"method: unknown method {name!r}{suggest(name, _REGISTRY)}; known: {known}") from None
+
+
+def all_methods() -> list[Method]:
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def config_fields(config_class: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_class)}
+
+
+def config_types(config_class: type) -> dict[str, Any]:
+    """Each field's declared type, resolved (the method files use postponed annotations)."""
+    return typing.get_type_hints(config_class)
+
+
+def config_from_dict(config_class: type, values: dict, source: str) -> Any:
+    """Build a method config from plain values (a JSON or config file), naming ``source`` in every error."""
+    fields = config_fields(config_class)
+    for key in values:
+        if key not in fields:
+            raise InputError(f"{source}: unknown option {key!r}{suggest(key, fields)}")
+    types_ = config_types(config_class)
+    converted = {k: coerce(v, types_[k], f"{source}: {k}") for k, v in values.items()}
+    return config_class(**converted)
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def coerce(value: Any, annotation: Any, field: str) -> Any:
+    """Convert a value read from text or JSON to the type a config field declares, or raise InputError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        if value not in args:
+            raise InputError(f"{field}: expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], field)
+    if origin is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [coerce(v, args[0], field) for v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{field}: expected a table of name = value pairs, got {value!r}")
+        return {str(k): coerce(v, args[1], f"{field}.{k}") for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise InputError(f"{field}: expected true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise InputError(f"{field}: expected a number, got {value!r}")
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise InputError(
+                f"{field}: expected {'an integer' if annotation is int else 'a number'}, got {value!r}"
+            ) from None
+        if annotation is int and isinstance(value, float) and value != number:
+            raise InputError(f"{field}: expected an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise InputError(f"{field}: expected text, got {value!r}")
+        return str(value)
+    return value
