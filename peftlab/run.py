@@ -1,0 +1,283 @@
+"""One fine-tuning run, from names to a finished run folder.
+
+``run_training`` resolves the model and data (pulling packaged assets on first use), tokenises once, attaches the
+method, trains with the shared loop, evaluates the best validation state on the test split, counts parameters
+honestly and writes the run folder:
+
+    <out>/config.json      the full resolved configuration (a valid --config file: it reproduces the run)
+    <out>/adapter/         the best adapter (peftlab format: adapter.safetensors + adapter.json)
+    <out>/checkpoint/      the last training checkpoint, for --resume
+    <out>/results.json     metrics, parameter counts, adapter bytes, memory, time, versions
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import __version__
+from .core.accounting import delta_ranks, folder_bytes, parameter_counts, rank_summary
+from .core.attach import CONFIG_FILE, WEIGHTS_FILE, Attachment, attach, load_adapter, load_state, read_tensors
+from .data.batches import Encoded, encode
+from .data.classification import ClassificationData, Columns, load_classification
+from .errors import InputError, require
+from .fileio import read_json, write_json
+from .methods import config_to_dict, get_method
+from .models import load_classifier, load_tokenizer, resolve_model
+from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit
+
+
+@dataclass
+class RunOptions:
+    model: str = field(default="minilm", metadata={"help": "packaged model name or Hugging Face model folder"})
+    data: str = field(
+        default="rotten_tomatoes", metadata={"help": "packaged dataset name, data file (CSV/TSV/JSON/JSONL) or folder"}
+    )
+    method: str = field(default="lora", metadata={"help": "fine-tuning method (see: peftlab methods)"})
+    out: str | None = field(default=None, metadata={"help": "run folder (default: a new folder under runs/)"})
+    text_column: str | None = field(default=None, metadata={"help": "column holding the text"})
+    pair_column: str | None = field(default=None, metadata={"help": "column holding the second text of a pair"})
+    label_column: str | None = field(default=None, metadata={"help": "column holding the label"})
+    max_length: int = field(default=128, metadata={"help": "tokens per example; longer ones are cut at the end"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/validation/test split"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "where to train"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
+    adapter: str | None = field(default=None, metadata={"help": "continue fine-tuning from this adapter folder"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow code shipped inside a model folder to run"})
+
+    def __post_init__(self):
+        require(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
+        require(self.train_limit is None or self.train_limit > 0, "train_limit", "a positive integer", self.train_limit)
+        require(self.threads is None or self.threads > 0, "threads", "a positive integer", self.threads)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device: 'cuda' was asked for but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_out(options: RunOptions) -> Path:
+    stem = Path(options.data).stem if os.sep in options.data or "." in options.data else options.data
+    return Path("runs") / f"{options.method}-{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def peak_memory() -> tuple[int, str]:
+    """Peak memory of this process: CUDA allocator peak on a GPU, else the peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return int(torch.cuda.max_memory_allocated()), "cuda max_memory_allocated"
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+    except ImportError:  # pragma: no cover - Windows
+        return 0, "unavailable"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import safetensors
+    import transformers
+
+    return {
+        "peftlab": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+@dataclass
+class Prepared:
+    data: ClassificationData
+    splits: dict[str, Encoded]
+    model_path: Path
+    tokenizer: Any
+
+
+def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
+    model_path = resolve_model(options.model, quiet=quiet)
+    tokenizer = load_tokenizer(model_path, options.trust_remote_code)
+    columns = Columns(options.text_column, options.pair_column, options.label_column)
+    data = load_classification(options.data, columns, options.split_seed, options.train_limit, quiet=quiet)
+    splits = {name: encode(examples, tokenizer, options.max_length) for name, examples in data.splits.items()}
+    return Prepared(data, splits, model_path, tokenizer)
+
+
+def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
+    torch.manual_seed(settings_seed)  # the new head's initialisation, then the method's
+    return load_classifier(
+        prepared.model_path,
+        prepared.data.labels,
+        trust_remote_code=options.trust_remote_code,
+        pad_token_id=prepared.tokenizer.pad_token_id,
+    )
+
+
+def task_meta(options: RunOptions, prepared: Prepared) -> dict:
+    return {
+        "task": {"type": "classification", "labels": prepared.data.labels},
+        "model": options.model,
+        "max_length": options.max_length,
+    }
+
+
+def flat_config(options: RunOptions, settings: TrainSettings, method_config: Any) -> dict:
+    return {**dataclasses.asdict(options), **dataclasses.asdict(settings), **config_to_dict(method_config)}
+
+
+def run_training(
+    options: RunOptions, settings: TrainSettings, method_config: Any, resume: bool = False, show_progress: bool = True
+) -> dict:
+    wall_start = time.perf_counter()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    device = pick_device(options.device)
+    method = get_method(options.method)
+    out = Path(options.out) if options.out else default_out(options)
+    if not resume and out.exists() and any(out.iterdir()):
+        raise InputError(
+            f"{out}: run folder already exists and is not empty (continue it with --resume {out}, "
+            "or choose another --out)"
+        )
+    prepared = prepare_data(options, quiet=not show_progress)
+    model = build_model(options, prepared, settings.seed)
+    if options.adapter:
+        attachment = load_adapter(model, options.adapter)
+        if attachment.method.name != method.name:
+            raise InputError(
+                f"adapter: {options.adapter} holds a {attachment.method.name!r} adapter, "
+                f"but --method is {method.name!r}"
+            )
+    else:
+        attachment = attach(model, method, method_config)
+    model.to(device)
+    lr = settings.lr if settings.lr is not None else method.lr
+    write_json(out / "config.json", flat_config(options, settings, attachment.config))
+    meta = task_meta(options, prepared)
+
+    def save_best(metrics: dict, step: int) -> None:
+        attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step})
+
+    task = ClassificationTask(len(prepared.data.labels))
+    result = fit(
+        attachment,
+        task,
+        prepared.splits["train"],
+        prepared.splits["validation"],
+        settings,
+        lr,
+        out / "checkpoint",
+        save_best,
+        device,
+        resume=resume,
+        show_progress=show_progress,
+    )
+    load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
+    autocast = autocast_for(settings.precision, device)
+    test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast)
+    counts = parameter_counts(attachment)
+    ranks = delta_ranks(attachment)
+    if ranks:
+        counts["delta_rank"] = rank_summary(ranks)
+    memory, memory_source = peak_memory()
+    results = {
+        "method": method.name,
+        "model": options.model,
+        "data": options.data,
+        "seed": settings.seed,
+        "metrics": {"validation": result.best, "test": test},
+        "params": counts,
+        "adapter_bytes": folder_bytes(out / "adapter"),
+        "peak_memory_bytes": memory,
+        "peak_memory_source": memory_source,
+        "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "examples_per_second": result.examples / max(result.train_seconds, 1e-9),
+        "tokens_per_second": result.tokens / max(result.train_seconds, 1e-9),
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "lr": lr,
+        "data_sizes": prepared.data.sizes(),
+        "labels": prepared.data.labels,
+        "truncated": {k: v.truncated for k, v in prepared.splits.items()},
+        "notes": prepared.data.notes,
+        "history": result.history,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "device": str(device),
+        "run_dir": str(out),
+    }
+    write_json(out / "results.json", results)
+    return results
+
+
+def load_run(run: str | Path) -> tuple[Path, dict]:
+    run = Path(run)
+    if not run.is_dir():
+        raise InputError(f"{run}: run folder not found")
+    config = read_json(run / "config.json", "run config")
+    if not (run / "adapter" / CONFIG_FILE).exists():
+        raise InputError(f"{run}: the run has no adapter yet (did it finish its first epoch?)")
+    return run, config
+
+
+def split_config(config: dict, source: str) -> tuple[RunOptions, TrainSettings, Any]:
+    """Split a flat configuration into run options, training settings and the method's config."""
+    from .methods import config_from_dict
+
+    run_keys = {f.name for f in dataclasses.fields(RunOptions)}
+    train_keys = {f.name for f in dataclasses.fields(TrainSettings)}
+    method = get_method(config.get("method", RunOptions.method))
+    run = config_from_dict(RunOptions, {k: v for k, v in config.items() if k in run_keys}, source)
+    settings = config_from_dict(TrainSettings, {k: v for k, v in config.items() if k in train_keys}, source)
+    rest = {k: v for k, v in config.items() if k not in run_keys and k not in train_keys}
+    method_config = config_from_dict(method.config, rest, source)
+    return run, settings, method_config
+
+
+def rebuild(run: str | Path, quiet: bool = True) -> tuple[Path, RunOptions, TrainSettings, Prepared, Attachment]:
+    """The trained model of a run folder: same base, same data split, best adapter loaded."""
+    run, config = load_run(run)
+    options, settings, _ = split_config(config, str(run / "config.json"))
+    prepared = prepare_data(options, quiet=quiet)
+    model = build_model(options, prepared, settings.seed)
+    attachment = load_adapter(model, run / "adapter")
+    return run, options, settings, prepared, attachment

@@ -1,0 +1,86 @@
+"""Training checkpoints written as safetensors + JSON only (no pickles), atomically.
+
+A checkpoint folder holds
+
+- ``state.safetensors``: the adapter's trainable tensors (``model.<name>``), the optimiser's per-parameter
+  tensors (``optimizer.<index>.<key>``) and the torch RNG state(s) (``rng.cpu``, ``rng.cuda``);
+- ``trainer.json``: step, timing, best validation score, history, the optimiser's param groups and scalar
+  state, and the learning-rate scheduler's state.
+
+Resuming restores all of it, so a resumed run continues exactly as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..core.attach import Attachment, read_tensors
+from ..errors import InputError
+from ..fileio import atomic_folder, read_folder, read_json
+
+STATE = "state.safetensors"
+TRAINER = "trainer.json"
+
+
+def save_checkpoint(
+    path: Path, attachment: Attachment, optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict
+) -> None:
+    tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in attachment.state().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for index, state in opt["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value.item() if torch.is_tensor(value) else value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {
+        **trainer_state,
+        "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+        "scheduler": scheduler.state_dict(),  # plain numbers (its lr_lambdas entries are None or {})
+    }
+    with atomic_folder(path) as tmp:
+        save_file(tensors, str(tmp / STATE))
+        (tmp / TRAINER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def has_checkpoint(path: Path) -> bool:
+    return read_folder(path) is not None
+
+
+def load_checkpoint(path: Path, attachment: Attachment, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore model, optimiser, scheduler and RNG state; returns the trainer state (step, best, history...)."""
+    folder = read_folder(path)
+    if folder is None:
+        raise InputError(f"{path}: no checkpoint to resume from")
+    meta = read_json(folder / TRAINER, "checkpoint state")
+    tensors = read_tensors(folder / STATE)
+    state = attachment.state()
+    with torch.no_grad():
+        for name, p in state.items():
+            key = f"model.{name}"
+            if key not in tensors or tuple(tensors[key].shape) != tuple(p.shape):
+                raise InputError(f"{folder / STATE}: checkpoint does not fit this run (tensor {key!r})")
+            p.copy_(tensors[key])
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    for index, scalars in meta["optimizer"]["scalars"].items():
+        for name, value in scalars.items():
+            # AdamW keeps its step count as a float tensor; restore it as one.
+            opt_state.setdefault(int(index), {})[name] = torch.tensor(float(value)) if name == "step" else value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return {k: v for k, v in meta.items() if k not in ("optimizer", "scheduler")}

@@ -1,0 +1,265 @@
+"""The one training loop every method shares.
+
+AdamW (no weight decay on biases and norms) with linear warmup then linear or cosine decay, gradient
+accumulation, gradient clipping, an optional bf16 autocast, evaluation at the end of every epoch, the best
+validation state kept as the run's adapter, and a checkpoint every ``checkpoint_every`` steps and at each epoch end.
+
+Determinism: the order of the training set in epoch ``e`` comes from a generator seeded with (seed, e) and the
+global torch RNG (dropout) is saved in every checkpoint, so a resumed run retraces the uninterrupted one exactly.
+A loss or gradient that turns NaN or infinite stops the run with a message; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import get_scheduler
+
+from ..core.attach import Attachment
+from ..data.batches import Encoded
+from ..errors import PeftlabError, require
+from ..evaluate.metrics import classification_metrics
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainSettings:
+    epochs: float = field(default=2.0, metadata={"help": "passes over the training set (fractions allowed)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimiser steps"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's own)"})
+    batch_size: int = field(default=32, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    eval_batch_size: int = field(default=128, metadata={"help": "examples per evaluation batch"})
+    warmup: float = field(default=0.06, metadata={"help": "share of the steps spent warming the learning rate up"})
+    schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay after warmup"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0 turns clipping off)"})
+    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "bf16 autocast or plain fp32"})
+    metric: Literal["accuracy", "f1"] = field(
+        default="accuracy", metadata={"help": "validation metric that picks the best state"}
+    )
+    checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: epoch ends only)"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
+
+    def __post_init__(self):
+        require(self.epochs > 0, "epochs", "a positive number", self.epochs)
+        require(self.max_steps is None or self.max_steps > 0, "max_steps", "a positive integer", self.max_steps)
+        require(self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "lr", "a positive number", self.lr)
+        require(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
+        require(self.grad_accum > 0, "grad_accum", "a positive integer", self.grad_accum)
+        require(self.eval_batch_size > 0, "eval_batch_size", "a positive integer", self.eval_batch_size)
+        require(0 <= self.warmup < 1, "warmup", "a share in [0, 1)", self.warmup)
+        require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
+        require(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0", self.max_grad_norm)
+        require(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0", self.checkpoint_every)
+
+
+@dataclass
+class FitResult:
+    steps: int
+    best: dict | None
+    best_step: int
+    train_seconds: float
+    examples: int
+    tokens: int
+    history: list[dict]
+
+
+class ClassificationTask:
+    """Cross-entropy on the [CLS]/last-token logits; accuracy and macro P/R/F1 for evaluation."""
+
+    def __init__(self, num_labels: int):
+        self.num_labels = num_labels
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits  # (B, num_labels)
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    @torch.no_grad()
+    def evaluate(self, model, data: Encoded, batch_size: int, device, autocast) -> dict:
+        if len(data) == 0:
+            return classification_metrics([], [], self.num_labels)
+        was_training = model.training
+        model.eval()
+        order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))  # less padding per batch
+        predictions = [0] * len(data)
+        total_loss = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = data.batch(idx, device)
+            with autocast():
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            for i, p in zip(idx, logits.argmax(-1).tolist(), strict=True):
+                predictions[i] = p
+        model.train(was_training)
+        metrics = classification_metrics(data.labels, predictions, self.num_labels)
+        metrics["loss"] = total_loss / len(data)
+        return metrics
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable:
+    """A factory of autocast contexts: bf16 autocast on ``device``, or no-op contexts for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def _param_groups(attachment: Attachment, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in attachment.trainable_parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def fit(
+    attachment: Attachment,
+    task: ClassificationTask,
+    train: Encoded,
+    validation: Encoded,
+    settings: TrainSettings,
+    lr: float,
+    checkpoint_dir: Path,
+    on_best: Callable[[dict, int], None],
+    device: torch.device,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> FitResult:
+    model = attachment.model
+    model.train()
+    per_step = settings.batch_size * settings.grad_accum
+    steps_per_epoch = max(1, math.ceil(len(train) / per_step))
+    total = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(_param_groups(attachment, settings.weight_decay), lr=lr)
+    scheduler = get_scheduler(
+        settings.schedule if settings.schedule != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=round(settings.warmup * total),
+        num_training_steps=total,
+    )
+    autocast = autocast_for(settings.precision, device)
+
+    state = {
+        "step": 0,
+        "train_seconds": 0.0,
+        "examples": 0,
+        "tokens": 0,
+        "best": None,
+        "best_step": 0,
+        "history": [],
+        "loss_sum": 0.0,
+        "loss_count": 0,
+    }
+    if resume and has_checkpoint(checkpoint_dir):
+        state.update(load_checkpoint(checkpoint_dir, attachment, optimizer, scheduler))
+
+    orders: dict[int, list[int]] = {}
+
+    def epoch_order(epoch: int) -> list[int]:
+        if epoch not in orders:
+            g = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
+            orders.clear()
+            orders[epoch] = torch.randperm(len(train), generator=g).tolist()
+        return orders[epoch]
+
+    params = attachment.trainable_parameters()
+    with _progress(show_progress) as bar:
+        job = bar.add_task("train", total=total, completed=state["step"], info="")
+        while state["step"] < total:
+            step = state["step"]
+            epoch, position = divmod(step, steps_per_epoch)
+            chunk = epoch_order(epoch)[position * per_step : (position + 1) * per_step]
+            started = time.perf_counter()
+            step_loss = 0.0
+            for k in range(0, len(chunk), settings.batch_size):
+                idx = chunk[k : k + settings.batch_size]
+                batch = train.batch(idx, device)
+                with autocast():
+                    loss = task.loss(model, batch)
+                if not torch.isfinite(loss):
+                    _diverged(f"loss is {loss.item()}", step, checkpoint_dir)
+                (loss * (len(idx) / len(chunk))).backward()
+                step_loss += loss.item() * len(idx) / len(chunk)
+                state["tokens"] += int(batch["attention_mask"].sum())
+            if settings.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                if not torch.isfinite(norm):
+                    _diverged(f"the gradient norm is {norm.item()}", step, checkpoint_dir)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["train_seconds"] += time.perf_counter() - started
+            state["examples"] += len(chunk)
+            state["step"] = step = step + 1
+            state["loss_sum"] += step_loss
+            state["loss_count"] += 1
+            rate = state["examples"] / max(state["train_seconds"], 1e-9)
+            bar.update(job, completed=step, info=f"loss {step_loss:.4f}  {rate:.0f} ex/s")
+
+            epoch_end = step % steps_per_epoch == 0 or step == total
+            if epoch_end:
+                metrics = task.evaluate(model, validation, settings.eval_batch_size, device, autocast)
+                entry = {
+                    "step": step,
+                    "epoch": round(step / steps_per_epoch, 3),
+                    "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "validation": metrics,
+                }
+                state["history"].append(entry)
+                state["loss_sum"], state["loss_count"] = 0.0, 0
+                best = state["best"]
+                if best is None or metrics[settings.metric] > best[settings.metric]:
+                    state["best"], state["best_step"] = metrics, step
+                    on_best(metrics, step)
+                bar.console.print(
+                    f"epoch {entry['epoch']:g}  step {step}  train loss {entry['train_loss']:.4f}  "
+                    f"validation {settings.metric} {metrics[settings.metric]:.4f}"
+                    + ("  (best)" if state["best_step"] == step else "")
+                )
+            if epoch_end or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
+                save_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, state)
+    return FitResult(
+        state["step"],
+        state["best"],
+        state["best_step"],
+        state["train_seconds"],
+        state["examples"],
+        state["tokens"],
+        state["history"],
+    )
+
+
+def _diverged(what: str, step: int, checkpoint_dir: Path) -> None:
+    kept = f"; the last good checkpoint is kept in {checkpoint_dir}" if has_checkpoint(checkpoint_dir) else ""
+    raise PeftlabError(f"training diverged at step {step + 1}: {what}{kept}; lower --lr or keep --max-grad-norm on")
