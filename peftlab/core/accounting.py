@@ -1,6 +1,7 @@
 """Honest parameter accounting, reported by name.
 
-- ``trainable``: entries the optimiser updates (method parameters plus the task head).
+- ``trainable``: entries the optimiser updates (method parameters plus the task head; only the True entries of a
+  masked parameter).
 - ``changed``: entries of the final, merged weights that differ from the pretrained base. A merged LoRA update
   is dense, so it changes every entry of an adapted matrix even though only ``r * (in + out)`` entries trained.
   Parameters a method adds without a weight form (soft prompts) and a new task head count in full.
@@ -22,7 +23,7 @@ def parameter_counts(attachment: Attachment) -> dict:
     own = {id(p) for layer in attachment.layers().values() for p in layer.adapter_parameters().values()}
     total = sum(p.numel() for p in model.parameters())
     adapter = sum(p.numel() for p in model.parameters() if id(p) in own)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = attachment.trainable_count()
     return {
         "total": total,
         "base": total - adapter,
@@ -40,9 +41,7 @@ def _deltas(attachment: Attachment) -> dict[str, tuple[torch.Tensor, torch.Tenso
         delta = layer.delta_weight()
         if delta is None:
             continue
-        weight = layer.base.weight.detach()
-        if attachment.merged:
-            weight = weight - delta.to(weight.dtype)
+        weight = layer.pretrained_weight()
         out[name] = (weight, delta.to(weight.dtype))
     return out
 

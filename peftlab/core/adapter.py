@@ -5,8 +5,11 @@ the original layer as ``self.base`` and adds the method's contribution in ``forw
 parameter names which weights belong to a method; it asks each wrapper through this protocol:
 
 - ``adapter_parameters()`` -- the method's own parameters, by name relative to the wrapper;
-- ``delta_weight()``       -- the change the adapter makes to ``base.weight`` once merged (None if it has none);
-- ``merge()`` / ``unmerge()`` -- explicit calls, never hidden inside ``.train()`` or ``.eval()``.
+- ``adapter_buffers()``    -- tensors the adapter needs to be rebuilt but does not train (saved with it);
+- ``delta_weight()``       -- the change to the pretrained weight the adapter stands for (None if it has none);
+- ``pretrained_weight()``  -- the pretrained weight itself (what accounting compares against);
+- ``merge()`` / ``unmerge()`` -- explicit calls, never hidden inside ``.train()`` or ``.eval()``;
+- ``on_loaded()``          -- called after saved tensors were copied in (to rebuild derived state).
 
 Merging adds the delta into the base weight, after which ``forward`` skips the adapter branch, so a merged model
 runs at the speed of the plain base.
@@ -32,9 +35,23 @@ class AdapterLayer(nn.Module):
         """The method's own parameters, keyed by their name inside this wrapper (e.g. ``lora_A``)."""
         raise NotImplementedError
 
+    def adapter_buffers(self) -> dict[str, torch.Tensor]:
+        """Tensors saved with the adapter that do not train (e.g. frozen initial factors), by name in this layer."""
+        return {}
+
     def delta_weight(self) -> torch.Tensor | None:
-        """The additive change to ``base.weight`` this adapter stands for, or None when it has no weight form."""
+        """The additive change to the pretrained weight this adapter stands for, or None without a weight form."""
         return None
+
+    def pretrained_weight(self) -> torch.Tensor:
+        """The pretrained weight; by default ``base.weight``, minus the delta while it is merged."""
+        weight = self.base.weight.detach()
+        if self.merged:
+            weight = weight - self.delta_weight().to(weight.dtype)
+        return weight
+
+    def on_loaded(self) -> None:
+        """Hook run after saved tensors were copied into this layer; rebuild anything derived from them."""
 
     @torch.no_grad()
     def merge(self) -> None:

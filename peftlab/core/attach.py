@@ -7,7 +7,9 @@ ordinary model of its own class (a Hugging Face model keeps working as one); not
 
 An adapter folder holds two files:
 
-- ``adapter.safetensors`` -- the method's parameters and the trained task head, keyed by base module names;
+- ``adapter.safetensors`` -- the method's parameters and buffers and the trained task head, keyed by base module
+  names; a base parameter that trains under a mask (FishMask, Child-Tuning_D) is stored sparse, as
+  ``<name>::indices`` (flat positions) and ``<name>::values`` (its values there);
 - ``adapter.json`` -- format and version, method and config, adapted modules, task-head modules, and the base
   model's signature (parameter names and shapes) with its SHA-256 fingerprint, so loading onto a different base
   fails with a message that says what differs.
@@ -86,6 +88,8 @@ class Attachment:
     # parameters are counted against these, and regularisers toward the pretrained weights start from them.
     initial: dict[str, torch.Tensor] = field(repr=False)
     merged: bool = False
+    # Static masks over trainable base parameters (by base name): only True entries train and are saved.
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def fingerprint(self) -> str:
@@ -94,22 +98,62 @@ class Attachment:
     def layers(self) -> dict[str, AdapterLayer]:
         return adapter_layers(self.model)
 
-    def state(self) -> dict[str, nn.Parameter]:
-        """Everything the adapter file holds, keyed by base module names: the method's own parameters, then the
-        base parameters that train (the task head; all of them for full fine-tuning)."""
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything the adapter stands for, dense, keyed by base module names: the method's own parameters and
+        buffers, then the base parameters that train (the task head; all of them for full fine-tuning)."""
         layers = self.layers()
-        state: dict[str, nn.Parameter] = {}
+        state: dict[str, torch.Tensor] = {}
         for name, layer in layers.items():
             for pname, p in layer.adapter_parameters().items():
                 state[f"{name}.{pname}"] = p
+            for bname, b in layer.adapter_buffers().items():
+                state[f"{name}.{bname}"] = b
         own = {id(p) for p in state.values()}
         for name, p in self.model.named_parameters():
             if p.requires_grad and id(p) not in own:
                 state[base_name(name, layers)] = p
         return state
 
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """``state()`` as written to disk: masked base parameters become sparse ``::indices`` / ``::values``."""
+        out = {}
+        for key, value in self.state().items():
+            value = value.detach().to("cpu")
+            if key in self.masks:
+                indices = torch.nonzero(self.masks[key].reshape(-1).to("cpu")).reshape(-1)
+                out[f"{key}::indices"] = indices
+                out[f"{key}::values"] = value.reshape(-1)[indices].clone()
+            else:
+                out[key] = value.contiguous().clone()
+        return out
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_count(self) -> int:
+        """Entries the optimiser may change: a masked parameter counts only its True entries."""
+        masked = {id(p): int(self.masks[k].sum()) for k, p in self.state().items() if k in self.masks}
+        return sum(masked.get(id(p), p.numel()) for p in self.trainable_parameters())
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients outside the static masks (after the backward pass)."""
+        if not self.masks:
+            return
+        state = self.state()
+        for key, mask in self.masks.items():
+            if state[key].grad is not None:
+                state[key].grad.mul_(mask)
+
+    @torch.no_grad()
+    def restore_masked(self) -> None:
+        """Put masked-out entries back to their pretrained values (after the optimiser step; this undoes AdamW's
+        decoupled weight decay there, so exactly the masked entries ever change)."""
+        if not self.masks:
+            return
+        state = self.state()
+        for key, mask in self.masks.items():
+            state[key].copy_(torch.where(mask, state[key], self.initial[key]))
 
     def merge(self) -> None:
         """Fold every adapter into its base weights (explicit; training or eval mode never merges)."""
@@ -142,7 +186,7 @@ class Attachment:
 
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write the adapter folder (atomically: a reader sees the old folder or the complete new one)."""
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state().items()}
+        tensors = self.saved_tensors()
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -262,21 +306,40 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy saved tensors into the attachment's parameters, checking names and shapes first."""
+    """Copy saved tensors into the attachment, checking names and shapes first.
+
+    Sparse entries (``<name>::indices`` / ``<name>::values``) are written into the parameter at those positions
+    and set its mask. Every adapter layer's ``on_loaded`` runs afterwards.
+    """
     state = attachment.state()
-    missing = [k for k in state if k not in tensors]
-    unexpected = [k for k in tensors if k not in state]
+    sparse = {k[: -len("::indices")] for k in tensors if k.endswith("::indices")}
+    present = {k for k in tensors if "::" not in k} | sparse
+    missing = [k for k in state if k not in present]
+    unexpected = [k for k in present if k not in state]
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
         raise InputError(
             f"{source}: tensors do not fit the adapter ({what}; {len(missing)} missing, {len(unexpected)} unexpected)"
         )
     for k, p in state.items():
-        if tuple(tensors[k].shape) != tuple(p.shape):
+        if k in sparse:
+            indices, values = tensors[f"{k}::indices"], tensors.get(f"{k}::values")
+            if values is None or values.shape != indices.shape or (len(indices) and int(indices.max()) >= p.numel()):
+                raise InputError(f"{source}: sparse tensor {k!r} has inconsistent indices and values")
+        elif tuple(tensors[k].shape) != tuple(p.shape):
             raise InputError(f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}")
     with torch.no_grad():
         for k, p in state.items():
-            p.copy_(tensors[k].to(p.dtype))
+            if k in sparse:
+                indices = tensors[f"{k}::indices"].to(p.device)
+                mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                mask[indices] = True
+                attachment.masks[k] = mask.reshape(p.shape)
+                p.reshape(-1)[indices] = tensors[f"{k}::values"].to(p.device, p.dtype)
+            else:
+                p.copy_(tensors[k].to(p.dtype))
+    for layer in attachment.layers().values():
+        layer.on_loaded()
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> Attachment:

@@ -6,7 +6,9 @@ learning rate, whether it merges into the base weights).
 
 ``apply(model, config, protected)`` receives a model whose parameters are all frozen. It wraps layers in
 adapter layers (their parameters train) and/or unfreezes base parameters the method trains itself, and returns
-the names of the modules it adapted. ``protected`` names the task head, which a method must not adapt.
+the names of the modules it adapted. ``protected`` names the task head, which a method must not adapt. A method
+that acts during training (gradient masks, pruning schedules, periodic merges) also gives ``hooks``, a factory
+``hooks(attachment, config) -> TrainingHooks`` (see ``peftlab.train.hooks``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class Method:
     paper: str
     lr: float
     mergeable: bool
+    # Whether a freshly attached method leaves the model's outputs unchanged (soft prompts do not).
+    identity_at_init: bool = True
+    # Factory of the method's training hooks (peftlab.train.hooks.TrainingHooks), or None for plain training.
+    hooks: Callable[[Any, Any], Any] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}

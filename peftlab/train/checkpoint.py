@@ -2,8 +2,9 @@
 
 A checkpoint folder holds
 
-- ``state.safetensors``: the adapter's trainable tensors (``model.<name>``), the optimiser's per-parameter
-  tensors (``optimizer.<index>.<key>``) and the torch RNG state(s) (``rng.cpu``, ``rng.cuda``);
+- ``state.safetensors``: the adapter's tensors as the adapter file stores them (``model.<name>``, masks as
+  sparse indices), the optimiser's per-parameter tensors (``optimizer.<index>.<key>``), the method hooks' state
+  (``hooks.<name>``) and the torch RNG state(s) (``rng.cpu``, ``rng.cuda``);
 - ``trainer.json``: step, timing, best validation score, history, the optimiser's param groups and scalar
   state, and the learning-rate scheduler's state.
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..core.attach import Attachment, read_tensors
+from ..core.attach import Attachment, load_state, read_tensors
 from ..errors import InputError
 from ..fileio import atomic_folder, read_folder, read_json
 
@@ -26,16 +27,22 @@ STATE = "state.safetensors"
 TRAINER = "trainer.json"
 
 
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
 def save_checkpoint(
-    path: Path, attachment: Attachment, optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict
+    path: Path, attachment: Attachment, optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict, hooks=None
 ) -> None:
-    tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in attachment.state().items()}
+    tensors = {f"model.{k}": v for k, v in attachment.saved_tensors().items()}
+    if hooks is not None:
+        tensors.update({f"hooks.{k}": _cpu(v) for k, v in hooks.state_dict().items()})
     opt = optimizer.state_dict()
     scalars: dict[str, dict] = {}
     for index, state in opt["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value) and value.ndim > 0:
-                tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu").contiguous().clone()
+                tensors[f"optimizer.{index}.{key}"] = _cpu(value)
             else:
                 scalars.setdefault(str(index), {})[key] = value.item() if torch.is_tensor(value) else value
     tensors["rng.cpu"] = torch.get_rng_state()
@@ -55,20 +62,19 @@ def has_checkpoint(path: Path) -> bool:
     return read_folder(path) is not None
 
 
-def load_checkpoint(path: Path, attachment: Attachment, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore model, optimiser, scheduler and RNG state; returns the trainer state (step, best, history...)."""
+def load_checkpoint(
+    path: Path, attachment: Attachment, optimizer: torch.optim.Optimizer, scheduler, hooks=None
+) -> dict:
+    """Restore model, optimiser, scheduler, hooks and RNG state; returns the trainer state (step, best, ...)."""
     folder = read_folder(path)
     if folder is None:
         raise InputError(f"{path}: no checkpoint to resume from")
     meta = read_json(folder / TRAINER, "checkpoint state")
     tensors = read_tensors(folder / STATE)
-    state = attachment.state()
-    with torch.no_grad():
-        for name, p in state.items():
-            key = f"model.{name}"
-            if key not in tensors or tuple(tensors[key].shape) != tuple(p.shape):
-                raise InputError(f"{folder / STATE}: checkpoint does not fit this run (tensor {key!r})")
-            p.copy_(tensors[key])
+    model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    load_state(attachment, model, folder / STATE)
+    if hooks is not None:
+        hooks.load_state_dict({k[len("hooks.") :]: v for k, v in tensors.items() if k.startswith("hooks.")})
     opt_state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):

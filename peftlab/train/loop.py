@@ -4,6 +4,9 @@ AdamW (no weight decay on biases and norms) with linear warmup then linear or co
 accumulation, gradient clipping, an optional bf16 autocast, evaluation at the end of every epoch, the best
 validation state kept as the run's adapter, and a checkpoint every ``checkpoint_every`` steps and at each epoch end.
 
+Methods act inside the loop through ``TrainingHooks`` (``peftlab.train.hooks``); static masks on base parameters
+are enforced here: masked-out gradients are zeroed and masked-out entries restored after every step.
+
 Determinism: the order of the training set in epoch ``e`` comes from a generator seeded with (seed, e) and the
 global torch RNG (dropout) is saved in every checkpoint, so a resumed run retraces the uninterrupted one exactly.
 A loss or gradient that turns NaN or infinite stops the run with a message; the last good checkpoint stays.
@@ -36,6 +39,7 @@ from ..data.batches import Encoded
 from ..errors import PeftlabError, require
 from ..evaluate.metrics import classification_metrics
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .hooks import TrainContext, TrainingHooks
 
 
 @dataclass
@@ -142,6 +146,11 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+def _hooks_for(attachment: Attachment) -> TrainingHooks:
+    factory = attachment.method.hooks
+    return factory(attachment, attachment.config) if factory else TrainingHooks()
+
+
 def fit(
     attachment: Attachment,
     task: ClassificationTask,
@@ -154,6 +163,7 @@ def fit(
     device: torch.device,
     resume: bool = False,
     show_progress: bool = True,
+    hooks: TrainingHooks | None = None,
 ) -> FitResult:
     model = attachment.model
     model.train()
@@ -161,13 +171,22 @@ def fit(
     steps_per_epoch = max(1, math.ceil(len(train) / per_step))
     total = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(_param_groups(attachment, settings.weight_decay), lr=lr)
+    schedule = settings.schedule if settings.schedule != "constant" else "constant_with_warmup"
     scheduler = get_scheduler(
-        settings.schedule if settings.schedule != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=round(settings.warmup * total),
-        num_training_steps=total,
+        schedule, optimizer, num_warmup_steps=round(settings.warmup * total), num_training_steps=total
     )
     autocast = autocast_for(settings.precision, device)
+    hooks = hooks or _hooks_for(attachment)
+
+    def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast():
+            return task.loss(model, batch)
+
+    def sample_batches(examples: int, batch_size: int):
+        g = torch.Generator().manual_seed(settings.seed * 100_003 - 1)  # apart from every epoch's order
+        order = torch.randperm(len(train), generator=g)[:examples].tolist()
+        for k in range(0, len(order), batch_size):
+            yield train.batch(order[k : k + batch_size], device)
 
     state = {
         "step": 0,
@@ -181,7 +200,11 @@ def fit(
         "loss_count": 0,
     }
     if resume and has_checkpoint(checkpoint_dir):
-        state.update(load_checkpoint(checkpoint_dir, attachment, optimizer, scheduler))
+        state.update(load_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, hooks))
+    else:
+        started = time.perf_counter()
+        hooks.prepare(TrainContext(attachment, batch_loss, sample_batches, total, settings, device))
+        state["prepare_seconds"] = time.perf_counter() - started
 
     orders: dict[int, list[int]] = {}
 
@@ -200,17 +223,21 @@ def fit(
             epoch, position = divmod(step, steps_per_epoch)
             chunk = epoch_order(epoch)[position * per_step : (position + 1) * per_step]
             started = time.perf_counter()
+            hooks.before_step(step)
             step_loss = 0.0
             for k in range(0, len(chunk), settings.batch_size):
                 idx = chunk[k : k + settings.batch_size]
                 batch = train.batch(idx, device)
-                with autocast():
-                    loss = task.loss(model, batch)
+                loss = batch_loss(batch)
                 if not torch.isfinite(loss):
                     _diverged(f"loss is {loss.item()}", step, checkpoint_dir)
-                (loss * (len(idx) / len(chunk))).backward()
+                penalty = hooks.penalty()
+                objective = loss if penalty is None else loss + penalty
+                (objective * (len(idx) / len(chunk))).backward()
                 step_loss += loss.item() * len(idx) / len(chunk)
                 state["tokens"] += int(batch["attention_mask"].sum())
+            hooks.after_backward(step)
+            attachment.mask_gradients()
             if settings.max_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 if not torch.isfinite(norm):
@@ -218,6 +245,8 @@ def fit(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            attachment.restore_masked()
+            hooks.after_step(step, optimizer, scheduler)
             state["train_seconds"] += time.perf_counter() - started
             state["examples"] += len(chunk)
             state["step"] = step = step + 1
@@ -248,7 +277,7 @@ def fit(
                     + ("  (best)" if state["best_step"] == step else "")
                 )
             if epoch_end or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
-                save_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, state)
+                save_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, state, hooks)
     return FitResult(
         state["step"],
         state["best"],

@@ -1,0 +1,118 @@
+"""Training hooks: how a method acts inside the shared training loop without the loop knowing the method.
+
+A method that needs more than "train my parameters" returns a ``TrainingHooks`` from its ``hooks`` factory:
+
+- ``prepare(ctx)``                       once before the first step (not on resume): e.g. compute a Fisher mask;
+- ``before_step(step)``                  e.g. DyLoRA samples this step's rank;
+- ``penalty()``                          an extra loss term (AdaLoRA's orthogonality, L2-SP, EWC);
+- ``after_backward(step)``               e.g. Child-Tuning masks the gradients;
+- ``after_step(step, optimizer, scheduler)`` e.g. AdaLoRA prunes ranks, ReLoRA merges and restarts;
+- ``state_dict()`` / ``load_state_dict()`` tensors a checkpoint must carry for an exact resume.
+
+Static masks (``attachment.masks``) need no hooks: the loop itself zeroes masked-out gradients after the backward
+pass and keeps masked-out entries at their pretrained values after every optimiser step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.attach import Attachment
+
+
+@dataclass
+class TrainContext:
+    attachment: Attachment
+    loss: Callable[[dict[str, torch.Tensor]], torch.Tensor]  # the task loss of one batch, forward included
+    batches: Callable[[int, int], Iterator[dict[str, torch.Tensor]]]  # (examples, batch size) -> training batches
+    total_steps: int
+    settings: Any  # TrainSettings
+    device: torch.device
+
+
+class TrainingHooks:
+    """No-op hooks; methods override what they need."""
+
+    def prepare(self, ctx: TrainContext) -> None:
+        pass
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def penalty(self) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class HookList(TrainingHooks):
+    """Several hooks run in order (a method's own, then the regularisers)."""
+
+    def __init__(self, hooks: list[TrainingHooks]):
+        self.hooks = hooks
+
+    def prepare(self, ctx):
+        for h in self.hooks:
+            h.prepare(ctx)
+
+    def before_step(self, step):
+        for h in self.hooks:
+            h.before_step(step)
+
+    def penalty(self):
+        terms = [t for t in (h.penalty() for h in self.hooks) if t is not None]
+        return sum(terms) if terms else None
+
+    def after_backward(self, step):
+        for h in self.hooks:
+            h.after_backward(step)
+
+    def after_step(self, step, optimizer, scheduler):
+        for h in self.hooks:
+            h.after_step(step, optimizer, scheduler)
+
+    def state_dict(self):
+        return {f"{i}.{k}": v for i, h in enumerate(self.hooks) for k, v in h.state_dict().items()}
+
+    def load_state_dict(self, tensors):
+        for i, h in enumerate(self.hooks):
+            prefix = f"{i}."
+            h.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def empirical_fisher(
+    ctx: TrainContext, params: dict[str, torch.Tensor], examples: int = 256, batch_size: int = 1
+) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher information: the mean squared gradient of the log-likelihood of the observed
+    labels, over ``examples`` training examples taken ``batch_size`` at a time (1: per-example gradients, the
+    textbook estimate; larger batches trade accuracy for speed)."""
+    model = ctx.attachment.model
+    was_training = model.training
+    model.eval()  # no dropout while measuring
+    fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+    seen = 0
+    for batch in ctx.batches(examples, batch_size):
+        model.zero_grad(set_to_none=True)
+        ctx.loss(batch).backward()
+        n = len(batch["labels"])
+        for k, p in params.items():
+            if p.grad is not None:
+                fisher[k] += p.grad.detach().float() ** 2 * n
+        seen += n
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return {k: v / max(seen, 1) for k, v in fisher.items()}
