@@ -78,10 +78,17 @@ def test_peft_adapter_loads_here_with_the_same_outputs(tmp_path, config):
 
 
 def test_unsupported_peft_options_are_named(tmp_path):
-    theirs = get_peft_model(tiny_classifier(), LoraConfig(r=2, target_modules=["query"], use_dora=True))
-    theirs.save_pretrained(tmp_path / "dora")
-    with pytest.raises(InputError, match="use_dora is set"):
-        peftlab.import_hf(tiny_classifier(), tmp_path / "dora")
+    theirs = get_peft_model(tiny_classifier(), LoraConfig(r=2, target_modules=["query"], layers_to_transform=[0]))
+    theirs.save_pretrained(tmp_path / "partial")
+    with pytest.raises(InputError, match="layers_to_transform is set"):
+        peftlab.import_hf(tiny_classifier(), tmp_path / "partial")
+
+
+def test_unsupported_peft_kinds_are_named(tmp_path):
+    (tmp_path / "loha").mkdir()
+    (tmp_path / "loha" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(InputError, match="PEFT adapter kind 'LOHA' is not supported .supported: LORA"):
+        peftlab.import_hf(tiny_classifier(), tmp_path / "loha")
 
 
 def test_pickle_adapters_are_never_loaded(tmp_path):
@@ -95,5 +102,5 @@ def test_pickle_adapters_are_never_loaded(tmp_path):
 
 def test_non_lora_methods_cannot_be_exported(tmp_path):
     adapter = peftlab.attach(tiny_classifier(), "full")
-    with pytest.raises(InputError, match="cannot be written in the Hugging Face PEFT LoRA format"):
+    with pytest.raises(InputError, match="'full' cannot be written in the Hugging Face PEFT format"):
         peftlab.export_hf(adapter, tmp_path / "x")

@@ -9,12 +9,17 @@ module name, first match winning.
 
 Both directions keep the numbers exact: the same tensors, the same scaling (alpha / r, or alpha / sqrt(r) with
 ``use_rslora``), so outputs agree to float rounding.
+
+Other methods with a PEFT counterpart add their converters to ``EXPORTERS`` (by peftlab method name) and
+``IMPORTERS`` (by PEFT kind: the ``peft_type``, or ``"LORA+DORA"`` for a LoRA config with ``use_dora``) from
+their own module; ``export_hf`` and ``import_hf`` dispatch on them.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +37,6 @@ HF_WEIGHTS = "adapter_model.safetensors"
 
 # PEFT LoRA options peftlab's LoRA does not implement; an adapter that turns one on is refused by name.
 UNSUPPORTED = {
-    "use_dora": "DoRA",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
     "lora_bias": "lora_bias",
     "layers_to_transform": "layers_to_transform",
@@ -44,38 +48,96 @@ UNSUPPORTED = {
 }
 
 
+# exporter(attachment) -> (PEFT config fields, tensors keyed without the "base_model.model." prefix)
+Exporter = Callable[[Attachment], tuple[dict, dict[str, torch.Tensor]]]
+# importer(model, PEFT config, tensors without the prefix, source file) -> Attachment
+Importer = Callable[[nn.Module, dict, dict[str, torch.Tensor], Path], Attachment]
+EXPORTERS: dict[str, Exporter] = {}
+IMPORTERS: dict[str, Importer] = {}
+
+
+def peft_kind(cfg: dict) -> str:
+    kind = str(cfg.get("peft_type"))
+    return f"{kind}+DORA" if kind == "LORA" and cfg.get("use_dora") else kind
+
+
 def export_hf(
     attachment: Attachment, out: str | Path, base_model_name_or_path: str | None = None, task_type: str | None = None
 ) -> Path:
-    """Write ``attachment`` (a LoRA adapter) as a Hugging Face PEFT adapter folder."""
-    if attachment.method.name != "lora":
-        raise InputError(f"method {attachment.method.name!r} cannot be written in the Hugging Face PEFT LoRA format")
+    """Write ``attachment`` as a Hugging Face PEFT adapter folder (for the methods PEFT also has)."""
+    exporter = EXPORTERS.get(attachment.method.name)
+    if exporter is None:
+        raise InputError(
+            f"method {attachment.method.name!r} cannot be written in the Hugging Face PEFT format "
+            f"(convertible: {', '.join(sorted(EXPORTERS))})"
+        )
     if attachment.merged:
         raise InputError("unmerge the adapter before exporting it")
-    config: LoraConfig = attachment.config
-    state = attachment.state()
+    fields, tensors = exporter(attachment)
+    hf_config = {
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        **fields,
+        "inference_mode": True,
+    }
+    out = Path(out)
+    with atomic_folder(out) as tmp:
+        save_file(
+            {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+            str(tmp / HF_WEIGHTS),
+            metadata={"format": "pt"},
+        )
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def import_hf(model: nn.Module, path: str | Path) -> Attachment:
+    """Attach a Hugging Face PEFT adapter folder to ``model`` as the matching peftlab attachment."""
+    path = Path(path)
+    cfg_path = path / HF_CONFIG
+    cfg = read_json(cfg_path, "PEFT adapter config")
+    kind = peft_kind(cfg)
+    importer = IMPORTERS.get(kind)
+    if importer is None:
+        raise InputError(
+            f"{cfg_path}: PEFT adapter kind {kind!r} is not supported (supported: {', '.join(sorted(IMPORTERS))})"
+        )
+    weights = path / HF_WEIGHTS
+    if not weights.exists() and (path / "adapter_model.bin").exists():
+        raise InputError(
+            f"{path / 'adapter_model.bin'}: pickle files are never loaded; save the adapter with safetensors"
+        )
+    tensors = {k.removeprefix(PREFIX): v for k, v in read_tensors(weights).items()}
+    return importer(model, cfg, tensors, weights)
+
+
+def head_tensors(attachment: Attachment) -> dict[str, torch.Tensor]:
+    """The trained task head's tensors (PEFT's ``modules_to_save``); refuses other trained base parameters."""
     heads = tuple(h + "." for h in attachment.trainable_modules)
-    layers = attachment.layers()
     loose = [k for k in attachment.initial if not k.startswith(heads)]
     if loose:
         raise InputError(
-            f"parameter {loose[0]!r} trains outside LoRA and the task head; PEFT's LoRA format cannot hold it"
+            f"parameter {loose[0]!r} trains outside the adapter and the task head; the PEFT format cannot hold it"
         )
+    state = attachment.state()
+    return {key: state[key] for key in attachment.initial}
+
+
+def _export_lora(attachment: Attachment) -> tuple[dict, dict[str, torch.Tensor]]:
+    config: LoraConfig = attachment.config
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    layers = attachment.layers()
     for name, layer in layers.items():
         r, alpha = config.rank_and_alpha(name)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        tensors[f"{name}.lora_A.weight"] = layer.lora_A
+        tensors[f"{name}.lora_B.weight"] = layer.lora_B
         if r != config.r:
             rank_pattern[re.escape(name)] = r
         if alpha != config.alpha:
             alpha_pattern[re.escape(name)] = alpha
-    for key in attachment.initial:
-        tensors[PREFIX + key] = state[key]
-    hf_config = {
+    tensors.update(head_tensors(attachment))
+    fields = {
         "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -87,69 +149,61 @@ def export_hf(
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "inference_mode": True,
     }
-    out = Path(out)
-    with atomic_folder(out) as tmp:
-        save_file(
-            {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-            str(tmp / HF_WEIGHTS),
-            metadata={"format": "pt"},
-        )
-        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-    return out
+    return fields, tensors
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    for key, value in patterns.items():  # PEFT's rule: first key whose regex matches the end of the name
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: the first key whose regex matches the name's end."""
+    for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
 
-def import_hf(model: nn.Module, path: str | Path) -> Attachment:
-    """Attach a Hugging Face PEFT LoRA adapter folder to ``model`` as a peftlab LoRA attachment."""
-    path = Path(path)
-    cfg_path = path / HF_CONFIG
-    cfg = read_json(cfg_path, "PEFT adapter config")
-    if cfg.get("peft_type") != "LORA":
-        raise InputError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (expected 'LORA')")
-    for key, what in UNSUPPORTED.items():
-        if cfg.get(key):
-            raise InputError(f"{cfg_path}: {key} is set; peftlab's LoRA does not implement {what}")
-    weights = path / HF_WEIGHTS
-    if not weights.exists() and (path / "adapter_model.bin").exists():
-        raise InputError(
-            f"{path / 'adapter_model.bin'}: pickle files are never loaded; save the adapter with safetensors"
-        )
-    tensors = {k.removeprefix(PREFIX): v for k, v in read_tensors(weights).items()}
-    lora, rest = {}, {}
+def split_lora_tensors(
+    tensors: dict[str, torch.Tensor], source: Path, model: nn.Module, extra: tuple[str, ...] = ()
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Group ``<module>.lora_<X>[.<adapter>].weight`` tensors by module (X in A, B and ``extra``); the rest are
+    the task head's."""
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    rest = {}
+    names = "|".join(("A", "B", *extra))
     for key, value in tensors.items():
-        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        m = re.fullmatch(rf"(.+)\.lora_({names})(?:\.[^.]+)?(?:\.weight)?", key)
         if m:
             lora.setdefault(m.group(1), {})[m.group(2)] = value
-        elif "lora_" in key:  # a LoRA variant (embedding LoRA, DoRA magnitude) this importer does not handle
-            raise InputError(f"{weights}: tensor {key!r} belongs to a LoRA variant peftlab does not import")
+        elif "lora_" in key:  # a LoRA variant (embedding LoRA, ...) this importer does not handle
+            raise InputError(f"{source}: tensor {key!r} belongs to a LoRA variant peftlab does not import")
         else:
             rest[key] = value
     if not lora:
-        raise InputError(f"{weights}: no lora_A / lora_B tensors found")
+        raise InputError(f"{source}: no lora_A / lora_B tensors found")
     modules = dict(model.named_modules())
-    for name, pair in lora.items():
+    for name in lora:
         if name not in modules:
-            raise InputError(f"{weights}: the model has no module {name!r} (is this the adapter's base model?)")
+            raise InputError(f"{source}: the model has no module {name!r} (is this the adapter's base model?)")
+    return lora, rest
+
+
+def _import_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], weights: Path) -> Attachment:
+    for key, what in UNSUPPORTED.items():
+        if cfg.get(key):
+            raise InputError(f"{weights.parent / HF_CONFIG}: {key} is set; peftlab's LoRA does not implement {what}")
+    lora, rest = split_lora_tensors(tensors, weights, model)
+    for name, pair in lora.items():
         if set(pair) != {"A", "B"}:
             raise InputError(f"{weights}: module {name!r} has lora_{next(iter(pair))} without its partner")
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = {}, {}
     for name, pair in lora.items():
         r_i = int(pair["A"].shape[0])
-        a_i = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, alpha))
+        a_i = float(pattern_value(cfg.get("alpha_pattern") or {}, name, alpha))
         if r_i != r:
             rank_pattern[name] = r_i
         if a_i != alpha:
             alpha_pattern[name] = a_i
-    heads = _head_modules(rest, cfg.get("modules_to_save") or [], modules, weights)
+    heads = head_modules(rest, cfg.get("modules_to_save") or [], model, weights)
     config = LoraConfig(
         r=r,
         alpha=alpha,
@@ -167,8 +221,11 @@ def import_hf(model: nn.Module, path: str | Path) -> Attachment:
     return attachment
 
 
-def _head_modules(rest: dict[str, torch.Tensor], modules_to_save: list[str], modules: dict, source: Path) -> list[str]:
+def head_modules(
+    rest: dict[str, torch.Tensor], modules_to_save: list[str], model: nn.Module, source: Path
+) -> list[str]:
     """Full names of the modules whose weights the PEFT file saved in full (its ``modules_to_save``)."""
+    modules = dict(model.named_modules())
     heads: list[str] = []
     for key in rest:
         parts = key.split(".")
@@ -177,7 +234,11 @@ def _head_modules(rest: dict[str, torch.Tensor], modules_to_save: list[str], mod
             (p for p in prefixes if p in modules and any(p == m or p.endswith("." + m) for m in modules_to_save)), None
         )
         if owner is None:
-            raise InputError(f"{source}: tensor {key!r} is neither LoRA nor inside a module of modules_to_save")
+            raise InputError(f"{source}: tensor {key!r} is neither adapter nor inside a module of modules_to_save")
         if owner not in heads:
             heads.append(owner)
     return heads
+
+
+EXPORTERS["lora"] = _export_lora
+IMPORTERS["LORA"] = _import_lora
