@@ -34,7 +34,7 @@ from .errors import InputError, require
 from .fileio import read_json, write_json
 from .methods import config_to_dict, get_method
 from .models import load_classifier, load_tokenizer, resolve_model
-from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit
+from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit, make_hooks
 
 
 @dataclass
@@ -196,6 +196,7 @@ def run_training(
         attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step})
 
     task = ClassificationTask(len(prepared.data.labels))
+    hooks = make_hooks(attachment, settings)
     result = fit(
         attachment,
         task,
@@ -208,10 +209,14 @@ def run_training(
         device,
         resume=resume,
         show_progress=show_progress,
+        hooks=hooks,
     )
     load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
     autocast = autocast_for(settings.precision, device)
     test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast)
+    method_report = hooks.report(
+        lambda: task.evaluate(model, prepared.splits["validation"], settings.eval_batch_size, device, autocast)
+    )
     counts = parameter_counts(attachment)
     ranks = delta_ranks(attachment)
     if ranks:
@@ -224,6 +229,7 @@ def run_training(
         "seed": settings.seed,
         "metrics": {"validation": result.best, "test": test},
         "params": counts,
+        "method_report": method_report,
         "adapter_bytes": folder_bytes(out / "adapter"),
         "peak_memory_bytes": memory,
         "peak_memory_source": memory_source,

@@ -7,7 +7,9 @@ A method that needs more than "train my parameters" returns a ``TrainingHooks`` 
 - ``penalty()``                          an extra loss term (AdaLoRA's orthogonality, L2-SP, EWC);
 - ``after_backward(step)``               e.g. Child-Tuning masks the gradients;
 - ``after_step(step, optimizer, scheduler)`` e.g. AdaLoRA prunes ranks, ReLoRA merges and restarts;
-- ``state_dict()`` / ``load_state_dict()`` tensors a checkpoint must carry for an exact resume.
+- ``state_dict()`` / ``load_state_dict()`` tensors a checkpoint must carry for an exact resume;
+- ``report(evaluate)``                   numbers for ``results.json`` (under ``method_report``) once training
+                                         ends, with the best state loaded; ``evaluate()`` gives validation metrics.
 
 Static masks (``attachment.masks``) need no hooks: the loop itself zeroes masked-out gradients after the backward
 pass and keeps masked-out entries at their pretrained values after every optimiser step.
@@ -58,6 +60,9 @@ class TrainingHooks:
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
+    def report(self, evaluate: Callable[[], dict]) -> dict:
+        return {}
+
 
 class HookList(TrainingHooks):
     """Several hooks run in order (a method's own, then the regularisers)."""
@@ -92,6 +97,12 @@ class HookList(TrainingHooks):
         for i, h in enumerate(self.hooks):
             prefix = f"{i}."
             h.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def report(self, evaluate):
+        out = {}
+        for h in self.hooks:
+            out.update(h.report(evaluate))
+        return out
 
 
 def empirical_fisher(

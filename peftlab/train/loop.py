@@ -146,7 +146,8 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _hooks_for(attachment: Attachment) -> TrainingHooks:
+def make_hooks(attachment: Attachment, settings: TrainSettings) -> TrainingHooks:
+    """The hooks a run trains with: the method's own (if any)."""
     factory = attachment.method.hooks
     return factory(attachment, attachment.config) if factory else TrainingHooks()
 
@@ -176,7 +177,7 @@ def fit(
         schedule, optimizer, num_warmup_steps=round(settings.warmup * total), num_training_steps=total
     )
     autocast = autocast_for(settings.precision, device)
-    hooks = hooks or _hooks_for(attachment)
+    hooks = hooks or make_hooks(attachment, settings)
 
     def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast():
