@@ -103,7 +103,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: config file not found")
-    text = p.read_text(encoding="utf-8", errors="strict")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: config file is not UTF-8 text (byte {e.start})") from None
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":

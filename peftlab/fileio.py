@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, PeftlabError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -45,6 +45,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -74,15 +76,36 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         for f in tmp.rglob("*"):  # files written by other libraries get ordinary permissions too
             os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
         old = path.with_name(path.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
         if path.exists():
+            if old.exists():  # a stale copy from an earlier swap; the current folder is the good one
+                shutil.rmtree(old)
             os.replace(path, old)
+        # (if only <name>.old exists, an earlier swap was interrupted: it stays until the new folder is in place)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise _write_error(path, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_error(path: Path, e: OSError) -> PeftlabError:
+    """A failed write (disk full, read-only file system...) as one line naming the file; nothing half-written
+    stays, because the temporary file or folder is removed by the caller's ``finally``."""
+    return PeftlabError(f"{path}: could not be written ({e.strerror or e}); nothing was left half-written")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete temporary files and folders that a killed process left in ``folder`` (``.<name>.*.tmp``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in folder.glob(".*.tmp"):
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def read_folder(path: str | os.PathLike) -> Path | None:

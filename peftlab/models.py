@@ -7,6 +7,7 @@ the model folder unless ``trust_remote_code`` is asked for explicitly.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +41,27 @@ def resolve_model(name: str, quiet: bool = False) -> Path:
     )
 
 
+def check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """Refuse a model whose architecture exists only as code inside its folder, unless explicitly trusted."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path / 'config.json'}: cannot read the model config ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path / 'config.json'}: expected a JSON object")
+    if trust_remote_code or config.get("model_type") in CONFIG_MAPPING_NAMES:
+        return
+    if config.get("auto_map"):
+        raise InputError(
+            f"{path}: model type {config.get('model_type')!r} is defined by code inside the model folder (auto_map); "
+            "peftlab runs such code only with --trust-remote-code"
+        )
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    check_remote_code(path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

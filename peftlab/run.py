@@ -31,7 +31,7 @@ from .core.attach import CONFIG_FILE, WEIGHTS_FILE, Attachment, attach, load_ada
 from .data.batches import Encoded, encode
 from .data.classification import ClassificationData, Columns, load_classification
 from .errors import InputError, require
-from .fileio import read_json, write_json
+from .fileio import read_json, remove_stale_temporaries, write_json
 from .methods import config_to_dict, get_method
 from .models import load_classifier, load_tokenizer, resolve_model
 from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit, make_hooks
@@ -134,10 +134,28 @@ class Prepared:
 def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
     model_path = resolve_model(options.model, quiet=quiet)
     tokenizer = load_tokenizer(model_path, options.trust_remote_code)
+    limit = max_positions(model_path, tokenizer)
+    if limit is not None and options.max_length > limit:
+        raise InputError(
+            f"max_length: {options.max_length} tokens is more than model {options.model!r} accepts "
+            f"(at most {limit}); longer texts are cut at max_length"
+        )
     columns = Columns(options.text_column, options.pair_column, options.label_column)
     data = load_classification(options.data, columns, options.split_seed, options.train_limit, quiet=quiet)
     splits = {name: encode(examples, tokenizer, options.max_length) for name, examples in data.splits.items()}
     return Prepared(data, splits, model_path, tokenizer)
+
+
+def max_positions(model_path: Path, tokenizer) -> int | None:
+    """The longest input the model accepts: its position table, or the tokenizer's limit when smaller."""
+    import json
+
+    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    limits = [config.get("max_position_embeddings")]
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    limits = [x for x in limits if isinstance(x, int) and x > 0]
+    return min(limits) if limits else None
 
 
 def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
@@ -176,6 +194,8 @@ def run_training(
             f"{out}: run folder already exists and is not empty (continue it with --resume {out}, "
             "or choose another --out)"
         )
+    if resume:
+        remove_stale_temporaries(out)
     prepared = prepare_data(options, quiet=not show_progress)
     model = build_model(options, prepared, settings.seed)
     if options.adapter:

@@ -95,7 +95,7 @@ def test_integer_labels_sort_numerically(tmp_path):
     "row, message",
     [
         ({"text": "", "label": "a"}, "column 'text' is empty"),
-        ({"text": 42, "label": "a"}, "column 'text' is a int"),
+        ({"text": 42, "label": "a"}, "column 'text' holds a number"),
         ({"text": None, "label": "a"}, "column 'text' is missing"),
         ({"text": "ok", "label": None}, "label column 'label' holds None"),
         ({"text": "ok", "label": 1.5}, "label 1.5 in column 'label' is not a class"),

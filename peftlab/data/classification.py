@@ -122,11 +122,20 @@ def _resolve_columns(records: list[Record], columns: Columns, source: str) -> Co
 
 def _text(value: object, where: str, column: str) -> str:
     if not isinstance(value, str):
-        kind = "missing" if value is None else f"a {type(value).__name__} ({value!r:.40})"
-        raise InputError(f"{where}: column {column!r} is {kind}; expected text")
+        raise InputError(f"{where}: column {column!r} {_describe(value)}; expected text")
     if not value.strip():
         raise InputError(f"{where}: column {column!r} is empty; expected text")
     return value
+
+
+def _describe(value: object) -> str:
+    """ "is missing", "holds a number (7)", "holds a list ([1, 2])" -- for error messages."""
+    if value is None:
+        return "is missing"
+    kind = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
+    return f"holds {kind} ({value!r:.40})"
 
 
 def _label(value: object, where: str, column: str) -> str:
