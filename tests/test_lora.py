@@ -145,3 +145,24 @@ def test_attaching_twice_is_refused():
     peftlab.attach(model, "lora", r=2)
     with pytest.raises(InputError, match="already carries"):
         peftlab.attach(model, "lora", r=2)
+
+
+def test_wrappers_read_missing_attributes_from_their_base():
+    model = tiny_classifier()
+    peftlab.attach(model, "lora", r=2, targets=["query"])
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert isinstance(query, LoraLinear)
+    assert query.in_features == 32 and query.weight is query.base.weight
+    with pytest.raises(AttributeError):
+        query.no_such_attribute  # noqa: B018
+
+
+def test_base_names_look_through_nested_wrappers():
+    from peftlab.core.attach import base_name
+
+    wrappers = {"a.self": None, "a.self.base.query": None}
+    assert base_name("a.self.base.query.base.weight", wrappers) == "a.self.query.weight"
+    assert base_name("a.self.base.query.lora_A", wrappers) == "a.self.query.lora_A"
+    assert base_name("a.self.base.key.weight", wrappers) == "a.self.key.weight"
+    assert base_name("b.base.weight", wrappers) == "b.base.weight"  # not a wrapper: a real module called base
+    assert base_name("base.weight", {"": None}) == "weight"

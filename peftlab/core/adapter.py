@@ -31,6 +31,16 @@ class AdapterLayer(nn.Module):
         self.base = base
         self.merged = False
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks are read from the wrapped layer, so model code that reads e.g.
+        ``self_attn.layer_idx`` or ``q_proj.weight`` keeps working on a wrapped layer."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The method's own parameters, keyed by their name inside this wrapper (e.g. ``lora_A``)."""
         raise NotImplementedError

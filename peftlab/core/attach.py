@@ -60,13 +60,18 @@ def base_signature(model: nn.Module) -> dict[str, list[int]]:
 
 
 def base_name(name: str, wrappers: dict[str, AdapterLayer]) -> str:
-    """``x.query.base.weight`` -> ``x.query.weight`` for a parameter inside a wrapped layer."""
-    module, _, leaf = name.rpartition(".")
-    if module.endswith(".base") and module[: -len(".base")] in wrappers:
-        return f"{module[: -len('.base')]}.{leaf}"
-    if module == "base" and "" in wrappers:
-        return leaf
-    return name
+    """The name a parameter has in the unadapted model: every ``base`` step into a wrapper is dropped, so
+    ``x.query.base.weight`` -> ``x.query.weight`` and, with nested wrappers, ``x.self.base.query.base.weight`` ->
+    ``x.self.query.weight``."""
+    kept: list[str] = []
+    path = ""
+    for part in name.split("."):
+        if part == "base" and path in wrappers:
+            path = f"{path}.base" if path else "base"
+            continue
+        kept.append(part)
+        path = f"{path}.{part}" if path else part
+    return ".".join(kept)
 
 
 def fingerprint(signature: dict[str, list[int]]) -> str:
