@@ -197,9 +197,11 @@ def load_run_config(run: str, load_run) -> tuple[Path, dict]:
 def cmd_eval(argv: list[str], show_progress: bool) -> int:
     from .data.batches import encode
     from .data.classification import Columns, read_examples
+    from .data.conversations import read_conversations
+    from .data.lm import encode_conversations
     from .report import metrics_table
-    from .run import pick_device, rebuild
-    from .train.loop import ClassificationTask, autocast_for
+    from .run import make_task, pick_device, rebuild
+    from .train.loop import autocast_for
 
     parser = _Parser(prog="peftlab eval", description="Evaluate a run's best adapter.")
     parser.add_argument("run", help="run folder")
@@ -210,9 +212,12 @@ def cmd_eval(argv: list[str], show_progress: bool) -> int:
     run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
     device = pick_device(options.device)
     attachment.model.to(device)
-    task = ClassificationTask(len(prepared.data.labels))
+    task = make_task(prepared)
     autocast = autocast_for(settings.precision, device)
-    if args.data:
+    if args.data and prepared.kind == "sft":
+        conversations = read_conversations(args.data)
+        splits = {Path(args.data).name: encode_conversations(prepared.tokenizer, conversations, options.max_length)}
+    elif args.data:
         examples = read_examples(
             args.data, prepared.data.labels, Columns(options.text_column, options.pair_column, options.label_column)
         )
@@ -259,7 +264,8 @@ def cmd_export(argv: list[str], show_progress: bool) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
-    export_hf(attachment, args.out, base_model_name_or_path=str(prepared.model_path.resolve()), task_type="SEQ_CLS")
+    task_type = "CAUSAL_LM" if prepared.kind == "sft" else "SEQ_CLS"
+    export_hf(attachment, args.out, base_model_name_or_path=str(prepared.model_path.resolve()), task_type=task_type)
     print(f"wrote a Hugging Face PEFT adapter to {args.out}")
     return 0
 

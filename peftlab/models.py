@@ -16,7 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from .assets import ASSETS, locate  # noqa: E402
@@ -95,3 +100,12 @@ def load_classifier(
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
     return model
+
+
+def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A causal language model (decoder) with its own LM head, for instruction, chat and text tuning."""
+    check_remote_code(path, trust_remote_code)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot load a causal language model ({str(e).splitlines()[0]})") from None

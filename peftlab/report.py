@@ -22,20 +22,20 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss", "perplexity", "exact_match", "answer_accuracy")
+
+
 def metrics_table(metrics: dict[str, dict | None], title: str = "metrics") -> Table:
+    """One row per split; a column for each metric some split has (classification or language modelling)."""
+    rows = {split: m for split, m in metrics.items() if m}
+    columns = [c for c in METRIC_COLUMNS if any(c in m for m in rows.values())]
     table = Table(title=title)
     table.add_column("split")
-    for name in ("accuracy", "precision", "recall", "f1", "loss"):
+    for name in columns:
         table.add_column(name, justify="right")
     table.add_column("examples", justify="right")
-    for split, m in metrics.items():
-        if not m:
-            continue
-        table.add_row(
-            split,
-            *(f"{m[k]:.4f}" if k in m else "-" for k in ("accuracy", "precision", "recall", "f1", "loss")),
-            str(m.get("examples", "")),
-        )
+    for split, m in rows.items():
+        table.add_row(split, *(f"{m[k]:.4f}" if k in m else "-" for k in columns), str(m.get("examples", "")))
     return table
 
 

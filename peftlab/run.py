@@ -28,12 +28,16 @@ import torch
 from . import __version__
 from .core.accounting import delta_ranks, folder_bytes, parameter_counts, rank_summary
 from .core.attach import CONFIG_FILE, WEIGHTS_FILE, Attachment, attach, load_adapter, load_state, read_tensors
-from .data.batches import Encoded, encode
-from .data.classification import ClassificationData, Columns, load_classification
+from .data.batches import encode
+from .data.classification import Columns, load_classification
+from .data.lm import encode_conversations
+from .data.sft import load_sft
 from .errors import InputError, require
+from .evaluate.generation import generate, score
 from .fileio import read_json, remove_stale_temporaries, write_json
 from .methods import config_to_dict, get_method
-from .models import load_classifier, load_tokenizer, resolve_model
+from .models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
+from .train.lm_task import LanguageModelTask
 from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit, make_hooks
 
 
@@ -55,9 +59,19 @@ class RunOptions:
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
     adapter: str | None = field(default=None, metadata={"help": "continue fine-tuning from this adapter folder"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow code shipped inside a model folder to run"})
+    task: Literal["classify", "sft"] = field(
+        default="classify", metadata={"help": "classify: a label per text; sft: instruction/chat/text for decoders"}
+    )
+    packing: bool = field(default=False, metadata={"help": "sft: pack several conversations into each sequence"})
+    eval_generate: int = field(
+        default=64, metadata={"help": "sft: test conversations answered by generation at the end (0: none)"}
+    )
+    max_new_tokens: int = field(default=48, metadata={"help": "sft: longest generated reply at evaluation"})
 
     def __post_init__(self):
         require(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
+        require(self.eval_generate >= 0, "eval_generate", "an integer >= 0", self.eval_generate)
+        require(self.max_new_tokens > 0, "max_new_tokens", "a positive integer", self.max_new_tokens)
         require(self.train_limit is None or self.train_limit > 0, "train_limit", "a positive integer", self.train_limit)
         require(self.threads is None or self.threads > 0, "threads", "a positive integer", self.threads)
 
@@ -125,10 +139,15 @@ def machine() -> dict[str, Any]:
 
 @dataclass
 class Prepared:
-    data: ClassificationData
-    splits: dict[str, Encoded]
+    kind: str  # "classify" or "sft"
+    data: Any  # ClassificationData or SFTData
+    splits: dict[str, Any]  # split -> Encoded (classify) or LMEncoded (sft)
     model_path: Path
     tokenizer: Any
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.data.labels if self.kind == "classify" else None
 
 
 def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
@@ -140,10 +159,17 @@ def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
             f"max_length: {options.max_length} tokens is more than model {options.model!r} accepts "
             f"(at most {limit}); longer texts are cut at max_length"
         )
+    if options.task == "sft":
+        data = load_sft(options.data, options.split_seed, options.train_limit)
+        splits = {
+            name: encode_conversations(tokenizer, convs, options.max_length, options.packing and name == "train")
+            for name, convs in data.splits.items()
+        }
+        return Prepared("sft", data, splits, model_path, tokenizer)
     columns = Columns(options.text_column, options.pair_column, options.label_column)
     data = load_classification(options.data, columns, options.split_seed, options.train_limit, quiet=quiet)
     splits = {name: encode(examples, tokenizer, options.max_length) for name, examples in data.splits.items()}
-    return Prepared(data, splits, model_path, tokenizer)
+    return Prepared("classify", data, splits, model_path, tokenizer)
 
 
 def max_positions(model_path: Path, tokenizer) -> int | None:
@@ -160,6 +186,8 @@ def max_positions(model_path: Path, tokenizer) -> int | None:
 
 def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
     torch.manual_seed(settings_seed)  # the new head's initialisation, then the method's
+    if prepared.kind == "sft":
+        return load_causal_lm(prepared.model_path, trust_remote_code=options.trust_remote_code)
     return load_classifier(
         prepared.model_path,
         prepared.data.labels,
@@ -168,12 +196,42 @@ def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
     )
 
 
+def make_task(prepared: Prepared):
+    if prepared.kind == "sft":
+        return LanguageModelTask()
+    return ClassificationTask(len(prepared.data.labels))
+
+
 def task_meta(options: RunOptions, prepared: Prepared) -> dict:
-    return {
-        "task": {"type": "classification", "labels": prepared.data.labels},
-        "model": options.model,
-        "max_length": options.max_length,
-    }
+    task = {"type": "sft"} if prepared.kind == "sft" else {"type": "classification", "labels": prepared.labels}
+    return {"task": task, "model": options.model, "max_length": options.max_length}
+
+
+def generation_metrics(options: RunOptions, prepared: Prepared, model, batch_size: int) -> dict[str, dict]:
+    """Exact match and answer accuracy of generated replies: on the first ``eval_generate`` test conversations
+    and on every extra evaluation set (held-out tasks)."""
+    if prepared.kind != "sft" or options.eval_generate == 0:
+        return {}
+    out = {}
+    sets = {"test": prepared.data.splits["test"], **prepared.data.extra_eval}
+    for name, conversations in sets.items():
+        chosen = [c for c in conversations if not c.is_text][: options.eval_generate]
+        if not chosen:
+            continue
+        replies = generate(
+            model,
+            prepared.tokenizer,
+            [c.prompt() for c in chosen],
+            options.max_new_tokens,
+            batch_size=min(batch_size, 16),
+        )
+        out[name] = score(chosen, replies) | {
+            "samples": [
+                {"prompt": c.prompt()[-1]["content"][:200], "reply": r, "reference": c.reference()}
+                for c, r in list(zip(chosen, replies, strict=True))[:3]
+            ]
+        }
+    return out
 
 
 def flat_config(options: RunOptions, settings: TrainSettings, method_config: Any) -> dict:
@@ -215,7 +273,7 @@ def run_training(
     def save_best(metrics: dict, step: int) -> None:
         attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step})
 
-    task = ClassificationTask(len(prepared.data.labels))
+    task = make_task(prepared)
     hooks = make_hooks(attachment, settings)
     result = fit(
         attachment,
@@ -234,6 +292,8 @@ def run_training(
     load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
     autocast = autocast_for(settings.precision, device)
     test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast)
+    generated = generation_metrics(options, prepared, model, settings.eval_batch_size)
+    test.update({k: v for k, v in generated.pop("test", {}).items()})
     method_report = hooks.report(
         lambda: task.evaluate(model, prepared.splits["validation"], settings.eval_batch_size, device, autocast)
     )
@@ -247,7 +307,7 @@ def run_training(
         "model": options.model,
         "data": options.data,
         "seed": settings.seed,
-        "metrics": {"validation": result.best, "test": test},
+        "metrics": {"validation": result.best, "test": test, **generated},
         "params": counts,
         "method_report": method_report,
         "adapter_bytes": folder_bytes(out / "adapter"),
@@ -261,7 +321,7 @@ def run_training(
         "best_step": result.best_step,
         "lr": lr,
         "data_sizes": prepared.data.sizes(),
-        "labels": prepared.data.labels,
+        "labels": prepared.labels,
         "truncated": {k: v.truncated for k, v in prepared.splits.items()},
         "notes": prepared.data.notes,
         "history": result.history,

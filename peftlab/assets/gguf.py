@@ -19,6 +19,7 @@ from ..errors import PeftlabError
 
 def convert_gguf(gguf_path: Path, out_dir: Path, end_of_turn: str | None = "<|im_end|>") -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own bar; peftlab shows a status line
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError:

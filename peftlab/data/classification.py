@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import bz2
 import csv
-import itertools
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..assets import locate
 from ..errors import InputError
-from .readers import FORMATS, Record, read_records
+from .readers import Record, read_records
+from .splits import SPLITS, assign_splits, split_files
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "review", "document", "question")
 PAIR_COLUMNS = ("text_pair", "sentence2", "hypothesis", "pair")
 LABEL_COLUMNS = ("label", "labels", "category", "class", "target", "sentiment")
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -169,39 +167,6 @@ def _label_order(names: set[str]) -> list[str]:
     return sorted(names)
 
 
-def _shuffled(items: list, seed: int) -> list:
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items
-
-
-def _cut(items: list, fractions: Sequence[float]) -> list[list]:
-    n = len(items)
-    bounds = [0]
-    for f in fractions[:-1]:
-        bounds.append(bounds[-1] + round(n * f))
-    bounds.append(n)
-    return [items[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-def _split_files(folder: Path) -> dict[str, Path]:
-    names = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
-    found = {}
-    for split, stems in names.items():
-        for stem in stems:
-            hits = [
-                p
-                for p in sorted(folder.iterdir())
-                if p.is_file() and p.name.split(".")[0] == stem and any(s in FORMATS for s in p.suffixes)
-            ]
-            if hits:
-                found[split] = hits[0]
-                break
-    if "train" not in found:
-        raise InputError(f"{folder}: no train file (expected train.csv, train.tsv, train.json or train.jsonl)")
-    return found
-
-
 def load_classification(
     source: str,
     columns: Columns | None = None,
@@ -215,9 +180,7 @@ def load_classification(
         pairs, labels = PACKAGED[source](locate(source, quiet=quiet))
         index = {name: i for i, name in enumerate(labels)}
         examples = [Example(text, index[label]) for text, label in pairs]
-        train, validation, test = _cut(_shuffled(examples, split_seed), (0.8, 0.1, 0.1))
-        notes.append(f"packaged dataset, seeded 80/10/10 split (split_seed={split_seed})")
-        data = ClassificationData(source, labels, {"train": train, "validation": validation, "test": test}, notes)
+        data = ClassificationData(source, labels, assign_splits({"all": examples}, split_seed, notes), notes)
     else:
         path = Path(source)
         if not path.exists():
@@ -237,29 +200,12 @@ def load_classification(
 
 
 def _from_files(path: Path, columns: Columns, split_seed: int, notes: list[str]) -> ClassificationData:
-    files = _split_files(path) if path.is_dir() else {"all": path}
-    rows_by_split = {}
+    files = split_files(path) if path.is_dir() else {"all": path}
+    read = {}
     for split, file in files.items():
         records = read_records(file)
-        rows_by_split[split] = _rows(records, _resolve_columns(records, columns, str(file)))
-    if "all" in rows_by_split:
-        rows = _shuffled(rows_by_split.pop("all"), split_seed)
-        rows_by_split = dict(zip(SPLITS, _cut(rows, (0.8, 0.1, 0.1)), strict=True))
-        notes.append(f"one file, seeded 80/10/10 split (split_seed={split_seed})")
-    else:
-        if "test" not in rows_by_split:
-            rows_by_split["test"] = rows_by_split.pop("validation", [])
-            notes.append("no test file: the validation file serves as test")
-        if "validation" not in rows_by_split:
-            shuffled = _shuffled(rows_by_split["train"], split_seed)
-            rows_by_split["validation"], rows_by_split["train"] = _cut(shuffled, (0.1, 0.9))
-            notes.append(f"validation carved from train (10%, split_seed={split_seed})")
-        else:
-            rows_by_split["train"] = _shuffled(rows_by_split["train"], split_seed)
-        if not rows_by_split["test"]:
-            shuffled = rows_by_split["train"]
-            rows_by_split["test"], rows_by_split["train"] = _cut(shuffled, (0.1, 0.9))
-            notes.append(f"test carved from train (10%, split_seed={split_seed})")
+        read[split] = _rows(records, _resolve_columns(records, columns, str(file)))
+    rows_by_split = assign_splits(read, split_seed, notes)
     labels = _label_order({label for _, _, label, _ in rows_by_split["train"]})
     index = {name: i for i, name in enumerate(labels)}
     splits = {}

@@ -55,8 +55,9 @@ class TrainSettings:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0 turns clipping off)"})
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "bf16 autocast or plain fp32"})
-    metric: Literal["accuracy", "f1"] = field(
-        default="accuracy", metadata={"help": "validation metric that picks the best state"}
+    metric: Literal["auto", "accuracy", "f1", "loss"] = field(
+        default="auto",
+        metadata={"help": "validation metric that picks the best state (auto: accuracy, or loss for sft)"},
     )
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: epoch ends only)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
@@ -87,6 +88,8 @@ class FitResult:
 
 class ClassificationTask:
     """Cross-entropy on the [CLS]/last-token logits; accuracy and macro P/R/F1 for evaluation."""
+
+    metric = "accuracy"
 
     def __init__(self, num_labels: int):
         self.num_labels = num_labels
@@ -146,6 +149,10 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+def better(value: float, best: float, metric: str) -> bool:
+    return value < best if metric == "loss" else value > best
+
+
 def make_hooks(attachment: Attachment, settings: TrainSettings) -> TrainingHooks:
     """The hooks a run trains with: the method's own (if any)."""
     factory = attachment.method.hooks
@@ -178,6 +185,7 @@ def fit(
     )
     autocast = autocast_for(settings.precision, device)
     hooks = hooks or make_hooks(attachment, settings)
+    metric = task.metric if settings.metric == "auto" else settings.metric
 
     def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast():
@@ -269,13 +277,12 @@ def fit(
                 state["history"].append(entry)
                 state["loss_sum"], state["loss_count"] = 0.0, 0
                 best = state["best"]
-                if best is None or metrics[settings.metric] > best[settings.metric]:
+                if best is None or better(metrics[metric], best[metric], metric):
                     state["best"], state["best_step"] = metrics, step
                     on_best(metrics, step)
                 bar.console.print(
                     f"epoch {entry['epoch']:g}  step {step}  train loss {entry['train_loss']:.4f}  "
-                    f"validation {settings.metric} {metrics[settings.metric]:.4f}"
-                    + ("  (best)" if state["best_step"] == step else "")
+                    f"validation {metric} {metrics[metric]:.4f}" + ("  (best)" if state["best_step"] == step else "")
                 )
             if epoch_end or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
                 save_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, state, hooks)

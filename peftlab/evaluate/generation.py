@@ -1,0 +1,87 @@
+"""Generation from chat models and the metrics read off it: exact match and answer accuracy.
+
+``generate`` renders each conversation's prompt with the chat template (``add_generation_prompt=True``), pads
+on the left, and decodes greedily (or samples with a temperature and top-p), stopping each row at the model's
+end-of-turn token. Answers are compared after normalisation (lower case, surrounding punctuation and spaces
+stripped, inner whitespace collapsed): *exact match* is the share of generations equal to the reference reply;
+*answer accuracy* is the share whose first line equals one of the record's acceptable ``answers`` (a class name,
+for the classification tasks turned into instructions).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+
+import torch
+
+from ..data.conversations import Conversation
+from ..data.lm import render
+
+
+def normalise(text: str) -> str:
+    text = text.strip().lower()
+    text = re.sub(r"\s+", " ", text)
+    return text.strip(string.punctuation + " ")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[list[dict[str, str]]],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Replies to each prompt (a list of messages ending with a user turn), greedy when temperature is 0."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [render(tokenizer, p, generation_prompt=True) for p in prompts[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):  # left padding: every row's last token is its prompt's end
+            ids[j, width - len(r) :] = torch.tensor(r)
+            mask[j, width - len(r) :] = 1
+        kwargs = {"do_sample": temperature > 0}
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p)
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            **kwargs,
+        )
+        for row in out[:, width:].tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            replies.append(tokenizer.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    return replies
+
+
+def score(conversations: Sequence[Conversation], replies: Sequence[str]) -> dict:
+    exact = [normalise(r) == normalise(c.reference()) for c, r in zip(conversations, replies, strict=True)]
+    with_answers = [(c, r) for c, r in zip(conversations, replies, strict=True) if c.answers]
+    answered = [
+        normalise(r.strip().splitlines()[0] if r.strip() else "") in {normalise(a) for a in c.answers}
+        for c, r in with_answers
+    ]
+    out = {"exact_match": sum(exact) / max(len(exact), 1), "examples": len(exact)}
+    if with_answers:
+        out["answer_accuracy"] = sum(answered) / len(answered)
+        out["answered_examples"] = len(answered)
+    return out

@@ -1,0 +1,134 @@
+"""Supervised fine-tuning of a decoder end to end on a tiny Llama: train, evaluate, generate, merge, export."""
+
+import json
+import random
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peftlab.data.conversations import Conversation
+from peftlab.evaluate.generation import generate, normalise, score
+from tests.conftest import NEGATIVE, POSITIVE
+
+FAST = ["--epochs", "10", "--batch-size", "8", "--lr", "0.005", "--max-length", "48", "--eval-generate", "16",
+        "--max-new-tokens", "3"]  # fmt: skip
+
+
+def instruction_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = rng.sample(POSITIVE if label == "positive" else NEGATIVE, 2) + ["the", "movie"]
+        rng.shuffle(words)
+        rows.append(
+            {
+                "instruction": "classify the sentiment",
+                "input": " ".join(words),
+                "output": label,
+                "task": "sentiment",
+                "answers": [label],
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft") / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in instruction_rows(160)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_llama_dir, sft_data, tmp_path_factory):
+    from peftlab.cli import main
+
+    out = tmp_path_factory.mktemp("sft-runs") / "lora"
+    assert (
+        main(
+            [
+                "--no-progress",
+                "train",
+                "--task",
+                "sft",
+                "--model",
+                str(tiny_llama_dir),
+                "--data",
+                str(sft_data),
+                "--out",
+                str(out),
+                "--r",
+                "4",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_sft_learns_and_reports_lm_and_generation_metrics(sft_run):
+    results = json.loads((sft_run / "results.json").read_text())
+    losses = [h["validation"]["loss"] for h in results["history"]]
+    assert losses[-1] < 0.5 * losses[0]
+    test = results["metrics"]["test"]
+    assert {"loss", "perplexity", "exact_match", "answer_accuracy"} <= test.keys()
+    assert test["perplexity"] == pytest.approx(2.718281828 ** test["loss"], rel=1e-6)
+    assert test["answer_accuracy"] >= 0.75
+    assert results["params"]["delta_rank"]["max"] == 4
+    config = json.loads((sft_run / "adapter" / "adapter.json").read_text())
+    assert config["task"] == {"type": "sft"} and config["trainable_modules"] == []
+    assert not any(t.endswith("lm_head") for t in config["targets"])
+
+
+def test_eval_reproduces_the_test_loss(sft_run, cli):
+    code, out, err = cli("eval", sft_run, "--json")
+    assert code == 0, err
+    results = json.loads((sft_run / "results.json").read_text())
+    assert json.loads(out)["test"]["loss"] == pytest.approx(results["metrics"]["test"]["loss"], rel=1e-5)
+
+
+def test_merged_decoder_loads_in_plain_transformers(sft_run, cli, tmp_path, tiny_llama_dir):
+    code, _, err = cli("merge", sft_run, "--out", tmp_path / "merged")
+    assert code == 0, err
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    from peftlab.run import rebuild
+
+    _, _, _, _, adapter = rebuild(sft_run)
+    ids = torch.randint(5, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # logits of size ~10 here: float32 rounding in the merged weights is relative
+        torch.testing.assert_close(plain(ids).logits, adapter.model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    code, _, err = cli("export", sft_run, "--format", "hf", "--out", tmp_path / "hf")
+    assert code == 0, err
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    theirs = PeftModel.from_pretrained(base, tmp_path / "hf").eval()
+    assert json.loads((tmp_path / "hf" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, adapter.model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_generation_stops_at_the_end_of_turn_and_scores(tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # make the end-of-turn token the only likely next token
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[eot] = 0
+        model.model.norm.weight.zero_()
+        model.lm_head.bias = None
+    replies = generate(model, tok, [[{"role": "user", "content": "hello"}]] * 3, max_new_tokens=5)
+    assert replies == ["", "", ""] or all(r.strip() == "" for r in replies)
+    conv = Conversation(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Positive."}], answers=["positive"]
+    )
+    assert normalise(" Positive. ") == "positive"
+    assert score([conv], ["positive"]) == {
+        "exact_match": 1.0,
+        "examples": 1,
+        "answer_accuracy": 1.0,
+        "answered_examples": 1,
+    }
