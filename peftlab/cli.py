@@ -195,12 +195,8 @@ def load_run_config(run: str, load_run) -> tuple[Path, dict]:
 
 
 def cmd_eval(argv: list[str], show_progress: bool) -> int:
-    from .data.batches import encode
-    from .data.classification import Columns, read_examples
-    from .data.conversations import read_conversations
-    from .data.lm import encode_conversations
     from .report import metrics_table
-    from .run import make_task, pick_device, rebuild
+    from .run import encode_file, make_task, pick_device, rebuild
     from .train.loop import autocast_for
 
     parser = _Parser(prog="peftlab eval", description="Evaluate a run's best adapter.")
@@ -214,14 +210,8 @@ def cmd_eval(argv: list[str], show_progress: bool) -> int:
     attachment.model.to(device)
     task = make_task(prepared)
     autocast = autocast_for(settings.precision, device)
-    if args.data and prepared.kind == "sft":
-        conversations = read_conversations(args.data)
-        splits = {Path(args.data).name: encode_conversations(prepared.tokenizer, conversations, options.max_length)}
-    elif args.data:
-        examples = read_examples(
-            args.data, prepared.data.labels, Columns(options.text_column, options.pair_column, options.label_column)
-        )
-        splits = {Path(args.data).name: encode(examples, prepared.tokenizer, options.max_length)}
+    if args.data:
+        splits = {Path(args.data).name: encode_file(options, prepared, args.data)}
     else:
         names = ["train", "validation", "test"] if args.split == "all" else [args.split]
         splits = {n: prepared.splits[n] for n in names}
@@ -256,7 +246,7 @@ def cmd_merge(argv: list[str], show_progress: bool) -> int:
 
 def cmd_export(argv: list[str], show_progress: bool) -> int:
     from .core.hf_peft import export_hf
-    from .run import rebuild
+    from .run import hf_task_type, rebuild
 
     parser = _Parser(prog="peftlab export", description="Convert a run's adapter to another format.")
     parser.add_argument("run", help="run folder")
@@ -264,8 +254,12 @@ def cmd_export(argv: list[str], show_progress: bool) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
-    task_type = "CAUSAL_LM" if prepared.kind == "sft" else "SEQ_CLS"
-    export_hf(attachment, args.out, base_model_name_or_path=str(prepared.model_path.resolve()), task_type=task_type)
+    export_hf(
+        attachment,
+        args.out,
+        base_model_name_or_path=str(prepared.model_path.resolve()),
+        task_type=hf_task_type(prepared),
+    )
     print(f"wrote a Hugging Face PEFT adapter to {args.out}")
     return 0
 

@@ -20,6 +20,7 @@ from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -100,6 +101,21 @@ def load_classifier(
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
     return model
+
+
+def load_tagger(path: Path, labels: Sequence[str], trust_remote_code: bool = False):
+    """A token classifier (sequence labelling) on the pretrained body; its head is new and trains with the method."""
+    check_remote_code(path, trust_remote_code)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    try:
+        return AutoModelForTokenClassification.from_pretrained(
+            str(path), config=config, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot load a token classifier ({str(e).splitlines()[0]})") from None
 
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

@@ -29,16 +29,19 @@ from . import __version__
 from .core.accounting import delta_ranks, folder_bytes, parameter_counts, rank_summary
 from .core.attach import CONFIG_FILE, WEIGHTS_FILE, Attachment, attach, load_adapter, load_state, read_tensors
 from .data.batches import encode
-from .data.classification import Columns, load_classification
+from .data.classification import Columns, load_classification, read_examples
+from .data.conversations import read_conversations
 from .data.lm import encode_conversations
 from .data.sft import load_sft
+from .data.tagging import Sentence, encode_tagging, load_tagging, read_tagged
 from .errors import InputError, require
 from .evaluate.generation import generate, score
 from .fileio import read_json, remove_stale_temporaries, write_json
 from .methods import config_to_dict, get_method
-from .models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
+from .models import load_causal_lm, load_classifier, load_tagger, load_tokenizer, resolve_model
 from .train.lm_task import LanguageModelTask
 from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit, make_hooks
+from .train.tag_task import TaggingTask
 
 
 @dataclass
@@ -59,8 +62,9 @@ class RunOptions:
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
     adapter: str | None = field(default=None, metadata={"help": "continue fine-tuning from this adapter folder"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow code shipped inside a model folder to run"})
-    task: Literal["classify", "sft"] = field(
-        default="classify", metadata={"help": "classify: a label per text; sft: instruction/chat/text for decoders"}
+    task: Literal["classify", "tag", "sft"] = field(
+        default="classify",
+        metadata={"help": "classify: a label per text; tag: a tag per word (NER); sft: instruction/chat/text"},
     )
     packing: bool = field(default=False, metadata={"help": "sft: pack several conversations into each sequence"})
     eval_generate: int = field(
@@ -139,15 +143,15 @@ def machine() -> dict[str, Any]:
 
 @dataclass
 class Prepared:
-    kind: str  # "classify" or "sft"
-    data: Any  # ClassificationData or SFTData
-    splits: dict[str, Any]  # split -> Encoded (classify) or LMEncoded (sft)
+    kind: str  # "classify", "tag" or "sft"
+    data: Any  # ClassificationData, TaggingData or SFTData
+    splits: dict[str, Any]  # split -> Encoded (classify), TagEncoded (tag) or LMEncoded (sft)
     model_path: Path
     tokenizer: Any
 
     @property
     def labels(self) -> list[str] | None:
-        return self.data.labels if self.kind == "classify" else None
+        return None if self.kind == "sft" else self.data.labels
 
 
 def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
@@ -166,6 +170,10 @@ def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
             for name, convs in data.splits.items()
         }
         return Prepared("sft", data, splits, model_path, tokenizer)
+    if options.task == "tag":
+        data = load_tagging(options.data, options.split_seed, options.train_limit, quiet=quiet)
+        splits = {name: encode_tagging(s, tokenizer, options.max_length) for name, s in data.splits.items()}
+        return Prepared("tag", data, splits, model_path, tokenizer)
     columns = Columns(options.text_column, options.pair_column, options.label_column)
     data = load_classification(options.data, columns, options.split_seed, options.train_limit, quiet=quiet)
     splits = {name: encode(examples, tokenizer, options.max_length) for name, examples in data.splits.items()}
@@ -188,6 +196,8 @@ def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
     torch.manual_seed(settings_seed)  # the new head's initialisation, then the method's
     if prepared.kind == "sft":
         return load_causal_lm(prepared.model_path, trust_remote_code=options.trust_remote_code)
+    if prepared.kind == "tag":
+        return load_tagger(prepared.model_path, prepared.labels, trust_remote_code=options.trust_remote_code)
     return load_classifier(
         prepared.model_path,
         prepared.data.labels,
@@ -199,12 +209,36 @@ def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
 def make_task(prepared: Prepared):
     if prepared.kind == "sft":
         return LanguageModelTask()
+    if prepared.kind == "tag":
+        return TaggingTask(prepared.labels)
     return ClassificationTask(len(prepared.data.labels))
 
 
 def task_meta(options: RunOptions, prepared: Prepared) -> dict:
-    task = {"type": "sft"} if prepared.kind == "sft" else {"type": "classification", "labels": prepared.labels}
+    kinds = {"classify": "classification", "tag": "tagging", "sft": "sft"}
+    task = {"type": kinds[prepared.kind]} | ({"labels": prepared.labels} if prepared.labels else {})
     return {"task": task, "model": options.model, "max_length": options.max_length}
+
+
+def encode_file(options: RunOptions, prepared: Prepared, path: str | Path):
+    """One data file, read and encoded the way the run's own splits were (for ``peftlab eval --data``)."""
+    if prepared.kind == "sft":
+        return encode_conversations(prepared.tokenizer, read_conversations(path), options.max_length)
+    if prepared.kind == "tag":
+        index = {t: i for i, t in enumerate(prepared.labels)}
+        sentences = []
+        for where, words, tags in read_tagged(Path(path)):
+            unknown = [t for t in tags if t not in index]
+            if unknown:
+                raise InputError(f"{where}: tag {unknown[0]!r} is not one the run was trained on")
+            sentences.append(Sentence(words, [index[t] for t in tags]))
+        return encode_tagging(sentences, prepared.tokenizer, options.max_length)
+    columns = Columns(options.text_column, options.pair_column, options.label_column)
+    return encode(read_examples(path, prepared.labels, columns), prepared.tokenizer, options.max_length)
+
+
+def hf_task_type(prepared: Prepared) -> str:
+    return {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "sft": "CAUSAL_LM"}[prepared.kind]
 
 
 def generation_metrics(options: RunOptions, prepared: Prepared, model, batch_size: int) -> dict[str, dict]:
