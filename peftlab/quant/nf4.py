@@ -311,12 +311,17 @@ class NF4Linear(nn.Module):
         """The dense weight W' (out, in) this layer computes with (a new tensor)."""
         return self.weight_nf4.dequantize()
 
+    def packed_parameter_count(self) -> int:
+        """The weights held in the packed buffers (peftlab's accounting counts them as parameters)."""
+        return self.in_features * self.out_features
+
     def nbytes(self) -> int:
         """Bytes of the stored weight (codes and constants; the bias is not counted)."""
         return self.weight_nf4.nbytes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and (bnb := _bitsandbytes()) is not None:
+        bnb_layout = not self.double_quant or self.layout["absmax_block_size"] == ABSMAX_BLOCK_SIZE
+        if x.is_cuda and bnb_layout and (bnb := _bitsandbytes()) is not None:
             return self._bitsandbytes_forward(bnb, x)
         return _NF4Matmul.apply(x, self.bias, self.weight_nf4)
 
