@@ -16,14 +16,16 @@ Facts the rest of peftlab relies on:
 - a fresh QLoRA model equals the *quantised* base exactly (B = 0), not the fp32 base: attaching changes the
   outputs by the quantisation error, so ``identity_at_init`` is False;
 - the adapter file holds only A, B and the task head; loading it onto the pretrained base quantises that base
-  again, which is deterministic, so outputs round-trip exactly;
+  again, which is deterministic (on the same kind of device; a peftlab run attaches on the CPU), so outputs
+  round-trip exactly;
 - ``pretrained_weight()`` is W' (the base the adapter was trained on), so changed parameters and delta ranks are
   counted against the quantised base;
 - merging is an explicit choice, ``merge_into``: ``dequantized`` (default) replaces the layer by a dense
   ``nn.Linear`` holding W' + s B A (exact: merged equals unmerged up to float rounding, but the layer is full size
   again); ``requantized`` quantises W' + s B A to NF4 again (a 4-bit merged model; lossy, and the method report
-  gives the re-quantisation error). Either way the NF4 base is kept while merged, so ``unmerge()`` restores it
-  exactly;
+  gives the re-quantisation error: an update much smaller than the NF4 step is largely rounded away, so the
+  error can be as large as the update itself). Either way the NF4 base is kept while merged, so ``unmerge()``
+  restores it exactly;
 - the Hugging Face PEFT export is plain LoRA (a QLoRA adapter is a LoRA adapter; the quantisation belongs to how
   the base is loaded). Imported back it becomes a ``lora`` attachment on a full-precision base.
 """

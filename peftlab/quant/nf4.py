@@ -59,6 +59,7 @@ NF4_ZERO_CODE = 7  # the index of the level 0.0
 
 @functools.cache
 def _nf4_levels() -> torch.Tensor:
+    """The NF4 code book, built as the module docstring says (the published table, bit for bit)."""
     delta = 0.9677083  # ((1 - 1/30) + (1 - 1/32)) / 2, as the published table wrote it
     positive = torch.special.ndtri(torch.linspace(0.5, delta, 9).double())[1:]  # 8 levels; Phi^-1(1/2) = 0 dropped
     negative = -torch.special.ndtri(torch.linspace(0.5, delta, 8).double())[1:]  # 7 levels
@@ -73,6 +74,7 @@ def nf4_levels() -> torch.Tensor:
 
 @functools.cache
 def _dynamic_levels() -> torch.Tensor:
+    """The signed 8-bit dynamic code: 0, +1 and, per decimal exponent, 2^e magnitudes of both signs."""
     values = [0.0, 1.0]
     for e in range(7):
         edges = torch.linspace(0.1, 1.0, 2**e + 1)  # 2^e equal bins of [0.1, 1]
