@@ -189,7 +189,7 @@ def quantization_report(attachment) -> dict:
 
 @torch.no_grad()
 def requantized_merge_report(attachment, evaluate) -> dict:
-    """What merging with re-quantisation costs: the weight error per layer and the validation metrics before and
+    """What merging with re-quantisation costs: the mean relative weight error and the validation metrics before and
     after (the adapter is unmerged again afterwards)."""
     layers = list(attachment.layers().values())
     before = evaluate()
