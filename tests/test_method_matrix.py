@@ -21,6 +21,7 @@ from peftlab.train.loop import ClassificationTask, TrainSettings, fit
 
 TINY_OPTIONS: dict[str, dict] = {
     "lora": {"r": 4},
+    "qlora": {"r": 4},
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 

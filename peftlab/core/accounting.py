@@ -1,5 +1,7 @@
 """Honest parameter accounting, reported by name.
 
+- ``total`` / ``base``: every parameter of the model, and those that are not the method's own; a quantised base
+  layer's packed weights count as the weights they stand for (see ``packed_parameters``).
 - ``trainable``: entries the optimiser updates (method parameters plus the task head; only the True entries of a
   masked parameter).
 - ``changed``: entries of the final, merged weights that differ from the pretrained base. A merged LoRA update
@@ -21,7 +23,7 @@ from .attach import Attachment
 def parameter_counts(attachment: Attachment) -> dict:
     model = attachment.model
     own = {id(p) for layer in attachment.layers().values() for p in layer.adapter_parameters().values()}
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters()) + packed_parameters(model)
     adapter = sum(p.numel() for p in model.parameters() if id(p) in own)
     trainable = attachment.trainable_count()
     return {
@@ -31,6 +33,13 @@ def parameter_counts(attachment: Attachment) -> dict:
         "trainable": trainable,
         "changed": changed_parameters(attachment),
     }
+
+
+def packed_parameters(model) -> int:
+    """Weights a quantised base layer holds packed, outside ``parameters()`` (e.g. NF4 codes in uint8 buffers).
+    Each counts as one parameter, like the dense weight it stands for; such a layer declares how many it holds
+    with ``packed_parameter_count()``."""
+    return sum(m.packed_parameter_count() for m in model.modules() if hasattr(m, "packed_parameter_count"))
 
 
 @torch.no_grad()

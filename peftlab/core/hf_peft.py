@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -29,7 +30,13 @@ from torch import nn
 from ..errors import InputError
 from ..fileio import atomic_folder, read_json
 from ..methods.lora import LoraConfig
-from .attach import Attachment, attach, load_state, read_tensors
+
+# The module, not its names: a method's own file registers its converters here while attach.py is still loading
+# (attach imports the methods package, which imports every method file).
+from . import attach as attaching
+
+if TYPE_CHECKING:
+    from .attach import Attachment
 
 PREFIX = "base_model.model."
 HF_CONFIG = "adapter_config.json"
@@ -49,9 +56,9 @@ UNSUPPORTED = {
 
 
 # exporter(attachment) -> (PEFT config fields, tensors keyed without the "base_model.model." prefix)
-Exporter = Callable[[Attachment], tuple[dict, dict[str, torch.Tensor]]]
+Exporter = Callable[["Attachment"], tuple[dict, dict[str, torch.Tensor]]]
 # importer(model, PEFT config, tensors without the prefix, source file) -> Attachment
-Importer = Callable[[nn.Module, dict, dict[str, torch.Tensor], Path], Attachment]
+Importer = Callable[[nn.Module, dict, dict[str, torch.Tensor], Path], "Attachment"]
 EXPORTERS: dict[str, Exporter] = {}
 IMPORTERS: dict[str, Importer] = {}
 
@@ -107,7 +114,7 @@ def import_hf(model: nn.Module, path: str | Path) -> Attachment:
         raise InputError(
             f"{path / 'adapter_model.bin'}: pickle files are never loaded; save the adapter with safetensors"
         )
-    tensors = {k.removeprefix(PREFIX): v for k, v in read_tensors(weights).items()}
+    tensors = {k.removeprefix(PREFIX): v for k, v in attaching.read_tensors(weights).items()}
     return importer(model, cfg, tensors, weights)
 
 
@@ -213,11 +220,11 @@ def _import_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], 
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    attachment = attach(model, "lora", config, trainable_modules=heads)
+    attachment = attaching.attach(model, "lora", config, trainable_modules=heads)
     ours = {}
     for name, pair in lora.items():
         ours[f"{name}.lora_A"], ours[f"{name}.lora_B"] = pair["A"], pair["B"]
-    load_state(attachment, ours | rest, weights)
+    attaching.load_state(attachment, ours | rest, weights)
     return attachment
 
 

@@ -70,9 +70,9 @@ class LoraLinear(AdapterLayer):
         super().__init__(base)
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=w.dtype, device=w.device))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=w.dtype, device=w.device))  # (out, r)
+        dtype, device = self.factor_dtype_and_device()
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=device))  # (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / r)
@@ -85,6 +85,10 @@ class LoraLinear(AdapterLayer):
             return out
         return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
+    def factor_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
+        """Where the factors live: the base weight's dtype and device (a base without ``.weight`` overrides this)."""
+        return self.base.weight.dtype, self.base.weight.device
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
@@ -92,9 +96,11 @@ class LoraLinear(AdapterLayer):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
 
 
-def apply(model: nn.Module, config: LoraConfig, protected: Sequence[str] = ()) -> list[str]:
-    names = find_targets(model, config.targets, (nn.Linear,), protected)
-    for name in names:
+def select_layers(model: nn.Module, config: LoraConfig, protected: Sequence[str] = ()) -> list[tuple[str, int, float]]:
+    """The linear layers ``config.targets`` selects, each with its rank and alpha; a rank larger than the layer
+    allows is an error naming the layer."""
+    selected = []
+    for name in find_targets(model, config.targets, (nn.Linear,), protected):
         base = model.get_submodule(name)
         r, alpha = config.rank_and_alpha(name)
         if r > min(base.in_features, base.out_features):
@@ -102,8 +108,16 @@ def apply(model: nn.Module, config: LoraConfig, protected: Sequence[str] = ()) -
                 f"r: rank {r} is larger than layer {name!r} allows "
                 f"(in {base.in_features}, out {base.out_features}; at most {min(base.in_features, base.out_features)})"
             )
+        selected.append((name, r, alpha))
+    return selected
+
+
+def apply(model: nn.Module, config: LoraConfig, protected: Sequence[str] = ()) -> list[str]:
+    selected = select_layers(model, config, protected)
+    for name, r, alpha in selected:
+        base = model.get_submodule(name)
         replace_module(model, name, LoraLinear(base, r, alpha, config.dropout, config.rslora, config.init))
-    return names
+    return [name for name, _, _ in selected]
 
 
 METHOD = register(

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.attach import Attachment
+if TYPE_CHECKING:  # only for annotations: method files import this module while attach.py is still loading
+    from ..core.attach import Attachment
 
 
 @dataclass
