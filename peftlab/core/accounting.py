@@ -39,7 +39,9 @@ def packed_parameters(model) -> int:
     """Weights a quantised base layer holds packed, outside ``parameters()`` (e.g. NF4 codes in uint8 buffers).
     Each counts as one parameter, like the dense weight it stands for; such a layer declares how many it holds
     with ``packed_parameter_count()``."""
-    return sum(m.packed_parameter_count() for m in model.modules() if hasattr(m, "packed_parameter_count"))
+    # Ask the class, not the instance: an adapter wrapper reads missing attributes from the layer it wraps and
+    # would otherwise count its base's packed weights a second time.
+    return sum(m.packed_parameter_count() for m in model.modules() if hasattr(type(m), "packed_parameter_count"))
 
 
 @torch.no_grad()
