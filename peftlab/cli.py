@@ -6,6 +6,8 @@
     peftlab merge RUN --out DIR
     peftlab export RUN --format hf --out DIR
     peftlab import HF_ADAPTER --out DIR [--model M] [--labels a,b]
+    peftlab generate (RUN | --model M [--adapter DIR]) [--prompts FILE|-] [--temperature T]
+    peftlab chat (RUN | --model M [--adapter DIR])
     peftlab methods [NAME]
     peftlab assets list | pull NAME... | verify NAME...
 
@@ -304,6 +306,132 @@ def cmd_import(argv: list[str], show_progress: bool) -> int:
     return 0
 
 
+def _decoder(args, show_progress: bool):
+    """(model, tokenizer, label) for generate/chat: a run folder's best adapter, or --model with an optional
+    --adapter."""
+    from .core.attach import load_adapter
+    from .models import load_causal_lm, load_tokenizer, resolve_model
+
+    if args.run:
+        from .run import rebuild
+
+        run, options, _, prepared, attachment = rebuild(args.run, quiet=not show_progress)
+        if prepared.kind != "sft":
+            raise InputError(f"{run}: a {prepared.kind} run has no language-model head to generate with")
+        return attachment.model, prepared.tokenizer, f"{run} ({attachment.method.name})"
+    if not args.model:
+        raise InputError("give a run folder, or --model (and optionally --adapter)")
+    path = resolve_model(args.model, quiet=not show_progress)
+    model = load_causal_lm(path, trust_remote_code=args.trust_remote_code)
+    label = args.model
+    if args.adapter:
+        attachment = load_adapter(model, args.adapter)
+        label += f" + {attachment.method.name} adapter"
+    return model, load_tokenizer(path, args.trust_remote_code), label
+
+
+def _decoder_arguments(parser) -> None:
+    parser.add_argument("run", nargs="?", help="an sft run folder (or use --model)")
+    parser.add_argument("--model", help="packaged model name or Hugging Face folder")
+    parser.add_argument("--adapter", help="adapter folder to load onto --model")
+    parser.add_argument("--system", help="system message placed before every conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sampling")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def _read_prompts(source: str) -> list[list[dict[str, str]]]:
+    """Prompts from a file or stdin ("-"): JSONL records with "prompt" or "messages", else one prompt per line."""
+    from .data.conversations import ROLES
+
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{source}:{number}: malformed JSON line ({e.msg})") from None
+            messages = record.get("messages") or [{"role": "user", "content": record.get("prompt", "")}]
+            if not all(isinstance(m, dict) and m.get("role") in ROLES for m in messages):
+                raise InputError(f"{source}:{number}: 'messages' must be a list of {{role, content}} objects")
+            prompts.append(messages)
+        else:
+            prompts.append([{"role": "user", "content": line.strip()}])
+    if not prompts:
+        raise InputError(f"{source}: no prompts found")
+    return prompts
+
+
+def cmd_generate(argv: list[str], show_progress: bool) -> int:
+    from .evaluate.generation import generate
+
+    parser = _Parser(prog="peftlab generate", description="Answer prompts from a file or stdin.")
+    _decoder_arguments(parser)
+    parser.add_argument("--prompts", default="-", help="file of prompts (JSONL or one per line); - for stdin")
+    parser.add_argument("--json", action="store_true", help="print JSON lines {prompt, reply}")
+    args = parser.parse_args(argv)
+    model, tokenizer, _ = _decoder(args, show_progress)
+    prompts = _read_prompts(args.prompts)
+    if args.system:
+        prompts = [[{"role": "system", "content": args.system}, *p] for p in prompts]
+    replies = generate(
+        model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    for prompt, reply in zip(prompts, replies, strict=True):
+        if args.json:
+            print(json.dumps({"prompt": prompt[-1]["content"], "reply": reply}))
+        else:
+            print(reply)
+    return 0
+
+
+def cmd_chat(argv: list[str], show_progress: bool) -> int:
+    """An interactive chat in the terminal: the history stays in context; /reset starts over, /exit (or EOF) ends."""
+    from .evaluate.generation import generate
+
+    parser = _Parser(prog="peftlab chat", description="Chat with a model (and adapter) in the terminal.")
+    _decoder_arguments(parser)
+    args = parser.parse_args(argv)
+    model, tokenizer, label = _decoder(args, show_progress)
+    console = make_console()
+    console.print(f"[bold]peftlab chat[/bold] with {label}. /reset clears the history, /exit ends.")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            console.print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = []
+            console.print("(history cleared)")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate(
+            model,
+            tokenizer,
+            [system + history],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed + turn,
+        )[0]
+        turn += 1
+        history.append({"role": "assistant", "content": reply})
+        console.print(f"[bold]bot>[/bold] {reply}", highlight=False)
+
+
 def cmd_methods(argv: list[str], show_progress: bool) -> int:
     from rich.table import Table
 
@@ -371,6 +499,8 @@ COMMANDS = {
     "merge": cmd_merge,
     "export": cmd_export,
     "import": cmd_import,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
     "methods": cmd_methods,
     "assets": cmd_assets,
 }

@@ -132,3 +132,77 @@ def test_generation_stops_at_the_end_of_turn_and_scores(tiny_llama_dir):
         "answer_accuracy": 1.0,
         "answered_examples": 1,
     }
+
+
+def test_generate_from_a_run_or_from_model_and_adapter(sft_run, cli, tmp_path, tiny_llama_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("classify the sentiment\n" + json.dumps({"prompt": "classify the sentiment"}) + "\n")
+    code, out, err = cli("generate", sft_run, "--prompts", prompts, "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    replies = [json.loads(line)["reply"] for line in out.splitlines()]
+    assert len(replies) == 2 and replies[0] == replies[1]
+    code, out2, err = cli(
+        "generate",
+        "--model",
+        tiny_llama_dir,
+        "--adapter",
+        sft_run / "adapter",
+        "--prompts",
+        prompts,
+        "--max-new-tokens",
+        "3",
+        "--json",
+    )
+    assert code == 0, err
+    assert [json.loads(line)["reply"] for line in out2.splitlines()] == replies
+
+
+def test_chat_keeps_the_history_and_resets(sft_run, cli, monkeypatch):
+    lines = iter(["classify the sentiment", "/reset", "hello how are you", "/exit"])
+    seen = []
+    import peftlab.evaluate.generation as generation
+
+    real = generation.generate
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        seen.append(prompts[0])
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, out, err = cli("chat", sft_run, "--max-new-tokens", "3")
+    assert code == 0, err
+    assert out.count("bot>") == 2 and "(history cleared)" in out
+    assert [len(p) for p in seen] == [1, 1]  # after /reset the second question starts a fresh history
+
+
+def test_generate_refuses_a_classification_run(trained_classifier_run, cli):
+    code, _, err = cli("generate", trained_classifier_run, "--prompts", "-")
+    assert code == 2 and "has no language-model head" in err
+
+
+@pytest.fixture(scope="module")
+def trained_classifier_run(tiny_model_dir, tiny_csv, tmp_path_factory):
+    from peftlab.cli import main
+
+    out = tmp_path_factory.mktemp("cls") / "run"
+    assert (
+        main(
+            [
+                "--no-progress",
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(tiny_csv),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--max-length",
+                "32",
+            ]
+        )
+        == 0
+    )
+    return out
