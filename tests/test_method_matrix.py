@@ -23,6 +23,7 @@ TINY_OPTIONS: dict[str, dict] = {
     "lora": {"r": 4},
     # pruning within the matrix's 4 steps: warm-up 1 step, allocate at step 2, fixed from step 3
     "adalora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "delta_t": 1},
+    "dylora": {"r": 4},
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 
