@@ -56,6 +56,7 @@ def test_each_step_draws_one_rank_for_every_layer_from_the_global_rng():
         ranks = {layer.active_rank for layer in adapter.layers().values()}
         assert len(ranks) == 1
         drawn.append(ranks.pop())
+        hooks.after_backward(step)
         hooks.after_step(step, None, None)
         assert all(layer.active_rank == 4 for layer in adapter.layers().values())  # serving rank between steps
     torch.manual_seed(7)
@@ -76,6 +77,31 @@ def test_which_rows_and_columns_receive_gradients(frozen):
         cols_with_grad = [i for i in range(4) if layer.lora_B.grad[:, i].abs().sum() > 0]
         expected = [2] if frozen else [0, 1, 2]  # never rank 4 (index 3): it is not in use at b = 3
         assert rows_with_grad == expected and cols_with_grad == expected
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_an_optimiser_step_changes_exactly_the_trained_rows_and_columns(frozen):
+    adapter = peftlab.attach(tiny_classifier(), "dylora", r=4, frozen=frozen, targets=["query"])
+    randomise_B(adapter)
+    hooks = DyLoraHooks(adapter, adapter.config)
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    for step, b in enumerate([4, 2, 3]):  # momentum and weight decay from earlier steps would move every row
+        with mock.patch.object(torch, "randint", return_value=torch.tensor(b)):
+            hooks.before_step(step)
+        before = {
+            n: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for n, layer in hooks.layers.items()
+        }
+        adapter.model(TOKENS, labels=torch.tensor([0, 1, 0])).loss.backward()
+        hooks.after_backward(step)
+        optimizer.step()
+        optimizer.zero_grad()
+        hooks.after_step(step, optimizer, None)
+        trained = [b - 1] if frozen else list(range(b))
+        for name, layer in hooks.layers.items():
+            A, B = before[name]
+            changed_rows = [i for i in range(4) if not torch.equal(layer.lora_A[i], A[i])]
+            changed_cols = [i for i in range(4) if not torch.equal(layer.lora_B[:, i], B[:, i])]
+            assert changed_rows == trained and changed_cols == trained, (step, b)
 
 
 def test_serving_rank_is_a_setting_kept_by_save_and_load(tmp_path):

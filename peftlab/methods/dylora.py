@@ -9,12 +9,12 @@ so the first rows of A and columns of B learn to carry the most information, as 
 training a layer uses its serving rank (the config's ``rank``, r by default; ``set_rank(attachment, b)`` changes
 it), and merging adds that truncated update to ``W0``.
 
-Which rows and columns train. The paper writes the update for the newly added b-th row of A and column of B
-(``W_dw^b``, ``W_up^b``), keeping the lower ones fixed during that step, and its reference code offers this
-"frozen" mode next to plain backpropagation through every truncated row and column. We default to the latter
-(``frozen = false``: all of ``A[:b]`` and ``B[:, :b]`` receive gradients), and ``frozen = true`` gives the
-paper's rule: rows and columns below b are detached, so only the b-th receives a gradient (AdamW's momentum and
-weight decay still move the others, as in the reference code).
+Which rows and columns train. The paper's Algorithm 1 updates only "the unique parameters of the selected rank":
+the b-th row of A and the b-th column of B; the lower ones are used in the forward pass but do not change in that
+step. That is the default here (``frozen = true``): rows and columns below b are detached, so only the b-th gets a
+gradient, and after the optimiser step every other row and column is put back as it was, so AdamW's momentum and
+weight decay do not move them either. ``frozen = false`` trains all of ``A[:b]`` and ``B[:, :b]`` instead (plain
+backpropagation through the truncated factors); rows and columns beyond b stay as they were in both modes.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class DyLoraConfig:
         default=None, metadata={"help": "rank used for evaluation, merging and inference, 1..r (default: r)"}
     )
     frozen: bool = field(
-        default=False, metadata={"help": "train only the sampled b-th row of A and column of B (the paper's rule)"}
+        default=True,
+        metadata={"help": "each step trains only the sampled b-th row of A and column of B (the paper); else all <= b"},
     )
     targets: list[str] = field(
         default_factory=lambda: ["all-linear"],
@@ -77,7 +78,7 @@ class DyLoraLinear(AdapterLayer):
         self.alpha = alpha
         self.rank = r if rank is None else rank  # the serving rank
         self.sampled_rank: int | None = None  # this training step's b, set by the hooks
-        self.frozen = False
+        self.frozen = True
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=w.dtype, device=w.device))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=w.dtype, device=w.device))  # (out, r)
@@ -145,21 +146,36 @@ def report_ranks(r: int) -> list[int]:
 
 
 class DyLoraHooks(TrainingHooks):
-    """Draws each step's rank b from the global torch RNG (saved in checkpoints, so a resume draws the same b)."""
+    """Draws each step's rank b from the global torch RNG (saved in checkpoints, so a resume draws the same b) and
+    keeps the rows and columns that step does not train exactly as they were."""
 
     def __init__(self, attachment: Attachment, config: DyLoraConfig):
         self.attachment = attachment
         self.config = config
         self.layers: dict[str, DyLoraLinear] = attachment.layers()
+        self.before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def before_step(self, step: int) -> None:
         b = int(torch.randint(1, self.config.r + 1, ()).item())
         for layer in self.layers.values():
             layer.sampled_rank = b
 
+    def after_backward(self, step: int) -> None:
+        self.before = {
+            name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for name, layer in self.layers.items()
+        }
+
+    @torch.no_grad()
     def after_step(self, step: int, optimizer, scheduler) -> None:
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
+            b = layer.sampled_rank
+            trained = slice(b - 1 if self.config.frozen else 0, b)  # the rows of A / columns of B this step trains
+            A, B = self.before[name]
+            A[trained], B[:, trained] = layer.lora_A[trained], layer.lora_B[:, trained]
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
             layer.sampled_rank = None  # evaluation between steps uses the serving rank
+        self.before = {}
 
     def report(self, evaluate: Callable[[], dict]) -> dict:
         serving = self.config.serving_rank
