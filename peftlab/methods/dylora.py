@@ -150,7 +150,6 @@ class DyLoraHooks(TrainingHooks):
     keeps the rows and columns that step does not train exactly as they were."""
 
     def __init__(self, attachment: Attachment, config: DyLoraConfig):
-        self.attachment = attachment
         self.config = config
         self.layers: dict[str, DyLoraLinear] = attachment.layers()
         self.before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
