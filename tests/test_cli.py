@@ -212,6 +212,7 @@ def test_methods_lists_and_explains(cli):
 @pytest.mark.parametrize(
     "args, message",
     [
+        # the closest name comes first; other registered methods may follow it
         (["train", "--method", "lorra"], "unknown method 'lorra' (did you mean 'lora'"),
         (["train", "--rank", "4"], "unknown option '--rank'"),
         (["train", "--r", "four"], "--r: expected an integer, got 'four'"),

@@ -22,6 +22,11 @@ from peftlab.train.loop import ClassificationTask, TrainSettings, fit
 TINY_OPTIONS: dict[str, dict] = {
     "lora": {"r": 4},
     "qlora": {"r": 4},
+    # pruning within the matrix's 4 steps: warm-up 1 step, allocate at step 2, fixed from step 3
+    "adalora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "delta_t": 1},
+    "dylora": {"r": 4},
+    # one reset (after step 2) within the matrix's 4 steps, so the merged history is saved and loaded
+    "relora": {"r": 4, "reset_every": 2, "restart_warmup": 1},
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 

@@ -9,7 +9,9 @@ parameter names which weights belong to a method; it asks each wrapper through t
 - ``delta_weight()``       -- the change to the pretrained weight the adapter stands for (None if it has none);
 - ``pretrained_weight()``  -- the pretrained weight itself (what accounting compares against);
 - ``merge()`` / ``unmerge()`` -- explicit calls, never hidden inside ``.train()`` or ``.eval()``;
-- ``on_loaded()``          -- called after saved tensors were copied in (to rebuild derived state).
+- ``on_loaded()``          -- called after saved tensors were copied in (to rebuild derived state);
+- ``accepts_buffer_shape()`` -- whether a buffer that grows during training (ReLoRA's merged history) may be
+                              loaded with the shape it was saved with; fixed-shape buffers refuse.
 
 Merging adds the delta into the base weight, after which ``forward`` skips the adapter branch, so a merged model
 runs at the speed of the plain base.
@@ -62,6 +64,12 @@ class AdapterLayer(nn.Module):
 
     def on_loaded(self) -> None:
         """Hook run after saved tensors were copied into this layer; rebuild anything derived from them."""
+
+    def accepts_buffer_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether adapter buffer ``name`` (an attribute of this layer) may be loaded with a saved ``shape`` that
+        differs from its current one. Only buffers whose size changes during training say yes (ReLoRA's merged
+        history); loading then replaces the buffer by one of the saved shape. By default every buffer is fixed."""
+        return False
 
     @torch.no_grad()
     def merge(self) -> None:

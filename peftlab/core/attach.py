@@ -33,7 +33,6 @@ from torch import nn
 from .. import __version__
 from ..errors import InputError, PeftlabError
 from ..fileio import atomic_folder, read_folder, read_json
-from ..methods import Method, config_from_dict, config_to_dict, get_method
 from .adapter import AdapterLayer, adapter_layers, replace_module
 
 FORMAT = "peftlab-adapter"
@@ -314,7 +313,9 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
     """Copy saved tensors into the attachment, checking names and shapes first.
 
     Sparse entries (``<name>::indices`` / ``<name>::values``) are written into the parameter at those positions
-    and set its mask. Every adapter layer's ``on_loaded`` runs afterwards.
+    and set its mask. An adapter buffer saved with another shape is replaced by one of that shape when its layer
+    accepts it (``accepts_buffer_shape``: buffers that grow in training). Every adapter layer's ``on_loaded`` runs
+    afterwards.
     """
     state = attachment.state()
     sparse = {k[: -len("::indices")] for k in tensors if k.endswith("::indices")}
@@ -326,13 +327,18 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
         raise InputError(
             f"{source}: tensors do not fit the adapter ({what}; {len(missing)} missing, {len(unexpected)} unexpected)"
         )
+    grown = _grown_buffers(attachment, tensors)
     for k, p in state.items():
         if k in sparse:
             indices, values = tensors[f"{k}::indices"], tensors.get(f"{k}::values")
             if values is None or values.shape != indices.shape or (len(indices) and int(indices.max()) >= p.numel()):
                 raise InputError(f"{source}: sparse tensor {k!r} has inconsistent indices and values")
-        elif tuple(tensors[k].shape) != tuple(p.shape):
+        elif tuple(tensors[k].shape) != tuple(p.shape) and k not in grown:
             raise InputError(f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}")
+    for key, (layer, bname) in grown.items():
+        setattr(layer, bname, getattr(layer, bname).new_zeros(tensors[key].shape))
+    if grown:
+        state = attachment.state()
     with torch.no_grad():
         for k, p in state.items():
             if k in sparse:
@@ -347,6 +353,17 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
         layer.on_loaded()
 
 
+def _grown_buffers(attachment: Attachment, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[AdapterLayer, str]]:
+    """Adapter buffers saved with another shape that their layer accepts (buffers that grow during training)."""
+    grown = {}
+    for name, layer in attachment.layers().items():
+        for bname, buffer in layer.adapter_buffers().items():
+            saved = tensors.get(f"{name}.{bname}")
+            if saved is not None and saved.shape != buffer.shape and layer.accepts_buffer_shape(bname, saved.shape):
+                grown[f"{name}.{bname}"] = (layer, bname)
+    return grown
+
+
 def load_adapter(model: nn.Module, path: str | Path) -> Attachment:
     """Attach the adapter saved in ``path`` to ``model`` (which must be the same base it was trained on)."""
     folder, meta = read_adapter_meta(path)
@@ -359,3 +376,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> Attachment:
         raise InputError(f"{source}: the config selects other modules than the adapter was saved with")
     load_state(attachment, read_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
     return attachment
+
+
+# Imported last: importing the method registry imports every method module, and a method module may import the
+# core while it registers (a TrainingHooks subclass, a Hugging Face PEFT converter); by now this module is complete.
+from ..methods import Method, config_from_dict, config_to_dict, get_method  # noqa: E402
