@@ -212,7 +212,7 @@ def test_methods_lists_and_explains(cli):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--method", "lorra"], "unknown method 'lorra' (did you mean 'lora'?)"),
+        (["train", "--method", "lorra"], "unknown method 'lorra' (did you mean 'lora'"),
         (["train", "--rank", "4"], "unknown option '--rank'"),
         (["train", "--r", "four"], "--r: expected an integer, got 'four'"),
         (["train", "--r", "0", "--data", "missing.csv"], "r: expected a positive integer, got 0"),
