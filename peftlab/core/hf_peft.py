@@ -10,14 +10,26 @@ module name, first match winning.
 Both directions keep the numbers exact: the same tensors, the same scaling (alpha / r, or alpha / sqrt(r) with
 ``use_rslora``), so outputs agree to float rounding.
 
+PiSSA / MiLoRA adapters (whose layers subtract a frozen initial product ``B0 A0``) are written as a plain LoRA of
+rank 2r, ``[B, -B0] [A; A0]``, with alpha doubled (times sqrt(2) with rsLoRA) so the scaling is unchanged -- the
+form PEFT itself writes when it converts a PiSSA adapter -- so it loads onto the unmodified pretrained base. A PEFT
+adapter saved with ``init_lora_weights="pissa"`` (unconverted) expects PEFT to redo the SVD of the base when it
+loads; the importer does the same. Other initialisations that change the base (OLoRA, CorDA, LoftQ, LoRA-GA,
+randomised PiSSA) are refused by name.
+
 Other methods with a PEFT counterpart add their converters to ``EXPORTERS`` (by peftlab method name) and
 ``IMPORTERS`` (by PEFT kind: the ``peft_type``, or ``"LORA+DORA"`` for a LoRA config with ``use_dora``) from
-their own module; ``export_hf`` and ``import_hf`` dispatch on them.
+their own module; ``export_hf`` and ``import_hf`` dispatch on them. ``export_lora`` and ``import_lora`` are the
+LoRA converters, for LoRA variants to build on.
+
+This module imports ``attach`` as a module (not its names) so that a method module, imported while ``attach`` itself
+is still loading (``attach`` imports the method registry), can import this one to register its converters.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +42,7 @@ from torch import nn
 from ..errors import InputError
 from ..fileio import atomic_folder, read_json
 from ..methods.lora import LoraConfig
+from ..methods.registry import get_method
 
 # The module, not its names: a method's own file registers its converters here while attach.py is still loading
 # (attach imports the methods package, which imports every method file).
@@ -130,23 +143,32 @@ def head_tensors(attachment: Attachment) -> dict[str, torch.Tensor]:
     return {key: state[key] for key in attachment.initial}
 
 
-def _export_lora(attachment: Attachment) -> tuple[dict, dict[str, torch.Tensor]]:
+def export_lora(attachment: Attachment) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A LoRA attachment (or a LoRA variant's: its config is a ``LoraConfig``) as PEFT LoRA fields and tensors."""
     config: LoraConfig = attachment.config
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     layers = attachment.layers()
+    # PiSSA / MiLoRA become a rank-2r LoRA [B, -B0] [A; A0]; alpha grows so that the scaling stays the same.
+    initial_product = config.init in ("pissa", "milora")
+    rank_factor = 2 if initial_product else 1
+    alpha_factor = (math.sqrt(2) if config.rslora else 2.0) if initial_product else 1.0
     for name, layer in layers.items():
         r, alpha = config.rank_and_alpha(name)
-        tensors[f"{name}.lora_A.weight"] = layer.lora_A
-        tensors[f"{name}.lora_B.weight"] = layer.lora_B
+        A, B = layer.lora_A, layer.lora_B  # (r, in), (out, r)
+        if initial_product:
+            A = torch.cat([A, layer.lora_A0], dim=0)  # (2r, in)
+            B = torch.cat([B, -layer.lora_B0], dim=1)  # (out, 2r)
+        tensors[f"{name}.lora_A.weight"] = A
+        tensors[f"{name}.lora_B.weight"] = B
         if r != config.r:
-            rank_pattern[re.escape(name)] = r
+            rank_pattern[re.escape(name)] = r * rank_factor
         if alpha != config.alpha:
-            alpha_pattern[re.escape(name)] = alpha
+            alpha_pattern[re.escape(name)] = alpha * alpha_factor
     tensors.update(head_tensors(attachment))
     fields = {
         "peft_type": "LORA",
-        "r": config.r,
-        "lora_alpha": config.alpha,
+        "r": config.r * rank_factor,
+        "lora_alpha": config.alpha * alpha_factor,
         "lora_dropout": config.dropout,
         "use_rslora": config.rslora,
         "target_modules": list(layers),
@@ -193,14 +215,55 @@ def split_lora_tensors(
     return lora, rest
 
 
-def _import_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], weights: Path) -> Attachment:
+# PEFT initialisations that leave the base weights as they were: the saved A and B are all there is to load.
+PLAIN_INITS = {
+    True: "kaiming",
+    False: "kaiming",
+    "gaussian": "gaussian",
+    "eva": "kaiming",
+    "orthogonal": "kaiming",
+    "mica": "kaiming",
+}
+
+
+def lora_init(cfg: dict, source: Path) -> str:
+    """peftlab's ``init`` for a PEFT ``init_lora_weights``: "pissa" (the base is changed by an exact SVD, which
+    peftlab redoes), a plain init, or an InputError for an init that changes the base in a way peftlab cannot redo."""
+    value = cfg.get("init_lora_weights", True)
+    if value == "pissa":
+        return "pissa"
+    if isinstance(value, (bool, str)) and value in PLAIN_INITS:
+        return PLAIN_INITS[value]
+    raise InputError(
+        f"{source}: init_lora_weights {value!r} changes the base weights when PEFT loads the adapter, which "
+        "peftlab cannot redo; convert it to a plain LoRA first "
+        "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+    )
+
+
+def import_lora(
+    model: nn.Module,
+    cfg: dict,
+    tensors: dict[str, torch.Tensor],
+    weights: Path,
+    method: str = "lora",
+    extra: dict[str, str] | None = None,
+) -> Attachment:
+    """Attach a PEFT LoRA adapter as ``method`` (LoRA or a variant whose config is a ``LoraConfig``).
+
+    ``extra`` maps further per-module PEFT tensors ``<module>.lora_<X>`` to the variant's own parameter names (DoRA:
+    ``{"magnitude_vector": "magnitude"}``).
+    """
+    extra = extra or {}
     for key, what in UNSUPPORTED.items():
         if cfg.get(key):
             raise InputError(f"{weights.parent / HF_CONFIG}: {key} is set; peftlab's LoRA does not implement {what}")
-    lora, rest = split_lora_tensors(tensors, weights, model)
-    for name, pair in lora.items():
-        if set(pair) != {"A", "B"}:
-            raise InputError(f"{weights}: module {name!r} has lora_{next(iter(pair))} without its partner")
+    init = lora_init(cfg, weights.parent / HF_CONFIG)
+    lora, rest = split_lora_tensors(tensors, weights, model, extra=tuple(extra))
+    for name, group in lora.items():
+        lacking = sorted({"A", "B", *extra} - set(group))
+        if lacking:
+            raise InputError(f"{weights}: module {name!r} has no lora_{lacking[0]} tensor")
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = {}, {}
     for name, pair in lora.items():
@@ -211,19 +274,23 @@ def _import_lora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], 
         if a_i != alpha:
             alpha_pattern[name] = a_i
     heads = head_modules(rest, cfg.get("modules_to_save") or [], model, weights)
-    config = LoraConfig(
+    config = get_method(method).config(
         r=r,
         alpha=alpha,
         dropout=float(cfg.get("lora_dropout", 0.0)),
         rslora=bool(cfg.get("use_rslora", False)),
+        init=init,
         targets=list(lora),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
-    attachment = attaching.attach(model, "lora", config, trainable_modules=heads)
-    ours = {}
-    for name, pair in lora.items():
-        ours[f"{name}.lora_A"], ours[f"{name}.lora_B"] = pair["A"], pair["B"]
+    attachment = attaching.attach(model, method, config, trainable_modules=heads)
+    # PiSSA's frozen initial factors come from the SVD of this base, as PEFT recomputes them on loading.
+    ours = {k: v for k, v in attachment.state().items() if k.endswith((".lora_A0", ".lora_B0"))}
+    for name, group in lora.items():
+        ours[f"{name}.lora_A"], ours[f"{name}.lora_B"] = group["A"], group["B"]
+        for theirs, own in extra.items():
+            ours[f"{name}.{own}"] = group[theirs]
     attaching.load_state(attachment, ours | rest, weights)
     return attachment
 
@@ -247,5 +314,5 @@ def head_modules(
     return heads
 
 
-EXPORTERS["lora"] = _export_lora
-IMPORTERS["LORA"] = _import_lora
+EXPORTERS["lora"] = export_lora
+IMPORTERS["LORA"] = import_lora

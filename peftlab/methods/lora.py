@@ -1,4 +1,5 @@
-"""LoRA: low-rank adaptation (Hu et al., 2021, https://arxiv.org/abs/2106.09685), with rsLoRA scaling.
+"""LoRA: low-rank adaptation (Hu et al., 2021, https://arxiv.org/abs/2106.09685), with rsLoRA scaling and the
+PiSSA / MiLoRA initialisations.
 
 A frozen linear layer ``h = W0 x + b`` gains a trainable low-rank update::
 
@@ -8,6 +9,26 @@ with ``s = alpha / r``, or ``s = alpha / sqrt(r)`` with rsLoRA (Kalajdzievski, 2
 https://arxiv.org/abs/2312.03732), which keeps the update's scale stable as r grows. A is initialised
 Kaiming-uniform (as ``nn.Linear`` is) or Gaussian with std 1/r. Merging adds ``s * B @ A`` into ``W0``; the merged
 layer is a plain linear layer again and the weight difference has rank at most r.
+
+PiSSA (Meng, Wang & Zhang, 2024, https://arxiv.org/abs/2404.02948) starts A and B from the r *principal* singular
+components of ``W0 = U S V^T``, MiLoRA (Wang et al., 2024, https://arxiv.org/abs/2406.09044) from the r *minor*
+ones (smallest singular values)::
+
+    A0 = sqrt(S_r / s) V_r^T,   B0 = U_r sqrt(S_r / s),   so  s * B0 A0 = U_r S_r V_r^T
+
+and the layer computes::
+
+    h = W0 x + b + s * (B A - B0 A0) x          (A = A0, B = B0 at the start, so h is unchanged at step 0)
+
+The papers instead store the residual ``W0 - s B0 A0`` in the base layer and run plain LoRA on it. Both compute the
+same function; we keep ``W0`` untouched and subtract the frozen initial product ``B0 A0`` (saved with the adapter as
+buffers ``lora_A0`` / ``lora_B0``) because then the model under the adapter is always the pretrained one: the
+adapter loads onto a fresh pretrained base exactly, with no SVD recomputed (an SVD may differ between machines and
+libraries), ``unload()`` without merging returns the pretrained model rather than a crippled residual, and the
+weight difference and changed-parameter count are measured against the real pretrained weights. The cost: one more
+rank-r product per forward pass while unmerged (small beside ``W0 x``), and the adapter file holds A0 and B0 as
+well. Merging adds ``s (B A - B0 A0)``, a difference of rank at most 2r. Dropout acts on the input of ``B A`` only:
+``B0 A0`` stands for part of the base and sees the undropped input, as it would inside a residual base layer.
 """
 
 from __future__ import annotations
@@ -33,7 +54,13 @@ class LoraConfig:
     alpha: float = field(default=16.0, metadata={"help": "scale numerator: the update is multiplied by alpha / r"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input (0 skips the op)"})
     rslora: bool = field(default=False, metadata={"help": "scale by alpha / sqrt(r) instead of alpha / r"})
-    init: Literal["kaiming", "gaussian"] = field(default="kaiming", metadata={"help": "initialisation of A"})
+    init: Literal["kaiming", "gaussian", "pissa", "milora"] = field(
+        default="kaiming",
+        metadata={
+            "help": "initialisation: kaiming or gaussian A with B = 0; pissa or milora: A and B from the r largest "
+            "or smallest singular components of W (their initial product is subtracted, so outputs start unchanged)"
+        },
+    )
     targets: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={"help": "module name patterns to adapt (glob over names; 'all-linear' = every linear layer)"},
@@ -61,8 +88,22 @@ class LoraConfig:
         return r, a
 
 
+def singular_factors(
+    weight: torch.Tensor, r: int, scaling: float, minor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's A0 (r, in) and B0 (out, r) from the r largest (or, for MiLoRA, smallest) singular components of
+    ``weight``, split evenly so that ``scaling * B0 @ A0 = U_r S_r V_r^T``. The SVD runs in float32."""
+    U, S, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)  # (out, k), (k,), (k, in)
+    keep = slice(len(S) - r, len(S)) if minor else slice(0, r)
+    root = torch.sqrt(S[keep] / scaling)  # (r,)
+    A0 = root[:, None] * Vh[keep]  # (r, in)
+    B0 = U[:, keep] * root  # (out, r)
+    return A0.to(weight.dtype), B0.to(weight.dtype)
+
+
 class LoraLinear(AdapterLayer):
-    """``base(x) + scaling * B(A(dropout(x)))`` around a frozen ``nn.Linear``."""
+    """``base(x) + scaling * (B(A(dropout(x))) - B0(A0(x)))`` around a frozen ``nn.Linear`` (``B0 A0`` only for
+    PiSSA / MiLoRA; the other initialisations leave it out)."""
 
     def __init__(
         self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, init: str = "kaiming"
@@ -74,7 +115,17 @@ class LoraLinear(AdapterLayer):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=device))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=device))  # (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if init == "gaussian":
+        # The frozen initial factors of PiSSA / MiLoRA (None for the other initialisations).
+        self.register_buffer("lora_A0", None)
+        self.register_buffer("lora_B0", None)
+        if init in ("pissa", "milora"):
+            A0, B0 = singular_factors(self.pretrained_weight(), r, self.scaling, minor=init == "milora")
+            A0, B0 = A0.to(dtype), B0.to(dtype)
+            with torch.no_grad():
+                self.lora_A.copy_(A0)
+                self.lora_B.copy_(B0)
+            self.lora_A0, self.lora_B0 = A0, B0
+        elif init == "gaussian":
             nn.init.normal_(self.lora_A, std=1 / r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -83,7 +134,21 @@ class LoraLinear(AdapterLayer):
         out = self.base(x)  # (..., out)
         if self.merged:
             return out
-        return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return out + self.lora_output(x, self.dropout(x))
+
+    def lora_output(self, x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """The update's contribution ``s * (B A dropped - B0 A0 x)``, (..., out); ``dropped`` is x after dropout."""
+        out = F.linear(F.linear(dropped, self.lora_A), self.lora_B)  # (..., out)
+        if self.lora_A0 is not None:
+            out = out - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+        return out * self.scaling
+
+    def lora_weight(self) -> torch.Tensor:
+        """The low-rank update as a matrix, ``s * (B A - B0 A0)``, (out, in)."""
+        product = self.lora_B @ self.lora_A
+        if self.lora_A0 is not None:
+            product = product - self.lora_B0 @ self.lora_A0
+        return product * self.scaling
 
     def factor_dtype_and_device(self) -> tuple[torch.dtype, torch.device]:
         """Where the factors live: the base weight's dtype and device (a base without ``.weight`` overrides this)."""
@@ -92,8 +157,13 @@ class LoraLinear(AdapterLayer):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
+    def adapter_buffers(self) -> dict[str, torch.Tensor]:
+        if self.lora_A0 is None:
+            return {}
+        return {"lora_A0": self.lora_A0, "lora_B0": self.lora_B0}
+
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+        return self.lora_weight()  # (out, in)
 
 
 def select_layers(model: nn.Module, config: LoraConfig, protected: Sequence[str] = ()) -> list[tuple[str, int, float]]:
@@ -112,11 +182,14 @@ def select_layers(model: nn.Module, config: LoraConfig, protected: Sequence[str]
     return selected
 
 
-def apply(model: nn.Module, config: LoraConfig, protected: Sequence[str] = ()) -> list[str]:
+def apply(
+    model: nn.Module, config: LoraConfig, protected: Sequence[str] = (), layer_class: type[LoraLinear] = LoraLinear
+) -> list[str]:
+    """Wrap every target ``nn.Linear`` in ``layer_class`` (LoRA's own layer, or a variant such as DoRA's)."""
     selected = select_layers(model, config, protected)
     for name, r, alpha in selected:
         base = model.get_submodule(name)
-        replace_module(model, name, LoraLinear(base, r, alpha, config.dropout, config.rslora, config.init))
+        replace_module(model, name, layer_class(base, r, alpha, config.dropout, config.rslora, config.init))
     return [name for name, _, _ in selected]
 
 
