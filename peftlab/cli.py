@@ -150,7 +150,10 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", default=None)
     pre.add_argument("--method", default=None)
+    pre.add_argument("--nproc", type=int, default=None)
     known, _ = pre.parse_known_args(argv)
+    if known.nproc is not None:
+        return launch_processes(known.nproc, argv)
     file_values: dict[str, Any] = {}
     source = "command line"
     if known.resume:
@@ -164,6 +167,7 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
     parser = _Parser(prog="peftlab train", description="Fine-tune a pretrained model with one method.")
     parser.add_argument("--config", help="TOML, YAML or JSON file of options (flags override it)")
     parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    parser.add_argument("--nproc", type=int, metavar="N", help="data-parallel: run N processes with torchrun")
     _add_fields(parser.add_argument_group("run"), RunOptions)
     _add_fields(parser.add_argument_group("training"), TrainSettings)
     _add_fields(parser.add_argument_group(f"method {method.name}"), method.config)
@@ -182,9 +186,49 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
             raise InputError(f"--resume continues a run with its saved configuration; drop {_flag(extra[0])}")
         cli["out"] = str(known.resume)
     options, settings, method_config = split_config({**file_values, **cli}, source)
+    import os
+
     results = run_training(options, settings, method_config, resume=bool(known.resume), show_progress=show_progress)
-    print_results(results)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process prints
+        print_results(results)
     return 0
+
+
+def launch_processes(nproc: int, argv: list[str]) -> int:
+    """``peftlab train --nproc N ...``: the same command under ``torchrun --standalone --nproc_per_node N`` on this
+    machine (data-parallel; for several machines call torchrun yourself, see the README)."""
+    import os
+    import subprocess
+
+    if nproc < 1:
+        raise InputError(f"--nproc: expected a positive integer, got {nproc}")
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        rest.append(arg)
+    prefix = [a for a in sys.argv[1 : sys.argv.index("train")] if a != "--debug"] if "train" in sys.argv else []
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "peftlab.launch",
+    ]
+    env = {
+        **os.environ,
+        "PEFTLAB_ARGV": json.dumps([*prefix, "train", *rest]),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    return subprocess.call(command, env=env)
 
 
 def load_run_config(run: str, load_run) -> tuple[Path, dict]:
@@ -533,7 +577,12 @@ def main(argv: list[str] | None = None) -> int:
             set_cache_dir(glob.cache_dir)
         if "--debug" in rest:
             rest.remove("--debug")
-        return COMMANDS[glob.command](rest, show_progress=not glob.no_progress and sys.stderr.isatty())
+        try:
+            return COMMANDS[glob.command](rest, show_progress=not glob.no_progress and sys.stderr.isatty())
+        finally:
+            from .train.distributed import shutdown
+
+            shutdown()
     except PeftlabError as e:
         if debug:
             raise

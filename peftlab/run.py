@@ -39,6 +39,7 @@ from .evaluate.generation import generate, score
 from .fileio import read_json, remove_stale_temporaries, write_json
 from .methods import config_to_dict, get_method
 from .models import load_causal_lm, load_classifier, load_tagger, load_tokenizer, resolve_model
+from .train.distributed import from_environment, shard_model
 from .train.lm_task import LanguageModelTask
 from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit, make_hooks
 from .train.tag_task import TaggingTask
@@ -71,6 +72,10 @@ class RunOptions:
         default=64, metadata={"help": "sft: test conversations answered by generation at the end (0: none)"}
     )
     max_new_tokens: int = field(default=48, metadata={"help": "sft: longest generated reply at evaluation"})
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "with several processes: shard the model across them (FSDP2) instead of copying it"},
+    )
 
     def __post_init__(self):
         require(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
@@ -278,15 +283,21 @@ def run_training(
     wall_start = time.perf_counter()
     if options.threads:
         torch.set_num_threads(options.threads)
-    device = pick_device(options.device)
+    dist, dist_device = from_environment(options.device)  # torchrun's process group, if launched by it
+    device = dist_device or pick_device(options.device)
+    if options.fsdp and not dist.enabled:
+        raise InputError("fsdp: shards the model across processes; start several with --nproc N or torchrun")
     method = get_method(options.method)
     out = Path(options.out) if options.out else default_out(options)
+    if dist.enabled and not options.out:
+        out = Path(dist.broadcast(str(out)))  # one folder for every process
     if not resume and out.exists() and any(out.iterdir()):
         raise InputError(
             f"{out}: run folder already exists and is not empty (continue it with --resume {out}, "
             "or choose another --out)"
         )
-    if resume:
+    dist.barrier()  # every process checked the folder before rank 0 writes into it
+    if resume and dist.main:
         remove_stale_temporaries(out)
     prepared = prepare_data(options, quiet=not show_progress)
     model = build_model(options, prepared, settings.seed)
@@ -300,12 +311,17 @@ def run_training(
     else:
         attachment = attach(model, method, method_config)
     model.to(device)
+    if options.fsdp:
+        shard_model(model)
+        dist = dataclasses.replace(dist, sharded=True)
     lr = settings.lr if settings.lr is not None else method.lr
-    write_json(out / "config.json", flat_config(options, settings, attachment.config))
+    if dist.main:
+        write_json(out / "config.json", flat_config(options, settings, attachment.config))
     meta = task_meta(options, prepared)
 
     def save_best(metrics: dict, step: int) -> None:
-        attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step})
+        if dist.main or dist.sharded:  # sharded tensors are gathered by every process; rank 0 writes
+            attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step}, write=dist.main)
 
     task = make_task(prepared)
     hooks = make_hooks(attachment, settings)
@@ -322,17 +338,26 @@ def run_training(
         resume=resume,
         show_progress=show_progress,
         hooks=hooks,
+        dist=dist,
     )
+    dist.barrier()  # rank 0 has written the best adapter; every process loads it
     load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
     autocast = autocast_for(settings.precision, device)
-    test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast)
-    generated = generation_metrics(options, prepared, model, settings.eval_batch_size)
+    evaluation = dist.for_evaluation
+    test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast, evaluation)
+    generating = dist.main or dist.sharded  # under FSDP every process must take part in every forward pass
+    generated = generation_metrics(options, prepared, model, settings.eval_batch_size) if generating else {}
     test.update({k: v for k, v in generated.pop("test", {}).items()})
     method_report = hooks.report(
-        lambda: task.evaluate(model, prepared.splits["validation"], settings.eval_batch_size, device, autocast)
+        lambda: task.evaluate(
+            model, prepared.splits["validation"], settings.eval_batch_size, device, autocast, evaluation
+        )
     )
-    counts = parameter_counts(attachment)
-    ranks = delta_ranks(attachment)
+    accounted = attachment
+    if dist.sharded:  # count on a whole (unsharded) copy: the base plus the adapter rank 0 wrote
+        accounted = load_adapter(build_model(options, prepared, settings.seed), out / "adapter")
+    counts = parameter_counts(accounted)
+    ranks = delta_ranks(accounted)
     if ranks:
         counts["delta_rank"] = rank_summary(ranks)
     memory, memory_source = peak_memory()
@@ -364,8 +389,11 @@ def run_training(
         "machine": machine(),
         "device": str(device),
         "run_dir": str(out),
+        "processes": dist.world,
     }
-    write_json(out / "results.json", results)
+    if dist.main:
+        write_json(out / "results.json", results)
+    dist.barrier()
     return results
 
 

@@ -114,8 +114,8 @@ def train(prepared, folder, steps, crash_after=None, resume=False, hooks_factory
     settings = TrainSettings(max_steps=steps, batch_size=8, lr=1e-2, warmup=0, checkpoint_every=3, seed=0)
     save = loop.save_checkpoint
 
-    def save_then_crash(path, attachment, optimizer, scheduler, state, *rest):
-        save(path, attachment, optimizer, scheduler, state, *rest)
+    def save_then_crash(path, attachment, optimizer, scheduler, state, *rest, **kw):
+        save(path, attachment, optimizer, scheduler, state, *rest, **kw)
         if state["step"] == crash_after:
             raise KeyboardInterrupt
 

@@ -67,8 +67,8 @@ def test_an_interrupted_run_resumes_bit_for_bit(tiny_model_dir, tiny_csv, tmp_pa
 
     original = loop.save_checkpoint
 
-    def crash_after_step_15(path, attachment, optimizer, scheduler, state, *rest):
-        original(path, attachment, optimizer, scheduler, state, *rest)
+    def crash_after_step_15(path, attachment, optimizer, scheduler, state, *rest, **kw):
+        original(path, attachment, optimizer, scheduler, state, *rest, **kw)
         if state["step"] == 15:
             raise KeyboardInterrupt
 

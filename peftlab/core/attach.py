@@ -122,7 +122,7 @@ class Attachment:
         """``state()`` as written to disk: masked base parameters become sparse ``::indices`` / ``::values``."""
         out = {}
         for key, value in self.state().items():
-            value = value.detach().to("cpu")
+            value = full_tensor(value.detach()).to("cpu")
             if key in self.masks:
                 indices = torch.nonzero(self.masks[key].reshape(-1).to("cpu")).reshape(-1)
                 out[f"{key}::indices"] = indices
@@ -188,9 +188,14 @@ class Attachment:
             replace_module(self.model, name, layer.base)
         return self.model
 
-    def save(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Write the adapter folder (atomically: a reader sees the old folder or the complete new one)."""
+    def save(self, path: str | Path, extra: dict | None = None, write: bool = True) -> Path:
+        """Write the adapter folder (atomically: a reader sees the old folder or the complete new one).
+
+        Under sharded data parallelism every process calls this (gathering the full tensors is collective) and only
+        the one with ``write=True`` writes, so the saved adapter is always complete."""
         tensors = self.saved_tensors()
+        if not write:
+            return Path(path)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -207,6 +212,20 @@ class Attachment:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return path
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded DTensor (FSDP) is gathered from every process (collective), others pass."""
+    return t.full_tensor() if hasattr(type(t), "full_tensor") else t
+
+
+def shard_like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor read from a file) laid out like ``target``: sharded again if ``target`` is."""
+    if hasattr(type(target), "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements)
+    return value.to(target.dtype)
 
 
 def attach(
@@ -348,7 +367,7 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
                 attachment.masks[k] = mask.reshape(p.shape)
                 p.reshape(-1)[indices] = tensors[f"{k}::values"].to(p.device, p.dtype)
             else:
-                p.copy_(tensors[k].to(p.dtype))
+                p.copy_(shard_like(tensors[k], p))
     for layer in attachment.layers().values():
         layer.on_loaded()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..core.attach import Attachment, load_state, read_tensors
+from ..core.attach import Attachment, full_tensor, load_state, read_tensors, shard_like
 from ..errors import InputError
 from ..fileio import atomic_folder, read_folder, read_json
 
@@ -28,12 +28,20 @@ TRAINER = "trainer.json"
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous().clone()
+    return full_tensor(t.detach()).to("cpu").contiguous().clone()
 
 
 def save_checkpoint(
-    path: Path, attachment: Attachment, optimizer: torch.optim.Optimizer, scheduler, trainer_state: dict, hooks=None
+    path: Path,
+    attachment: Attachment,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    trainer_state: dict,
+    hooks=None,
+    write: bool = True,
 ) -> None:
+    """Write a checkpoint; under sharded data parallelism every process calls this (gathering is collective) and only
+    the one with ``write=True`` writes."""
     tensors = {f"model.{k}": v for k, v in attachment.saved_tensors().items()}
     if hooks is not None:
         tensors.update({f"hooks.{k}": _cpu(v) for k, v in hooks.state_dict().items()})
@@ -45,6 +53,8 @@ def save_checkpoint(
                 tensors[f"optimizer.{index}.{key}"] = _cpu(value)
             else:
                 scalars.setdefault(str(index), {})[key] = value.item() if torch.is_tensor(value) else value
+    if not write:
+        return
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -84,6 +94,11 @@ def load_checkpoint(
         for name, value in scalars.items():
             # AdamW keeps its step count as a float tensor; restore it as one.
             opt_state.setdefault(int(index), {})[name] = torch.tensor(float(value)) if name == "step" else value
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in opt_state.items():  # sharded parameters get sharded optimiser state
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.ndim > 0 and index < len(params):
+                values[name] = shard_like(value, params[index])
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.cpu"])

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.lm import IGNORE, LMEncoded
+from .distributed import SINGLE, Distributed
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -32,10 +33,10 @@ class LanguageModelTask:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def evaluate(self, model, data: LMEncoded, batch_size: int, device, autocast) -> dict:
+    def evaluate(self, model, data: LMEncoded, batch_size: int, device, autocast, dist: Distributed = SINGLE) -> dict:
         was_training = model.training
         model.eval()
-        order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+        order = sorted(dist.shard(list(range(len(data)))), key=lambda i: len(data.input_ids[i]))
         total, count = 0.0, 0
         for start in range(0, len(order), batch_size):
             batch = data.batch(order[start : start + batch_size], device)
@@ -44,5 +45,7 @@ class LanguageModelTask:
             total += float(loss_sum)
             count += n
         model.train(was_training)
+        parts = dist.gather((total, count))  # every process's share, on every process
+        total, count = sum(t for t, _ in parts), sum(c for _, c in parts)
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "examples": len(data)}

@@ -39,6 +39,7 @@ from ..data.batches import Encoded
 from ..errors import PeftlabError, require
 from ..evaluate.metrics import classification_metrics
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import SINGLE, Distributed
 from .hooks import TrainContext, TrainingHooks
 
 
@@ -100,13 +101,15 @@ class ClassificationTask:
         return F.cross_entropy(logits.float(), batch["labels"])
 
     @torch.no_grad()
-    def evaluate(self, model, data: Encoded, batch_size: int, device, autocast) -> dict:
+    def evaluate(self, model, data: Encoded, batch_size: int, device, autocast, dist: Distributed = SINGLE) -> dict:
+        """Metrics over all of ``data``; under data parallelism each process scores its shard and all gather."""
         if len(data) == 0:
             return classification_metrics([], [], self.num_labels)
         was_training = model.training
         model.eval()
-        order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))  # less padding per batch
-        predictions = [0] * len(data)
+        mine = dist.shard(list(range(len(data))))
+        order = sorted(mine, key=lambda i: len(data.input_ids[i]))  # less padding per batch
+        predictions: dict[int, int] = {}
         total_loss = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -114,10 +117,13 @@ class ClassificationTask:
             with autocast():
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            for i, p in zip(idx, logits.argmax(-1).tolist(), strict=True):
-                predictions[i] = p
+            predictions.update(zip(idx, logits.argmax(-1).tolist(), strict=True))
         model.train(was_training)
-        metrics = classification_metrics(data.labels, predictions, self.num_labels)
+        parts = dist.gather((predictions, total_loss))  # every process's share, on every process
+        predictions = {i: p for part, _ in parts for i, p in part.items()}
+        total_loss = sum(loss for _, loss in parts)
+        ordered = [predictions[i] for i in range(len(data))]
+        metrics = classification_metrics(data.labels, ordered, self.num_labels)
         metrics["loss"] = total_loss / len(data)
         return metrics
 
@@ -172,6 +178,7 @@ def fit(
     resume: bool = False,
     show_progress: bool = True,
     hooks: TrainingHooks | None = None,
+    dist: Distributed = SINGLE,
 ) -> FitResult:
     model = attachment.model
     model.train()
@@ -225,7 +232,7 @@ def fit(
         return orders[epoch]
 
     params = attachment.trainable_parameters()
-    with _progress(show_progress) as bar:
+    with _progress(show_progress and dist.main) as bar:
         job = bar.add_task("train", total=total, completed=state["step"], info="")
         while state["step"] < total:
             step = state["step"]
@@ -233,18 +240,35 @@ def fit(
             chunk = epoch_order(epoch)[position * per_step : (position + 1) * per_step]
             started = time.perf_counter()
             hooks.before_step(step)
+            # This process's share of the step; a process left without examples still takes part in the
+            # gradient exchange, with one example weighted zero.
+            share = dist.shard(chunk)
+            weight = 1 / len(chunk) if share else 0.0  # summed over processes: the single-process mean
+            if dist.sharded:
+                weight *= dist.world  # FSDP averages gradients over processes instead of summing them
+            micro = [share[k : k + settings.batch_size] for k in range(0, len(share), settings.batch_size)]
+            if dist.sharded:  # every process makes the same number of passes (FSDP gathers weights in each)
+                passes = math.ceil(math.ceil(len(chunk) / dist.world) / settings.batch_size)
+                micro += [None] * (passes - len(micro))  # extra passes weigh zero
             step_loss = 0.0
-            for k in range(0, len(chunk), settings.batch_size):
-                idx = chunk[k : k + settings.batch_size]
+            for idx in micro:
+                scale = weight
+                if idx is None:  # a zero-weight pass that keeps the processes in step
+                    idx, scale = chunk[:1], 0.0
                 batch = train.batch(idx, device)
                 loss = batch_loss(batch)
-                if not torch.isfinite(loss):
+                if not dist.enabled and not torch.isfinite(loss):
                     _diverged(f"loss is {loss.item()}", step, checkpoint_dir)
                 penalty = hooks.penalty()
                 objective = loss if penalty is None else loss + penalty
-                (objective * (len(idx) / len(chunk))).backward()
-                step_loss += loss.item() * len(idx) / len(chunk)
-                state["tokens"] += int(batch["attention_mask"].sum())
+                (objective * (len(idx) * scale)).backward()
+                step_loss += loss.item() * len(idx) * scale / (dist.world if dist.sharded else 1)
+            if not dist.sharded:
+                dist.sum_gradients(params)  # only what trains is exchanged (FSDP exchanges them itself)
+            step_loss = dist.all_sum(step_loss)
+            if not math.isfinite(step_loss):
+                _diverged(f"loss is {step_loss}", step, checkpoint_dir)
+            state["tokens"] += sum(len(train.input_ids[i]) for i in chunk)
             hooks.after_backward(step)
             attachment.mask_gradients()
             if settings.max_grad_norm > 0:
@@ -266,7 +290,9 @@ def fit(
 
             epoch_end = step % steps_per_epoch == 0 or step == total
             if epoch_end:
-                metrics = task.evaluate(model, validation, settings.eval_batch_size, device, autocast)
+                metrics = task.evaluate(
+                    model, validation, settings.eval_batch_size, device, autocast, dist.for_evaluation
+                )
                 entry = {
                     "step": step,
                     "epoch": round(step / steps_per_epoch, 3),
@@ -280,12 +306,15 @@ def fit(
                 if best is None or better(metrics[metric], best[metric], metric):
                     state["best"], state["best_step"] = metrics, step
                     on_best(metrics, step)
-                bar.console.print(
-                    f"epoch {entry['epoch']:g}  step {step}  train loss {entry['train_loss']:.4f}  "
-                    f"validation {metric} {metrics[metric]:.4f}" + ("  (best)" if state["best_step"] == step else "")
-                )
-            if epoch_end or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
-                save_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, state, hooks)
+                if dist.main:
+                    bar.console.print(
+                        f"epoch {entry['epoch']:g}  step {step}  train loss {entry['train_loss']:.4f}  "
+                        f"validation {metric} {metrics[metric]:.4f}"
+                        + ("  (best)" if state["best_step"] == step else "")
+                    )
+            checkpoint_due = epoch_end or (settings.checkpoint_every and step % settings.checkpoint_every == 0)
+            if checkpoint_due and (dist.main or dist.sharded):  # only rank 0 writes; every rank reads it on resume
+                save_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, state, hooks, write=dist.main)
     return FitResult(
         state["step"],
         state["best"],

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tagging import TagEncoded, entity_scores
+from .distributed import SINGLE, Distributed
 
 
 class TaggingTask:
@@ -22,11 +23,11 @@ class TaggingTask:
         )
 
     @torch.no_grad()
-    def evaluate(self, model, data: TagEncoded, batch_size: int, device, autocast) -> dict:
+    def evaluate(self, model, data: TagEncoded, batch_size: int, device, autocast, dist: Distributed = SINGLE) -> dict:
         was_training = model.training
         model.eval()
-        order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-        predicted: list[list[str]] = [[] for _ in range(len(data))]
+        order = sorted(dist.shard(list(range(len(data)))), key=lambda i: len(data.input_ids[i]))
+        predicted: dict[int, list[str]] = {}
         total_loss, count = 0.0, 0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -42,5 +43,9 @@ class TaggingTask:
                 tags += ["O"] * (len(data.words[i]) - len(tags))  # words cut by truncation count as O
                 predicted[i] = tags
         model.train(was_training)
+        parts = dist.gather((predicted, total_loss, count))  # every process's share, on every process
+        predicted = {i: tags for part, _, _ in parts for i, tags in part.items()}
+        total_loss, count = sum(p[1] for p in parts), sum(p[2] for p in parts)
         gold = [[self.labels[t] for t in words] for words in data.words]
-        return entity_scores(gold, predicted) | {"loss": total_loss / max(count, 1)}
+        ordered = [predicted[i] for i in range(len(data))]
+        return entity_scores(gold, ordered) | {"loss": total_loss / max(count, 1)}
