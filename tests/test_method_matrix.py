@@ -21,6 +21,7 @@ from peftlab.train.loop import ClassificationTask, TrainSettings, fit
 
 TINY_OPTIONS: dict[str, dict] = {
     "lora": {"r": 4},
+    "last_k": {"k": 1},  # the tiny BERT has 2 blocks: keep one frozen
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 
