@@ -39,7 +39,8 @@ from ..data.batches import Encoded
 from ..errors import PeftlabError, require
 from ..evaluate.metrics import classification_metrics
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from .hooks import TrainContext, TrainingHooks
+from .hooks import HookList, TrainContext, TrainingHooks
+from .regularise import regularisers
 
 
 @dataclass
@@ -60,6 +61,14 @@ class TrainSettings:
     )
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: epoch ends only)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
+    l2sp: float = field(
+        default=0.0, metadata={"help": "L2-SP, 0 = off: adds l2sp * ||theta - theta_0||^2 over the pretrained weights"}
+    )
+    ewc: float = field(
+        default=0.0,
+        metadata={"help": "EWC, 0 = off: adds ewc * sum F (theta - theta_0)^2, F the empirical Fisher at theta_0"},
+    )
+    ewc_examples: int = field(default=256, metadata={"help": "training examples that estimate EWC's Fisher"})
 
     def __post_init__(self):
         require(self.epochs > 0, "epochs", "a positive number", self.epochs)
@@ -72,6 +81,9 @@ class TrainSettings:
         require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
         require(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0", self.max_grad_norm)
         require(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0", self.checkpoint_every)
+        require(self.l2sp >= 0 and math.isfinite(self.l2sp), "l2sp", "a number >= 0", self.l2sp)
+        require(self.ewc >= 0 and math.isfinite(self.ewc), "ewc", "a number >= 0", self.ewc)
+        require(self.ewc_examples > 0, "ewc_examples", "a positive integer", self.ewc_examples)
 
 
 @dataclass
@@ -147,9 +159,14 @@ def _progress(enabled: bool) -> Progress:
 
 
 def make_hooks(attachment: Attachment, settings: TrainSettings) -> TrainingHooks:
-    """The hooks a run trains with: the method's own (if any)."""
+    """The hooks a run trains with: the method's own (if any), then the regularisers toward the pretrained
+    weights that ``settings`` turns on (L2-SP, EWC; ``peftlab.train.regularise``)."""
     factory = attachment.method.hooks
-    return factory(attachment, attachment.config) if factory else TrainingHooks()
+    hooks = [factory(attachment, attachment.config)] if factory else []
+    hooks += regularisers(attachment, settings)
+    if len(hooks) > 1:
+        return HookList(hooks)
+    return hooks[0] if hooks else TrainingHooks()
 
 
 def fit(
