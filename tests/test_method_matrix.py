@@ -22,6 +22,8 @@ from peftlab.train.loop import ClassificationTask, TrainSettings, fit
 TINY_OPTIONS: dict[str, dict] = {
     "lora": {"r": 4},
     "last_k": {"k": 1},  # the tiny BERT has 2 blocks: keep one frozen
+    "child_tuning_d": {"fisher_examples": 16},
+    "fishmask": {"keep": 0.05, "fisher_examples": 16},  # 0.5% of a tiny model is a handful of entries
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 

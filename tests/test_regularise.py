@@ -122,6 +122,12 @@ def test_a_method_without_pretrained_parameters_has_nothing_to_regularise(method
         make_hooks(adapter, TrainSettings(**{flag: 0.1}))
 
 
+def test_regularisers_combine_with_a_methods_own_hooks():
+    adapter = peftlab.attach(tiny_classifier(), "child_tuning_f")
+    hooks = make_hooks(adapter, TrainSettings(l2sp=0.1, ewc=1.0))
+    assert [type(h).__name__ for h in hooks.hooks] == ["BernoulliGradientMask", "L2SP", "EWC"]
+
+
 @pytest.mark.parametrize("field", ["l2sp", "ewc"])
 def test_a_negative_strength_is_refused(field):
     with pytest.raises(peftlab.InputError, match=f"^{field}: expected a number >= 0"):
