@@ -72,19 +72,19 @@ def _is_norm(module: nn.Module) -> bool:
 def modules_after_blocks(model: nn.Module, blocks: str, protected: Sequence[str] = ()) -> list[str]:
     """The modules between the last block and the head (see the module docstring for the rule)."""
     found = []
-    path = blocks
+    path = blocks  # walk up from the block list: at each level, the siblings registered after our branch
     while path:
         parent_name, _, branch = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        after = False
-        for child_name, child in parent.named_children():
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if child_name == branch:
-                after = True
-            elif after and _has_parameters(child) and not _inside(full, protected):
-                next_to_blocks = path == blocks
-                if not next_to_blocks or _is_norm(child):
-                    found.append(full)
+        children = dict(parent.named_children())
+        names = list(children)
+        for name in names[names.index(branch) + 1 :]:
+            child = children[name]
+            full = f"{parent_name}.{name}" if parent_name else name
+            if not _has_parameters(child) or _inside(full, protected):
+                continue
+            if path != blocks or _is_norm(child):  # next to the blocks themselves, only the final norm
+                found.append(full)
         path = parent_name
     return found
 
