@@ -74,6 +74,28 @@ def test_loading_restores_the_mask_and_the_weights(trained):
         assert torch.equal(p, original[name]), name
 
 
+def test_training_on_from_a_saved_adapter_keeps_its_mask(trained, tmp_path):
+    options, data, adapter, _, folder = trained
+    loaded = peftlab.load_adapter(build_model(options, data, 1), folder)
+    settings = TrainSettings(max_steps=2, batch_size=8, lr=1e-2, warmup=0, seed=1)
+    fit(
+        loaded,
+        ClassificationTask(2),
+        data.splits["train"],
+        data.splits["validation"],
+        settings,
+        1e-2,
+        tmp_path / "ckpt",
+        lambda m, s: None,
+        torch.device("cpu"),
+        show_progress=False,
+    )
+    assert all(torch.equal(loaded.masks[k], m) for k, m in adapter.masks.items())
+    state = dict(loaded.model.named_parameters())
+    for k, m in adapter.masks.items():  # outside the mask the weights are still the pretrained ones
+        assert torch.equal(state[k][~m], loaded.initial[k][~m])
+
+
 def test_the_cli_reports_the_mask_and_merges(tiny_model_dir, tiny_csv, cli, tmp_path):
     code, _, err = cli(
         "train", "--model", tiny_model_dir, "--data", tiny_csv, "--max-length", "32", "--max-steps", "3",

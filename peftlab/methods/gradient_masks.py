@@ -6,7 +6,7 @@
   of every pretrained parameter is measured, and the ``share`` of all entries with the highest Fisher (one global
   threshold over the whole model) becomes a static mask, ``attachment.masks``. The core then zeroes masked-out
   gradients, restores masked-out entries after every step, counts only masked-in entries as trainable and saves
-  the parameters sparse.
+  the parameters sparse. An adapter loaded to be trained further brings its mask along, and keeps it.
 
 The task head is never masked: it is new and trains in full. Parameters are found through the attachment
 (``peftlab.train.regularise.pretrained_parameters``), never by name.
@@ -72,6 +72,8 @@ class FisherMask(TrainingHooks):
         self.seconds: float | None = None
 
     def prepare(self, ctx: TrainContext) -> None:
+        if self.attachment.masks:  # loaded with the adapter (train --adapter): keep training the same entries
+            return
         started = time.perf_counter()
         params = pretrained_parameters(self.attachment)
         fisher = empirical_fisher(ctx, params, examples=self.examples)  # per-example gradients, squared, averaged
