@@ -151,3 +151,4 @@ def test_the_cli_takes_the_regularisers_and_refuses_them_without_pretrained_para
     results = json.loads((tmp_path / "bitfit" / "results.json").read_text())
     assert set(results["method_report"]) == {"l2sp", "ewc"}
     assert results["method_report"]["ewc"]["fisher_max"] > 0
+    assert results["method_report"]["ewc"]["fisher_examples_used"] == 8

@@ -22,8 +22,8 @@ import time
 import torch
 
 from ..core.attach import Attachment
-from ..train.hooks import TrainContext, TrainingHooks, empirical_fisher
-from ..train.regularise import pretrained_parameters
+from ..train.hooks import TrainContext, TrainingHooks
+from ..train.regularise import measured_fisher, pretrained_parameters
 
 
 class BernoulliGradientMask(TrainingHooks):
@@ -70,13 +70,14 @@ class FisherMask(TrainingHooks):
         self.share = share
         self.examples = examples
         self.seconds: float | None = None
+        self.seen: int | None = None
 
     def prepare(self, ctx: TrainContext) -> None:
         if self.attachment.masks:  # loaded with the adapter (train --adapter): keep training the same entries
             return
         started = time.perf_counter()
         params = pretrained_parameters(self.attachment)
-        fisher = empirical_fisher(ctx, params, examples=self.examples)  # per-example gradients, squared, averaged
+        fisher, self.seen = measured_fisher(ctx, params, self.examples)  # per-example gradients, squared, averaged
         self.attachment.masks.update(top_share_masks(fisher, self.share))
         self.seconds = time.perf_counter() - started
 
@@ -92,5 +93,6 @@ class FisherMask(TrainingHooks):
             "selected_by_parameter": {k: n for k, n in selected.items() if n},
         }
         if self.seconds is not None:  # not after a resume, which restores the masks instead of measuring them
+            report["fisher_examples_used"] = self.seen
             report["fisher_seconds"] = self.seconds
         return {"mask": report}

@@ -4,8 +4,10 @@ AdamW (no weight decay on biases and norms) with linear warmup then linear or co
 accumulation, gradient clipping, an optional bf16 autocast, evaluation at the end of every epoch, the best
 validation state kept as the run's adapter, and a checkpoint every ``checkpoint_every`` steps and at each epoch end.
 
-Methods act inside the loop through ``TrainingHooks`` (``peftlab.train.hooks``); static masks on base parameters
-are enforced here: masked-out gradients are zeroed and masked-out entries restored after every step.
+Methods act inside the loop through ``TrainingHooks`` (``peftlab.train.hooks``); the regularisers toward the
+pretrained weights (``--l2sp``, ``--ewc``: ``peftlab.train.regularise``) are hooks too, run after the method's own.
+Static masks on base parameters are enforced here: masked-out gradients are zeroed and masked-out entries restored
+after every step.
 
 Determinism: the order of the training set in epoch ``e`` comes from a generator seeded with (seed, e) and the
 global torch RNG (dropout) is saved in every checkpoint, so a resumed run retraces the uninterrupted one exactly.

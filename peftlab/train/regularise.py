@@ -30,6 +30,8 @@ is nothing to pull back toward theta_0.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -43,6 +45,22 @@ def pretrained_parameters(attachment: Attachment) -> dict[str, nn.Parameter]:
     heads = tuple(f"{h}." for h in attachment.trainable_modules)
     state = attachment.state()
     return {name: state[name] for name in attachment.initial if not name.startswith(heads)}
+
+
+def measured_fisher(
+    ctx: TrainContext, params: dict[str, torch.Tensor], examples: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``empirical_fisher`` one example at a time, and how many examples it saw (the training set may be smaller
+    than ``examples``)."""
+    seen = 0
+
+    def counted(n: int, batch_size: int):
+        nonlocal seen
+        for batch in ctx.batches(n, batch_size):
+            seen += len(batch["labels"])
+            yield batch
+
+    return empirical_fisher(replace(ctx, batches=counted), params, examples=examples), seen
 
 
 def _trained_pretrained(attachment: Attachment, flag: str) -> dict[str, nn.Parameter]:
@@ -84,9 +102,10 @@ class EWC(TrainingHooks):
         self.params = _trained_pretrained(attachment, "ewc")
         self.start = {k: attachment.initial[k].to(p.device) for k, p in self.params.items()}
         self.fisher: dict[str, torch.Tensor] | None = None
+        self.seen: int | None = None  # examples the Fisher was measured on (None after a resume restored it)
 
     def prepare(self, ctx: TrainContext) -> None:
-        self.fisher = empirical_fisher(ctx, self.params, examples=self.examples)
+        self.fisher, self.seen = measured_fisher(ctx, self.params, self.examples)
 
     def weighted_distance(self) -> torch.Tensor:
         if self.fisher is None:
@@ -113,6 +132,7 @@ class EWC(TrainingHooks):
             "ewc": {
                 "lambda": self.strength,
                 "fisher_examples": self.examples,
+                "fisher_examples_used": self.seen,
                 "fisher_mean": float(values.mean()),
                 "fisher_max": float(values.max()),
                 "fisher_weighted_squared_distance": distance,
