@@ -18,7 +18,7 @@ HEAD = ("classifier.weight", "classifier.bias")
 def trained(tiny_model_dir, tiny_csv, tmp_path_factory):
     options = RunOptions(model=str(tiny_model_dir), data=str(tiny_csv), max_length=32)
     data = prepare_data(options, quiet=True)
-    adapter = peftlab.attach(build_model(options, data, 0), "fishmask", keep=0.02, fisher_examples=32)
+    adapter = peftlab.attach(build_model(options, data, 0), "fishmask", keep=0.02, fisher_examples=16)
     head_before = {k: adapter.initial[k].clone() for k in HEAD}
     settings = TrainSettings(max_steps=6, batch_size=8, lr=1e-2, warmup=0, seed=0)
     tmp = tmp_path_factory.mktemp("fishmask")
@@ -99,13 +99,14 @@ def test_training_on_from_a_saved_adapter_keeps_its_mask(trained, tmp_path):
 def test_the_cli_reports_the_mask_and_merges(tiny_model_dir, tiny_csv, cli, tmp_path):
     code, _, err = cli(
         "train", "--model", tiny_model_dir, "--data", tiny_csv, "--max-length", "32", "--max-steps", "3",
-        "--method", "fishmask", "--keep", "0.01", "--fisher-examples", "1000", "--out", tmp_path / "run",
+        "--train-limit", "24", "--method", "fishmask", "--keep", "0.01", "--fisher-examples", "100",
+        "--out", tmp_path / "run",
     )  # fmt: skip
     assert code == 0, err
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     mask = results["method_report"]["mask"]
     assert mask["selected"] == round(0.01 * mask["of"]) and mask["share"] == 0.01
-    assert mask["fisher_examples"] == 1000 and mask["fisher_examples_used"] == results["data_sizes"]["train"]
+    assert mask["fisher_examples"] == 100 and mask["fisher_examples_used"] == results["data_sizes"]["train"] < 100
     assert results["params"]["trainable"] == mask["selected"] + 32 * 2 + 2
     code, _, err = cli("merge", tmp_path / "run", "--out", tmp_path / "merged")
     assert code == 0, err

@@ -60,7 +60,8 @@ def measured_fisher(
             seen += len(batch["labels"])
             yield batch
 
-    return empirical_fisher(replace(ctx, batches=counted), params, examples=examples), seen
+    fisher = empirical_fisher(replace(ctx, batches=counted), params, examples=examples)
+    return fisher, seen
 
 
 def _trained_pretrained(attachment: Attachment, flag: str) -> dict[str, nn.Parameter]:
