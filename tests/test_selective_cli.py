@@ -35,5 +35,6 @@ def test_train_help_lists_the_method_flags_and_the_regularisers(cli, method, cap
     ],
 )
 def test_bad_values_are_one_line_errors(cli, tiny_model_dir, tiny_csv, tmp_path, args, message):
-    code, _, err = cli("train", "--model", tiny_model_dir, "--data", tiny_csv, "--out", tmp_path / "r", *args)
+    common = ["--model", tiny_model_dir, "--data", tiny_csv, "--max-length", "32", "--out", tmp_path / "r"]
+    code, _, err = cli("train", *common, *args)
     assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
