@@ -27,6 +27,9 @@ TINY_OPTIONS: dict[str, dict] = {
     "dylora": {"r": 4},
     # one reset (after step 2) within the matrix's 4 steps, so the merged history is saved and loaded
     "relora": {"r": 4, "reset_every": 2, "restart_warmup": 1},
+    "last_k": {"k": 1},  # the tiny BERT has 2 blocks: keep one frozen
+    "child_tuning_d": {"fisher_examples": 16},
+    "fishmask": {"keep": 0.05, "fisher_examples": 16},  # 0.5% of a tiny model is a handful of entries
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 

@@ -1,6 +1,21 @@
 """Every fine-tuning method, one file each; importing this package registers them all."""
 
-from . import adalora, dora, dylora, full, ia3, lora, qlora, relora  # noqa: F401  (registration side effect)
+from . import (  # noqa: F401  (registration side effect)
+    adalora,
+    bitfit,
+    child_tuning_d,
+    child_tuning_f,
+    dora,
+    dylora,
+    fishmask,
+    full,
+    head,
+    ia3,
+    last_k,
+    lora,
+    qlora,
+    relora,
+)
 from .registry import Method, all_methods, config_from_dict, config_to_dict, get_method, register
 
 __all__ = ["Method", "all_methods", "config_from_dict", "config_to_dict", "get_method", "register"]

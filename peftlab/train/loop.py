@@ -4,8 +4,10 @@ AdamW (no weight decay on biases and norms) with linear warmup then linear or co
 accumulation, gradient clipping, an optional bf16 autocast, evaluation at the end of every epoch, the best
 validation state kept as the run's adapter, and a checkpoint every ``checkpoint_every`` steps and at each epoch end.
 
-Methods act inside the loop through ``TrainingHooks`` (``peftlab.train.hooks``); static masks on base parameters
-are enforced here: masked-out gradients are zeroed and masked-out entries restored after every step.
+Methods act inside the loop through ``TrainingHooks`` (``peftlab.train.hooks``); the regularisers toward the
+pretrained weights (``--l2sp``, ``--ewc``: ``peftlab.train.regularise``) are hooks too, run after the method's own.
+Static masks on base parameters are enforced here: masked-out gradients are zeroed and masked-out entries restored
+after every step.
 
 Determinism: the order of the training set in epoch ``e`` comes from a generator seeded with (seed, e) and the
 global torch RNG (dropout) is saved in every checkpoint, so a resumed run retraces the uninterrupted one exactly.
@@ -40,7 +42,8 @@ from ..errors import PeftlabError, require
 from ..evaluate.metrics import classification_metrics
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import SINGLE, Distributed
-from .hooks import TrainContext, TrainingHooks
+from .hooks import HookList, TrainContext, TrainingHooks
+from .regularise import regularisers
 
 
 @dataclass
@@ -62,6 +65,14 @@ class TrainSettings:
     )
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: epoch ends only)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
+    l2sp: float = field(
+        default=0.0, metadata={"help": "L2-SP, 0 = off: adds l2sp * ||theta - theta_0||^2 over the pretrained weights"}
+    )
+    ewc: float = field(
+        default=0.0,
+        metadata={"help": "EWC, 0 = off: adds ewc * sum F (theta - theta_0)^2, F the empirical Fisher at theta_0"},
+    )
+    ewc_examples: int = field(default=256, metadata={"help": "training examples that estimate EWC's Fisher"})
 
     def __post_init__(self):
         require(self.epochs > 0, "epochs", "a positive number", self.epochs)
@@ -74,6 +85,9 @@ class TrainSettings:
         require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
         require(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0", self.max_grad_norm)
         require(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0", self.checkpoint_every)
+        require(self.l2sp >= 0 and math.isfinite(self.l2sp), "l2sp", "a number >= 0", self.l2sp)
+        require(self.ewc >= 0 and math.isfinite(self.ewc), "ewc", "a number >= 0", self.ewc)
+        require(self.ewc_examples > 0, "ewc_examples", "a positive integer", self.ewc_examples)
 
 
 @dataclass
@@ -160,9 +174,14 @@ def better(value: float, best: float, metric: str) -> bool:
 
 
 def make_hooks(attachment: Attachment, settings: TrainSettings) -> TrainingHooks:
-    """The hooks a run trains with: the method's own (if any)."""
+    """The hooks a run trains with: the method's own (if any), then the regularisers toward the pretrained
+    weights that ``settings`` turns on (L2-SP, EWC; ``peftlab.train.regularise``)."""
     factory = attachment.method.hooks
-    return factory(attachment, attachment.config) if factory else TrainingHooks()
+    hooks = [factory(attachment, attachment.config)] if factory else []
+    hooks += regularisers(attachment, settings)
+    if len(hooks) > 1:
+        return HookList(hooks)
+    return hooks[0] if hooks else TrainingHooks()
 
 
 def fit(
