@@ -9,7 +9,9 @@ parameter names which weights belong to a method; it asks each wrapper through t
 - ``delta_weight()``       -- the change to the pretrained weight the adapter stands for (None if it has none);
 - ``pretrained_weight()``  -- the pretrained weight itself (what accounting compares against);
 - ``merge()`` / ``unmerge()`` -- explicit calls, never hidden inside ``.train()`` or ``.eval()``;
-- ``on_loaded()``          -- called after saved tensors were copied in (to rebuild derived state).
+- ``on_loaded()``          -- called after saved tensors were copied in (to rebuild derived state);
+- ``on_unload()``          -- called before the wrapper is replaced by its base (to remove what the adapter
+                              installed outside itself: forward hooks on the model, attention extensions).
 
 Merging adds the delta into the base weight, after which ``forward`` skips the adapter branch, so a merged model
 runs at the speed of the plain base.
@@ -62,6 +64,10 @@ class AdapterLayer(nn.Module):
 
     def on_loaded(self) -> None:
         """Hook run after saved tensors were copied into this layer; rebuild anything derived from them."""
+
+    def on_unload(self) -> None:
+        """Hook run before this wrapper is replaced by its base layer: undo whatever the adapter installed outside
+        itself (soft prompts hook the model's forward, prefixes extend attention), so the model is plain again."""
 
     @torch.no_grad()
     def merge(self) -> None:
