@@ -22,6 +22,11 @@ from peftlab.train.loop import ClassificationTask, TrainSettings, fit
 TINY_OPTIONS: dict[str, dict] = {
     "lora": {"r": 4},
     "qlora": {"r": 4},
+    # By default these save their encoder's output, not the encoder (folded: fewer parameters after loading than
+    # while training, so the round trip's equal counts cannot hold); the matrix keeps the encoder, and
+    # test_p_tuning.py / test_prefix_tuning.py test the folded round trip.
+    "p_tuning": {"keep_encoder": True},
+    "prefix_tuning": {"keep_encoder": True, "encoder_hidden": 32},
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 

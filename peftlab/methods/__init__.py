@@ -1,6 +1,6 @@
 """Every fine-tuning method, one file each; importing this package registers them all."""
 
-from . import full, lora, qlora  # noqa: F401  (registration side effect)
+from . import full, lora, p_tuning, prompt_tuning, qlora  # noqa: F401  (registration side effect)
 from .registry import Method, all_methods, config_from_dict, config_to_dict, get_method, register
 
 __all__ = ["Method", "all_methods", "config_from_dict", "config_to_dict", "get_method", "register"]
