@@ -323,8 +323,10 @@ def run_training(
         show_progress=show_progress,
         hooks=hooks,
     )
-    trained = attachment.trainable_count()  # what the optimiser updated, a reparameterisation folded away included
-    attachment.fold()  # the form the adapter file holds (prefix tuning's MLP computed into the prefixes)
+    # A method trained through a reparameterisation takes the form its adapter file holds (prefix tuning's MLP
+    # computed into the prefixes); "trainable" still counts what the optimiser updated.
+    trained = attachment.trainable_count()
+    folded = attachment.fold()
     load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
     autocast = autocast_for(settings.precision, device)
     test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast)
@@ -333,7 +335,9 @@ def run_training(
     method_report = hooks.report(
         lambda: task.evaluate(model, prepared.splits["validation"], settings.eval_batch_size, device, autocast)
     )
-    counts = parameter_counts(attachment) | {"trainable": trained}
+    counts = parameter_counts(attachment)
+    if folded:
+        counts["trainable"] = trained
     ranks = delta_ranks(attachment)
     if ranks:
         counts["delta_rank"] = rank_summary(ranks)

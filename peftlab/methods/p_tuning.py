@@ -21,8 +21,8 @@ the padding of shorter rows.
 What is saved: the encoder exists to make the prompt easier to optimise; at inference only its output matters. So
 the adapter file holds the m virtual tokens it computes (folded through ``Method.fold``; the config saved says
 ``encoder = "none"``, the training config is kept as ``trained_as``): 20 x 384 numbers for MiniLM instead of an
-LSTM encoder of 2.08M parameters. Hugging Face PEFT saves the same. ``keep_encoder`` saves the encoder instead, for a later
-run that continues training through it (``train --adapter``); a folded adapter trains its tokens directly.
+LSTM encoder of 2.08M parameters. Hugging Face PEFT saves the same. ``keep_encoder`` saves the encoder instead, for
+a later run that continues training through it (``train --adapter``); a folded adapter trains its tokens directly.
 ``encoder = "none"`` trains the tokens directly from the start (prompt tuning at a chosen position).
 
 PEFT format: ``P_TUNING`` with the folded tokens as ``prompt_embeddings`` (position ``front`` only, as PEFT has

@@ -10,7 +10,9 @@ task model puts them in front of the input embeddings and widens the attention m
 visible), token types, positions and LM labels to match; token-level outputs (a tagger's or a language model's
 logits) come back trimmed to the caller's tokens. As in Hugging Face PEFT, the prompt comes first, so the real
 tokens' positions move m places on, and a BERT classifier pools the output at the first virtual token (which
-trains to play the part of [CLS]).
+trains to play the part of [CLS]). A known limit, shared with PEFT: a decoder's sequence classifier (Llama's
+``score`` on the last real token) finds that token from ``input_ids``, and given embeddings it reads the last
+position instead, which in a right-padded batch is padding for the shorter rows; prefix methods are unaffected.
 
 Initialisation (``init``), following Lester et al.: ``vocab`` copies the embeddings of m tokens sampled from the
 vocabulary (uniformly, without repeats while the vocabulary allows); ``labels`` takes, for each class of a
