@@ -100,7 +100,7 @@ def test_position_after_the_first_token_keeps_cls_first():
     model = tiny_classifier()
     virtual = torch.tensor([7, 8, 9])
     ids, mask = tokens()
-    for position, at in (("after-first", 1), ("auto", 1), ("front", 0), ("3", 3)):
+    for position, at in (("after-first", 1), ("auto", 1), ("front", 0), ("3", 3), ("9", 6)):  # 6 tokens: at the end
         literal = torch.cat([ids[:, :at], virtual.expand(2, -1), ids[:, at:]], 1)
         literal_mask = torch.cat([mask[:, :at], torch.ones(2, 3, dtype=torch.long), mask[:, at:]], 1)
         with torch.no_grad():

@@ -62,7 +62,7 @@ def insert_virtual_tokens(
     outputs again."""
     positional = [p for p in inspect.signature(model.forward).parameters if p not in ("self", "kwargs")]
     embed = model.get_input_embeddings()
-    inserted = {"width": 0}  # the widened length of the pass in flight that inserted the tokens, else 0
+    inserted = {"width": 0, "at": at}  # widened length and insertion point of the pass in flight (width 0: none)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         kwargs = dict(kwargs)
@@ -74,27 +74,29 @@ def insert_virtual_tokens(
             embeds = embed(ids)  # (B, T, hidden)
         batch = embeds.shape[0]
         continuing = _cache_length(kwargs) > 0  # the cache already holds the virtual tokens
-        inserted["width"] = 0
+        where = at if continuing else min(at, embeds.shape[1])  # an input shorter than ``at`` gets them at its end
+        inserted["width"], inserted["at"] = 0, where
         if not continuing:
             virtual = provider(batch).to(embeds.dtype)  # (B, m, hidden)
-            embeds = _insert(embeds, virtual, at)
+            embeds = _insert(embeds, virtual, where)
             inserted["width"] = embeds.shape[1]
             if kwargs.get("token_type_ids") is not None:
                 types = kwargs["token_type_ids"]
-                kwargs["token_type_ids"] = _insert(types, types.new_zeros(batch, count), at)
+                kwargs["token_type_ids"] = _insert(types, types.new_zeros(batch, count), where)
             labels = kwargs.get("labels")
             if labels is not None and labels.dim() == 2:  # token-level labels (language modelling, tagging)
-                kwargs["labels"] = _insert(labels, labels.new_full((batch, count), -100), at)
+                kwargs["labels"] = _insert(labels, labels.new_full((batch, count), -100), where)
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
-            kwargs["attention_mask"] = _insert(mask, mask.new_ones(batch, count), at)
+            kwargs["attention_mask"] = _insert(mask, mask.new_ones(batch, count), where)
         positions = kwargs.get("position_ids")
         if positions is not None:
             if continuing:
                 kwargs["position_ids"] = positions + count
             else:
                 front = torch.arange(count, device=positions.device).expand(positions.shape[0], count)
-                kwargs["position_ids"] = torch.cat([positions[:, :at], front + at, positions[:, at:] + count], 1)
+                before, after = positions[:, :where], positions[:, where:] + count
+                kwargs["position_ids"] = torch.cat([before, front + where, after], 1)
         cache_position = kwargs.get("cache_position")
         if cache_position is not None:
             if continuing:
@@ -109,7 +111,8 @@ def insert_virtual_tokens(
     def trim(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dim() < 3 or tensor.shape[1] != inserted["width"]:
             return tensor
-        return torch.cat([tensor[:, :at], tensor[:, at + count :]], dim=1)  # (B, T, ...)
+        where = inserted["at"]
+        return torch.cat([tensor[:, :where], tensor[:, where + count :]], dim=1)  # (B, T, ...)
 
     def trim_hook(module: nn.Module, args: tuple, kwargs: dict, output):
         if not inserted["width"] or not hasattr(output, "keys"):  # nothing inserted, or a plain tuple

@@ -88,7 +88,7 @@ class SoftPrompt(AdapterLayer):
 
     def install(self, model: nn.Module) -> None:
         """Hook the task model's forward (after this layer took the embedding's place)."""
-        self.handle = insert_virtual_tokens(model, self.virtual_tokens, len(self.tokens()), self.at, trim_outputs=True)
+        self.handle = insert_virtual_tokens(model, self.virtual_tokens, len(self.folded()), self.at, trim_outputs=True)
 
     def tokens(self) -> torch.Tensor:
         return self.prompt if self.encoder is None else self.encoder()  # (m, d)
@@ -106,11 +106,13 @@ class SoftPrompt(AdapterLayer):
 
     @torch.no_grad()
     def folded(self) -> torch.Tensor:
-        """The virtual tokens as inference sees them (an encoder run once in eval mode)."""
-        was_training = self.training
-        self.eval()
-        tokens = self.tokens().detach().clone()
-        self.train(was_training)
+        """The virtual tokens as inference sees them (an encoder run once in eval mode), (m, d)."""
+        if self.encoder is None:
+            return self.prompt.detach().clone()
+        was_training = self.encoder.training
+        self.encoder.eval()
+        tokens = self.encoder().detach().clone()
+        self.encoder.train(was_training)
         return tokens
 
     def on_unload(self) -> None:
