@@ -341,6 +341,10 @@ def run_training(
         dist=dist,
     )
     dist.barrier()  # rank 0 has written the best adapter; every process loads it
+    # A method trained through a reparameterisation takes the form its adapter file holds (prefix tuning's MLP
+    # computed into the prefixes); "trainable" still counts what the optimiser updated.
+    trained = attachment.trainable_count()
+    folded = attachment.fold()
     load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
     autocast = autocast_for(settings.precision, device)
     evaluation = dist.for_evaluation
@@ -357,6 +361,8 @@ def run_training(
     if dist.sharded:  # count on a whole (unsharded) copy: the base plus the adapter rank 0 wrote
         accounted = load_adapter(build_model(options, prepared, settings.seed), out / "adapter")
     counts = parameter_counts(accounted)
+    if folded:
+        counts["trainable"] = trained
     ranks = delta_ranks(accounted)
     if ranks:
         counts["delta_rank"] = rank_summary(ranks)

@@ -30,6 +30,11 @@ TINY_OPTIONS: dict[str, dict] = {
     "last_k": {"k": 1},  # the tiny BERT has 2 blocks: keep one frozen
     "child_tuning_d": {"fisher_examples": 16},
     "fishmask": {"keep": 0.05, "fisher_examples": 16},  # 0.5% of a tiny model is a handful of entries
+    # By default these save their encoder's output, not the encoder (folded: fewer parameters after loading than
+    # while training, so the round trip's equal counts cannot hold); the matrix keeps the encoder, and
+    # test_p_tuning.py / test_prefix_tuning.py test the folded round trip.
+    "p_tuning": {"keep_encoder": True},
+    "prefix_tuning": {"keep_encoder": True, "encoder_hidden": 32},
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 

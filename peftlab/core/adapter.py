@@ -12,6 +12,8 @@ parameter names which weights belong to a method; it asks each wrapper through t
 - ``on_loaded()``          -- called after saved tensors were copied in (to rebuild derived state);
 - ``accepts_buffer_shape()`` -- whether a buffer that grows during training (ReLoRA's merged history) may be
                               loaded with the shape it was saved with; fixed-shape buffers refuse.
+- ``on_unload()``          -- called before the wrapper is replaced by its base (to remove what the adapter
+                              installed outside itself: forward hooks on the model, attention extensions).
 
 Merging adds the delta into the base weight, after which ``forward`` skips the adapter branch, so a merged model
 runs at the speed of the plain base.
@@ -70,6 +72,10 @@ class AdapterLayer(nn.Module):
         differs from its current one. Only buffers whose size changes during training say yes (ReLoRA's merged
         history); loading then replaces the buffer by one of the saved shape. By default every buffer is fixed."""
         return False
+
+    def on_unload(self) -> None:
+        """Hook run before this wrapper is replaced by its base layer: undo whatever the adapter installed outside
+        itself (soft prompts hook the model's forward, prefixes extend attention), so the model is plain again."""
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -13,6 +13,11 @@ An adapter folder holds two files:
 - ``adapter.json`` -- format and version, method and config, adapted modules, task-head modules, and the base
   model's signature (parameter names and shapes) with its SHA-256 fingerprint, so loading onto a different base
   fails with a message that says what differs.
+
+A method that trains through a reparameterisation (``Method.fold``: prefix tuning's MLP, P-tuning's prompt
+encoder) is saved *folded*: the file holds what the reparameterisation computes and the config of the adapter
+without it (the training config is kept under ``trained_as``), so a loaded adapter has no MLP or encoder.
+``Attachment.fold()`` turns a trained attachment into that form in place.
 """
 
 from __future__ import annotations
@@ -105,23 +110,65 @@ class Attachment:
     def state(self) -> dict[str, torch.Tensor]:
         """Everything the adapter stands for, dense, keyed by base module names: the method's own parameters and
         buffers, then the base parameters that train (the task head; all of them for full fine-tuning)."""
-        layers = self.layers()
+        state = self.layer_state()
+        return state | self.base_state({id(p) for p in state.values()})
+
+    def layer_state(self) -> dict[str, torch.Tensor]:
+        """The adapter layers' own parameters and buffers, keyed ``<module>.<name>``."""
         state: dict[str, torch.Tensor] = {}
-        for name, layer in layers.items():
+        for name, layer in self.layers().items():
             for pname, p in layer.adapter_parameters().items():
                 state[f"{name}.{pname}"] = p
             for bname, b in layer.adapter_buffers().items():
                 state[f"{name}.{bname}"] = b
-        own = {id(p) for p in state.values()}
-        for name, p in self.model.named_parameters():
-            if p.requires_grad and id(p) not in own:
-                state[base_name(name, layers)] = p
         return state
 
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """``state()`` as written to disk: masked base parameters become sparse ``::indices`` / ``::values``."""
+    def base_state(self, own: set[int]) -> dict[str, torch.Tensor]:
+        """The base parameters that train (not among the ids in ``own``), keyed by base names."""
+        layers = self.layers()
+        return {
+            base_name(name, layers): p
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and id(p) not in own
+        }
+
+    def saved_form(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The config and state the adapter file holds: ``(config, state())``, or for a method with ``fold`` the
+        config and state of the equivalent adapter without its training-only reparameterisation."""
+        folded = self._folded()
+        return (self.config, self.state()) if folded is None else folded
+
+    def _folded(self) -> tuple[Any, dict[str, torch.Tensor]] | None:
+        folded = self.method.fold(self) if self.method.fold else None
+        if folded is None:
+            return None
+        config, layer_tensors = folded
+        own = {id(p) for p in self.layer_state().values()}
+        return config, dict(layer_tensors) | self.base_state(own)
+
+    @torch.no_grad()
+    def fold(self) -> bool:
+        """Turn the adapter into the form its file holds, in place (the reparameterisation is computed once and
+        dropped); returns False when the method has nothing to fold. Afterwards ``state()`` matches a saved file."""
+        folded = self._folded()
+        if folded is None:
+            return False
+        config, tensors = folded
+        for name, layer in self.layers().items():
+            layer.on_unload()
+            replace_module(self.model, name, layer.base)
+        targets = self.method.apply(self.model, config, self.trainable_modules)
+        if list(targets) != self.targets:
+            raise PeftlabError(f"folding {self.method.name!r} changed the adapted modules")
+        self.config = config
+        load_state(self, {k: v.detach().clone() for k, v in tensors.items()}, Path(f"folded {self.method.name}"))
+        return True
+
+    def saved_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``state`` (default: ``state()``) as written to disk: masked base parameters become sparse
+        ``::indices`` / ``::values``."""
         out = {}
-        for key, value in self.state().items():
+        for key, value in (self.state() if state is None else state).items():
             value = full_tensor(value.detach()).to("cpu")
             if key in self.masks:
                 indices = torch.nonzero(self.masks[key].reshape(-1).to("cpu")).reshape(-1)
@@ -185,15 +232,18 @@ class Attachment:
         for name, layer in self.layers().items():
             if name == "":
                 raise PeftlabError("cannot unload an adapter wrapped around the whole model")
+            layer.on_unload()
             replace_module(self.model, name, layer.base)
         return self.model
 
     def save(self, path: str | Path, extra: dict | None = None, write: bool = True) -> Path:
-        """Write the adapter folder (atomically: a reader sees the old folder or the complete new one).
+        """Write the adapter folder (atomically: a reader sees the old folder or the complete new one), folded
+        where the method folds (see ``saved_form``).
 
         Under sharded data parallelism every process calls this (gathering the full tensors is collective) and only
         the one with ``write=True`` writes, so the saved adapter is always complete."""
-        tensors = self.saved_tensors()
+        config, state = self.saved_form()
+        tensors = self.saved_tensors(state)
         if not write:
             return Path(path)
         meta = {
@@ -201,10 +251,11 @@ class Attachment:
             "format_version": FORMAT_VERSION,
             "peftlab_version": __version__,
             "method": self.method.name,
-            "config": config_to_dict(self.config),
+            "config": config_to_dict(config),
             "targets": self.targets,
             "trainable_modules": self.trainable_modules,
             "base": {"fingerprint": self.fingerprint, "parameters": self.signature},
+            **({"trained_as": config_to_dict(self.config)} if config is not self.config else {}),
             **(extra or {}),
         }
         path = Path(path)

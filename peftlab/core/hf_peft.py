@@ -20,7 +20,9 @@ randomised PiSSA) are refused by name.
 Other methods with a PEFT counterpart add their converters to ``EXPORTERS`` (by peftlab method name) and
 ``IMPORTERS`` (by PEFT kind: the ``peft_type``, or ``"LORA+DORA"`` for a LoRA config with ``use_dora``) from
 their own module; ``export_hf`` and ``import_hf`` dispatch on them. ``export_lora`` and ``import_lora`` are the
-LoRA converters, for LoRA variants to build on.
+LoRA converters, for LoRA variants to build on. Their tensors are keyed without the ``base_model.model.`` prefix,
+except for the kinds in ``FULL_KEY_KINDS``, whose converters read and write complete key names (PEFT's
+prompt-learning kinds keep the prompt as a top-level ``prompt_embeddings`` and the task head under ``base_model.``).
 
 This module imports ``attach`` as a module (not its names) so that a method module, imported while ``attach`` itself
 is still loading (``attach`` imports the method registry), can import this one to register its converters.
@@ -74,6 +76,8 @@ Exporter = Callable[["Attachment"], tuple[dict, dict[str, torch.Tensor]]]
 Importer = Callable[[nn.Module, dict, dict[str, torch.Tensor], Path], "Attachment"]
 EXPORTERS: dict[str, Exporter] = {}
 IMPORTERS: dict[str, Importer] = {}
+# PEFT kinds whose converters handle complete key names themselves (no "base_model.model." added or removed).
+FULL_KEY_KINDS: set[str] = set()
 
 
 def peft_kind(cfg: dict) -> str:
@@ -94,6 +98,7 @@ def export_hf(
     if attachment.merged:
         raise InputError("unmerge the adapter before exporting it")
     fields, tensors = exporter(attachment)
+    prefix = "" if fields.get("peft_type") in FULL_KEY_KINDS else PREFIX
     hf_config = {
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
@@ -103,7 +108,7 @@ def export_hf(
     out = Path(out)
     with atomic_folder(out) as tmp:
         save_file(
-            {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+            {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
             str(tmp / HF_WEIGHTS),
             metadata={"format": "pt"},
         )
@@ -127,7 +132,9 @@ def import_hf(model: nn.Module, path: str | Path) -> Attachment:
         raise InputError(
             f"{path / 'adapter_model.bin'}: pickle files are never loaded; save the adapter with safetensors"
         )
-    tensors = {k.removeprefix(PREFIX): v for k, v in attaching.read_tensors(weights).items()}
+    tensors = attaching.read_tensors(weights)
+    if kind not in FULL_KEY_KINDS:
+        tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
     return importer(model, cfg, tensors, weights)
 
 

@@ -8,6 +8,11 @@ match: ``attention_mask`` (the virtual tokens are always visible), ``token_type_
 no loss on virtual tokens). With a KV cache, only the first forward pass inserts the vectors; later passes
 (generation) only shift positions and widen the mask, since the cache holds the virtual tokens already.
 
+With ``trim_outputs`` a forward hook also takes the m virtual positions back out of the token-level outputs
+(``logits``, ``last_hidden_state``, ``hidden_states``) of a pass that inserted them, so a token classifier's or a
+language model's outputs line up with the caller's tokens again; sequence-level outputs (a classifier's logits,
+the loss computed from widened labels) are left as they are.
+
 Prompt tuning and P-tuning v1 use this; the model's source is not touched. A provider is called as
 ``provider(batch_size) -> (B, m, hidden)``.
 """
@@ -35,11 +40,29 @@ def _insert(tensor: torch.Tensor, block: torch.Tensor, at: int) -> torch.Tensor:
     return torch.cat([tensor[:, :at], block, tensor[:, at:]], dim=1)
 
 
-def insert_virtual_tokens(model: nn.Module, provider: Provider, count: int, at: int = 0) -> RemovableHandle:
-    """Insert ``count`` virtual tokens from ``provider`` at position ``at`` of every input; returns the hook handle
-    (``handle.remove()`` undoes it)."""
+class Handles:
+    """Several hook handles removed together."""
+
+    def __init__(self, *handles: RemovableHandle):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+TOKEN_OUTPUTS = ("logits", "last_hidden_state")
+
+
+def insert_virtual_tokens(
+    model: nn.Module, provider: Provider, count: int, at: int = 0, trim_outputs: bool = False
+) -> RemovableHandle | Handles:
+    """Insert ``count`` virtual tokens from ``provider`` at position ``at`` of every input; returns the hook
+    handle(s) (``handle.remove()`` undoes it). ``trim_outputs`` removes the virtual positions from token-level
+    outputs again."""
     positional = [p for p in inspect.signature(model.forward).parameters if p not in ("self", "kwargs")]
     embed = model.get_input_embeddings()
+    inserted = {"width": 0, "at": at}  # widened length and insertion point of the pass in flight (width 0: none)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         kwargs = dict(kwargs)
@@ -51,25 +74,29 @@ def insert_virtual_tokens(model: nn.Module, provider: Provider, count: int, at: 
             embeds = embed(ids)  # (B, T, hidden)
         batch = embeds.shape[0]
         continuing = _cache_length(kwargs) > 0  # the cache already holds the virtual tokens
+        where = at if continuing else min(at, embeds.shape[1])  # an input shorter than ``at`` gets them at its end
+        inserted["width"], inserted["at"] = 0, where
         if not continuing:
             virtual = provider(batch).to(embeds.dtype)  # (B, m, hidden)
-            embeds = _insert(embeds, virtual, at)
+            embeds = _insert(embeds, virtual, where)
+            inserted["width"] = embeds.shape[1]
             if kwargs.get("token_type_ids") is not None:
                 types = kwargs["token_type_ids"]
-                kwargs["token_type_ids"] = _insert(types, types.new_zeros(batch, count), at)
+                kwargs["token_type_ids"] = _insert(types, types.new_zeros(batch, count), where)
             labels = kwargs.get("labels")
             if labels is not None and labels.dim() == 2:  # token-level labels (language modelling, tagging)
-                kwargs["labels"] = _insert(labels, labels.new_full((batch, count), -100), at)
+                kwargs["labels"] = _insert(labels, labels.new_full((batch, count), -100), where)
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
-            kwargs["attention_mask"] = _insert(mask, mask.new_ones(batch, count), at)
+            kwargs["attention_mask"] = _insert(mask, mask.new_ones(batch, count), where)
         positions = kwargs.get("position_ids")
         if positions is not None:
             if continuing:
                 kwargs["position_ids"] = positions + count
             else:
                 front = torch.arange(count, device=positions.device).expand(positions.shape[0], count)
-                kwargs["position_ids"] = torch.cat([positions[:, :at], front + at, positions[:, at:] + count], 1)
+                before, after = positions[:, :where], positions[:, where:] + count
+                kwargs["position_ids"] = torch.cat([before, front + where, after], 1)
         cache_position = kwargs.get("cache_position")
         if cache_position is not None:
             if continuing:
@@ -81,4 +108,24 @@ def insert_virtual_tokens(model: nn.Module, provider: Provider, count: int, at: 
         kwargs["inputs_embeds"] = embeds
         return (), kwargs
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+    def trim(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() < 3 or tensor.shape[1] != inserted["width"]:
+            return tensor
+        where = inserted["at"]
+        return torch.cat([tensor[:, :where], tensor[:, where + count :]], dim=1)  # (B, T, ...)
+
+    def trim_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+        if not inserted["width"] or not hasattr(output, "keys"):  # nothing inserted, or a plain tuple
+            return output
+        for key in TOKEN_OUTPUTS:
+            if output.get(key) is not None:
+                output[key] = trim(output[key])
+        if output.get("hidden_states") is not None:
+            output["hidden_states"] = tuple(trim(h) for h in output["hidden_states"])
+        inserted["width"] = 0
+        return output
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    if not trim_outputs:
+        return handle
+    return Handles(handle, model.register_forward_hook(trim_hook, with_kwargs=True))

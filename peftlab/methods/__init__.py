@@ -13,6 +13,10 @@ from . import (  # noqa: F401  (registration side effect)
     ia3,
     last_k,
     lora,
+    p_tuning,
+    p_tuning_v2,
+    prefix_tuning,
+    prompt_tuning,
     qlora,
     relora,
 )

@@ -9,6 +9,13 @@ adapter layers (their parameters train) and/or unfreezes base parameters the met
 the names of the modules it adapted. ``protected`` names the task head, which a method must not adapt. A method
 that acts during training (gradient masks, pruning schedules, periodic merges) also gives ``hooks``, a factory
 ``hooks(attachment, config) -> TrainingHooks`` (see ``peftlab.train.hooks``).
+
+A method that trains through a reparameterisation it does not need afterwards (prefix tuning's MLP, P-tuning's
+prompt encoder) gives ``fold``: ``fold(attachment) -> (config, tensors) | None`` returns the config of the
+equivalent adapter without the reparameterisation and its adapter layers' tensors (keyed ``<module>.<name>``, as
+that adapter's ``state()`` keys them), computed from the current parameters; None when there is nothing to fold.
+``Attachment.save`` writes that folded form, so ``load_adapter`` rebuilds the adapter without the
+reparameterisation; training checkpoints keep the unfolded state for an exact resume.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class Method:
     identity_at_init: bool = True
     # Factory of the method's training hooks (peftlab.train.hooks.TrainingHooks), or None for plain training.
     hooks: Callable[[Any, Any], Any] | None = None
+    # The adapter as saved, without a training-only reparameterisation: (config, layer tensors), or None.
+    fold: Callable[[Any], tuple[Any, dict] | None] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -1,0 +1,106 @@
+"""Prefix tuning (Li and Liang, 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation,
+https://arxiv.org/abs/2101.00190).
+
+Every attention layer l of the frozen model gains P trainable key and value positions in front of its own::
+
+    attention_l(x) = softmax(q [K_l; k(x)]^T / sqrt(d_head)) [V_l; v(x)]      K_l, V_l: (kv_heads, P, d_head)
+
+so every token can attend to them in every layer (see prefixes.py for the mechanism and the positions). Li & Liang
+found that optimising the prefixes directly is unstable and train them through a reparameterisation, one MLP for
+all layers (``projection``, on by default)::
+
+    [K_1; V_1; ...; K_L; V_L] = W2 tanh(W1 P' + b1) + b2        P': (P, d_in),  hidden size ``encoder_hidden``
+
+and drop it after training. Here the MLP is folded away when the adapter is saved (``Method.fold``): the file
+holds only the final prefixes, two (kv_heads, P, d_head) tensors per layer, and its config says
+``projection = false`` (the training config is kept as ``trained_as``), so a loaded adapter has no MLP and costs
+nothing to compute. Training checkpoints keep the MLP, so a resumed run continues exactly; ``keep_encoder`` saves
+the MLP too, for a later run that continues training through it.
+
+Not the identity at step 0: the prefixes are random (the MLP's inputs P' are N(0, 1), its layers PyTorch's default
+initialisation; directly trained prefixes are N(0, 1)). No prefix is: even zero values would take attention weight
+away from the real tokens. Nothing merges into the weights.
+
+PEFT format: ``PREFIX_TUNING`` with the folded prefixes as ``prompt_embeddings``, both ways, exact (positions
+shifted as PEFT shifts them); a PEFT adapter imports as ``prefix_tuning`` with ``projection = false``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core import hf_peft
+from ..errors import require
+from .prefixes import attach_prefixes, export_prefixes, fold_prefixes, import_prefixes
+from .registry import Method, register
+
+
+@dataclass
+class PrefixTuningConfig:
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix length P: key/value positions per layer"})
+    projection: bool = field(
+        default=True, metadata={"help": "train the prefixes through an MLP (folded into the prefixes when saved)"}
+    )
+    encoder_hidden: int = field(default=512, metadata={"help": "hidden size of the MLP"})
+    shift_positions: bool = field(
+        default=True, metadata={"help": "real tokens' positions start at P, as after a KV cache (as PEFT does)"}
+    )
+    keep_encoder: bool = field(default=False, metadata={"help": "save the MLP instead of the prefixes it computes"})
+
+    def __post_init__(self):
+        require(
+            isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
+            "num_virtual_tokens",
+            "a positive integer",
+            self.num_virtual_tokens,
+        )
+        require(
+            isinstance(self.encoder_hidden, int) and self.encoder_hidden > 0,
+            "encoder_hidden",
+            "a positive integer",
+            self.encoder_hidden,
+        )
+
+
+def apply(model: nn.Module, config: PrefixTuningConfig, protected: Sequence[str] = ()) -> list[str]:
+    hidden = config.encoder_hidden if config.projection else None
+    return attach_prefixes(model, config.num_virtual_tokens, config.shift_positions, hidden)
+
+
+def fold(attachment) -> tuple[PrefixTuningConfig, dict[str, torch.Tensor]] | None:
+    """The MLP computed once into every layer's prefixes (unless asked to keep it)."""
+    config: PrefixTuningConfig = attachment.config
+    if not config.projection or config.keep_encoder:
+        return None
+    return dataclasses.replace(config, projection=False), fold_prefixes(attachment)
+
+
+def _import_prefix_tuning(model, cfg: dict, tensors: dict, weights: Path):
+    count = int(cfg.get("num_virtual_tokens") or 0)
+    config = PrefixTuningConfig(num_virtual_tokens=count, projection=False)
+    return import_prefixes(model, cfg, tensors, weights, "prefix_tuning", config)
+
+
+METHOD = register(
+    Method(
+        name="prefix_tuning",
+        config=PrefixTuningConfig,
+        apply=apply,
+        family="soft prompts",
+        summary="trainable key/value prefixes in every attention layer, trained through an MLP folded away on save",
+        paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation (arXiv:2101.00190)",
+        lr=1e-2,
+        mergeable=False,
+        identity_at_init=False,
+        fold=fold,
+    )
+)
+
+hf_peft.EXPORTERS["prefix_tuning"] = export_prefixes
+hf_peft.IMPORTERS["PREFIX_TUNING"] = _import_prefix_tuning
