@@ -27,6 +27,10 @@ TINY_OPTIONS: dict[str, dict] = {
     "dylora": {"r": 4},
     # one reset (after step 2) within the matrix's 4 steps, so the merged history is saved and loaded
     "relora": {"r": 4, "reset_every": 2, "restart_warmup": 1},
+    # AdapterDrop while training (n drawn from 0..1 each step) and trained LayerNorms go through the invariants too
+    "houlsby": {"bottleneck": 8, "drop_train": True},
+    "pfeiffer": {"bottleneck": 8},
+    "parallel": {"bottleneck": 8, "train_layernorms": True},
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 
