@@ -476,15 +476,20 @@ def forward_seconds(model: nn.Module, batch: dict[str, torch.Tensor], repeats: i
     return statistics.median(times)
 
 
-def drop_speed(attachment, batch: dict[str, torch.Tensor], drops: Sequence[int], repeats: int = 20) -> dict[int, float]:
+def drop_speed(
+    attachment, batch: dict[str, torch.Tensor], drops: Sequence[int], repeats: int = 20, plain: nn.Module | None = None
+) -> dict[int | str, float]:
     """AdapterDrop's inference gain: median forward seconds with the adapters of the lowest n layers skipped, for
-    each n in ``drops`` (interleaved round by round, so a slow patch of a shared machine hits every n alike). The
-    attachment's own ``drop_layers`` is restored afterwards."""
+    each n in ``drops``, and for ``plain`` (the model without adapters, under ``"plain"``) when given. The settings
+    take turns round by round, so a slow patch of a shared machine hits all of them alike. The attachment's own
+    ``drop_layers`` is restored afterwards."""
     layers = block_adapters(attachment)
-    times: dict[int, list[float]] = {n: [] for n in drops}
+    times: dict[int | str, list[float]] = {n: [] for n in drops} | ({"plain": []} if plain is not None else {})
     for _ in range(repeats):
         for n in drops:
             drop_lowest(layers, n)
             times[n].append(forward_seconds(attachment.model, batch, repeats=1, warmup=1))
+        if plain is not None:
+            times["plain"].append(forward_seconds(plain, batch, repeats=1, warmup=1))
     drop_lowest(layers, attachment.config.drop_layers)
     return {n: statistics.median(t) for n, t in times.items()}
