@@ -431,7 +431,8 @@ def set_drop(attachment, n: int) -> None:
 class AdapterDropHooks(TrainingHooks):
     """With ``drop_train``, each step skips the adapters of the lowest n layers, n drawn uniformly from
     0..``drop_train_max`` with the global torch RNG (saved in checkpoints: a resume draws the same n); between steps
-    the config's fixed ``drop_layers`` holds. ``report`` gives the validation metrics at several n."""
+    the config's fixed ``drop_layers`` holds. ``report`` gives the validation metrics at n = 0, layers / 4,
+    layers / 2 and layers - 1."""
 
     def __init__(self, attachment, config):
         self.config = config
@@ -454,7 +455,7 @@ class AdapterDropHooks(TrainingHooks):
         if not self.config.drop_train or not self.blocks:
             return {}
         by_n = {}
-        for n in range(0, self.blocks, max(1, self.blocks // 4)):
+        for n in sorted({0, self.blocks // 4, self.blocks // 2, self.blocks - 1}):
             drop_lowest(self.layers, n)
             by_n[str(n)] = evaluate()
         drop_lowest(self.layers, self.config.drop_layers)
