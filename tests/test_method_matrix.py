@@ -18,6 +18,7 @@ from peftlab.core.attach import base_name
 from peftlab.methods import all_methods
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+from tests.fusion_members import MatrixFusionOptions
 
 TINY_OPTIONS: dict[str, dict] = {
     "lora": {"r": 4},
@@ -35,6 +36,12 @@ TINY_OPTIONS: dict[str, dict] = {
     # test_p_tuning.py / test_prefix_tuning.py test the folded round trip.
     "p_tuning": {"keep_encoder": True},
     "prefix_tuning": {"keep_encoder": True, "encoder_hidden": 32},
+    # AdapterDrop while training (n drawn from 0..1 each step) and trained LayerNorms go through the invariants too
+    "houlsby": {"bottleneck": 8, "drop_train": True},
+    "pfeiffer": {"bottleneck": 8},
+    "parallel": {"bottleneck": 8, "train_layernorms": True},
+    # three stage-one pfeiffer adapters, made on first use
+    "adapter_fusion": MatrixFusionOptions(),
 }
 MERGE_TOLERANCE: dict[str, float] = {}
 

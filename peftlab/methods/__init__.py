@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (registration side effect)
     adalora,
+    adapter_fusion,
     bitfit,
     child_tuning_d,
     child_tuning_f,
@@ -10,11 +11,14 @@ from . import (  # noqa: F401  (registration side effect)
     fishmask,
     full,
     head,
+    houlsby,
     ia3,
     last_k,
     lora,
     p_tuning,
     p_tuning_v2,
+    parallel,
+    pfeiffer,
     prefix_tuning,
     prompt_tuning,
     qlora,
