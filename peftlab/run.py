@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -319,24 +320,34 @@ def hf_task_type(prepared: Prepared) -> str:
     return {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "sft": "CAUSAL_LM"}[prepared.kind]
 
 
-def generation_metrics(options: RunOptions, prepared: Prepared, model, batch_size: int) -> dict[str, dict]:
-    """Exact match and answer accuracy of generated replies: on the first ``eval_generate`` test conversations
-    and on every extra evaluation set (held-out tasks)."""
-    if prepared.kind != "sft" or options.eval_generate == 0:
-        return {}
-    out = {}
+def generation_sets(options: RunOptions, prepared: Prepared, limit: int | None = None) -> dict[str, list]:
+    """The conversations answered by generation at evaluation: the first ``limit`` (default ``eval_generate``)
+    test conversations and of every extra evaluation set (held-out tasks)."""
+    limit = options.eval_generate if limit is None else limit
     sets = {"test": prepared.data.splits["test"], **prepared.data.extra_eval}
-    for name, conversations in sets.items():
-        chosen = [c for c in conversations if not c.is_text][: options.eval_generate]
-        if not chosen:
-            continue
-        replies = generate(
-            model,
-            prepared.tokenizer,
-            [c.prompt() for c in chosen],
-            options.max_new_tokens,
-            batch_size=min(batch_size, 16),
-        )
+    chosen = {name: [c for c in convs if not c.is_text][:limit] for name, convs in sets.items()}
+    return {name: convs for name, convs in chosen.items() if convs}
+
+
+def generation_metrics(
+    options: RunOptions,
+    prepared: Prepared,
+    model,
+    batch_size: int,
+    limit: int | None = None,
+    reply: Callable | None = None,
+) -> dict[str, dict]:
+    """Exact match, answer accuracy and token F1 of generated replies on ``generation_sets``. ``reply(prompts)``
+    replaces the model's own greedy generation (e.g. proxy-tuned decoding)."""
+    if prepared.kind != "sft" or (options.eval_generate == 0 and limit is None):
+        return {}
+
+    def own(prompts):
+        return generate(model, prepared.tokenizer, prompts, options.max_new_tokens, batch_size=min(batch_size, 16))
+
+    out = {}
+    for name, chosen in generation_sets(options, prepared, limit).items():
+        replies = (reply or own)([c.prompt() for c in chosen])
         out[name] = score(chosen, replies) | {
             "samples": [
                 {"prompt": c.prompt()[-1]["content"][:200], "reply": r, "reference": c.reference()}

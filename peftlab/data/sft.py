@@ -100,9 +100,7 @@ def _chitchat(split_seed: int) -> SFTData:
     notes: list[str] = []
     dialogues = chitchat_dialogues(locate("chitchat"))
     by_split = assign_splits({"all": dialogues}, split_seed, notes)
-    splits = {
-        name: [c for d in ds for c in _windows(d, CHITCHAT_TURNS)] for name, ds in by_split.items()
-    }  # fmt: skip
+    splits = {name: [c for d in ds for c in _windows(d, CHITCHAT_TURNS)] for name, ds in by_split.items()}
     for convs in splits.values():
         for c in convs:
             c.task = "chitchat"
@@ -171,9 +169,7 @@ def text_documents(source: str, split: str = "test", split_seed: int = 0) -> lis
         return [c.text for c in PACKAGED_SFT[source](split_seed).splits[split]]
     path = Path(source)
     if not path.is_file():
-        raise InputError(
-            f"{source!r} is neither a packaged text dataset ({', '.join(TEXT_DATASETS)}) nor a text file"
-        )
+        raise InputError(f"{source!r} is neither a packaged text dataset ({', '.join(TEXT_DATASETS)}) nor a text file")
     texts = [c.text for c in read_conversations(path) if c.is_text]
     if not texts:
         raise InputError(f"{path}: no raw text found (expected a .txt file or records with only 'text')")

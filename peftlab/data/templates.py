@@ -192,7 +192,13 @@ def _open_qa(folder: Path) -> list[Example]:
 
 _POS_NEG = {"rotten": "negative", "fresh": "positive"}
 _TWEET = {"negative": "negative", "neutral": "neutral", "positive": "positive"}
-_TOPICS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sports": "sport", "tech": "tech"}
+_TOPICS = {  # the folder "sports" is answered "sport"
+    "business": "business",
+    "entertainment": "entertainment",
+    "politics": "politics",
+    "sports": "sport",
+    "tech": "tech",
+}
 
 TASKS: dict[str, Task] = {
     t.name: t
@@ -204,8 +210,11 @@ TASKS: dict[str, Task] = {
             (
                 Template("options_first", "Is this movie review positive or negative?\n\n{text}", _POS_NEG),
                 Template("review_then_options", "Review: {text}\n\nIs the review {options}?", _POS_NEG),
-                Template("liked", "{text}\n\nDid the critic like the movie? Answer yes or no.",
-                         {"rotten": "no", "fresh": "yes"}),  # fmt: skip
+                Template(
+                    "liked",
+                    "{text}\n\nDid the critic like the movie? Answer yes or no.",
+                    {"rotten": "no", "fresh": "yes"},
+                ),
                 Template("no_options", "How does the critic feel about the film?\n\n{text}", _POS_NEG),
                 Template("classify", "Classify the sentiment of the text as {options}.\n\nText: {text}", _POS_NEG),
             ),
@@ -218,16 +227,24 @@ TASKS: dict[str, Task] = {
             _bbc_topic,
             (
                 Template("options_first", "Which topic is this article about? Options: {options}\n\n{text}", _TOPICS),
-                Template("article_then_question",
-                         "{text}\n\nWhich section of a newspaper would this appear in: {options}?", _TOPICS),  # fmt: skip
+                Template(
+                    "article_then_question",
+                    "{text}\n\nWhich section of a newspaper would this appear in: {options}?",
+                    _TOPICS,
+                ),
                 Template("no_options", "Give the topic of this news article in one word.\n\n{text}", _TOPICS),
                 Template("classify", "Classify the news article as {options}.\n\nArticle: {text}", _TOPICS),
             ),
             labels=tuple(_TOPICS),
             pet=PetPattern(
                 "{text}\n\nThis article is about",
-                {"business": " business", "entertainment": " entertainment", "politics": " politics",
-                 "sports": " sport", "tech": " technology"},  # fmt: skip
+                {
+                    "business": " business",
+                    "entertainment": " entertainment",
+                    "politics": " politics",
+                    "sports": " sport",
+                    "tech": " technology",
+                },
             ),
         ),
         Task(
@@ -273,8 +290,10 @@ TASKS: dict[str, Task] = {
                 Template("feel", "{text}\n\nHow does the author feel? Answer {options}.", _TWEET),
             ),
             labels=("negative", "neutral", "positive"),
-            pet=PetPattern("{text} The mood of this tweet is",
-                           {"negative": " negative", "neutral": " neutral", "positive": " positive"}),  # fmt: skip
+            pet=PetPattern(
+                "{text} The mood of this tweet is",
+                {"negative": " negative", "neutral": " neutral", "positive": " positive"},
+            ),
         ),
         Task(
             "open_qa",
@@ -320,6 +339,7 @@ def build_mixture(
     tasks: dict[str, tuple[int, int, int]] | None = None,
     held_out: dict[str, int] | None = None,
     quiet: bool = True,
+    examples_of: Callable[[str], list[Example]] | None = None,
 ) -> Mixture:
     """The instruction mixture ``instruct_mix``.
 
@@ -332,7 +352,8 @@ def build_mixture(
     of each split are taken, and each example gets one of its task's templates, drawn by a generator seeded with
     ``split_seed``; the mixed splits are then shuffled. The few-shot demonstration pool of every task (held-out ones
     too) is the first 64 examples of that task's own training split; the tuned model trains on examples after
-    those, so demonstrations and training examples never coincide.
+    those, so demonstrations and training examples never coincide. ``examples_of(task)`` replaces reading the
+    packaged data (for tests).
     """
     tasks = MIXTURE_TASKS if tasks is None else tasks
     held_out = HELD_OUT_TASKS if held_out is None else held_out
@@ -340,10 +361,10 @@ def build_mixture(
     splits: dict[str, list[TemplatedConversation]] = {"train": [], "validation": [], "test": []}
     held: dict[str, list[TemplatedConversation]] = {}
     demonstrations: dict[str, list[Example]] = {}
-    cache: dict[str, list[Example]] = {}
+    examples_of = examples_of or (lambda name: TASKS[name].examples(quiet))
     for name in [*tasks, *held_out]:
         task = TASKS[name]
-        examples = cache.setdefault(name, task.examples(quiet))
+        examples = examples_of(name)
         parts = assign_splits({"all": examples}, split_seed, [])
         demonstrations[name] = parts["train"][:DEMONSTRATIONS]
         if name in held_out:

@@ -100,9 +100,7 @@ def score(conversations: Sequence[Conversation], replies: Sequence[str], by_task
 
 def _score(conversations: Sequence[Conversation], replies: Sequence[str]) -> dict:
     exact = [normalise(r) == normalise(c.reference()) for c, r in zip(conversations, replies, strict=True)]
-    f1 = [
-        max(token_f1(r, a) for a in [c.reference(), *c.answers]) for c, r in zip(conversations, replies, strict=True)
-    ]
+    f1 = [max(token_f1(r, a) for a in [c.reference(), *c.answers]) for c, r in zip(conversations, replies, strict=True)]
     with_answers = [(c, r) for c, r in zip(conversations, replies, strict=True) if c.answers]
     answered = [
         normalise(r.strip().splitlines()[0] if r.strip() else "") in {normalise(a) for a in c.answers}
