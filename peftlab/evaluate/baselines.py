@@ -42,8 +42,9 @@ def demonstration_pool(data) -> dict[str, list]:
 
 
 def _demo_messages(demo, like: Conversation) -> list[dict[str, str]]:
-    if isinstance(demo, Example):
-        template = next(t for t in TASKS[demo.task].templates if t.name == getattr(like, "template", ""))
+    if isinstance(demo, Example):  # rendered in the question's template (or the task's first one)
+        templates = TASKS[demo.task].templates
+        template = next((t for t in templates if t.name == getattr(like, "template", "")), templates[0])
         demo = template.render(demo)
     return [dict(m) for m in demo.messages]
 
