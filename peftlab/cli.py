@@ -253,14 +253,14 @@ def _eval_generation(args, run, options, settings, prepared, attachment, show_pr
     if args.max_new_tokens is not None:
         options.max_new_tokens = args.max_new_tokens
     limit = args.generate if args.generate is not None else options.eval_generate
-    reply, label = _proxy_reply(args, attachment.model, prepared.tokenizer, options.model, show_progress)
+    answer, label = None, None
+    if args.proxy_base:
+        steered, label = _proxy_reply(args, attachment.model, prepared.tokenizer, options.model, show_progress)
 
-    def answer(prompts):
-        return reply(prompts, options.max_new_tokens, 0)
+        def answer(prompts):
+            return steered(prompts, options.max_new_tokens, 0)
 
-    metrics = generation_metrics(
-        options, prepared, attachment.model, settings.eval_batch_size, limit, answer if args.proxy_base else None
-    )
+    metrics = generation_metrics(options, prepared, attachment.model, settings.eval_batch_size, limit, answer)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -415,18 +415,11 @@ def _proxy_arguments(parser) -> None:
 
 
 def _proxy_reply(args, expert, tokenizer, expert_base: str, show_progress: bool):
-    """(reply(prompts, max_new_tokens, seed) -> replies, label): the expert's own generation, or proxy-tuned
-    decoding of ``--proxy-base`` when it is given."""
-    from .evaluate.generation import generate
-
+    """(reply(prompts, max_new_tokens, seed) -> replies, label) decoding ``--proxy-base`` steered by the expert
+    (the run's or --model's model with its adapter) minus the anti-expert. The vocabularies are checked first,
+    from the tokenizers alone, before any model is loaded."""
     trust = getattr(args, "trust_remote_code", False)
     temperature, top_p = getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0)
-    if not args.proxy_base:
-
-        def own(prompts, max_new_tokens, seed):
-            return generate(expert, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-
-        return own, None
     from .core.attach import load_adapter
     from .evaluate.proxy import check_shared_vocabulary, proxy_generate
     from .models import load_causal_lm, load_tokenizer, resolve_model
