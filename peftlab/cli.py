@@ -6,8 +6,9 @@
     peftlab merge RUN --out DIR
     peftlab export RUN --format hf --out DIR
     peftlab import HF_ADAPTER --out DIR [--model M] [--labels a,b]
-    peftlab generate (RUN | --model M [--adapter DIR]) [--prompts FILE|-] [--temperature T]
-    peftlab chat (RUN | --model M [--adapter DIR])
+    peftlab generate (RUN | --model M [--adapter DIR]) [--prompts FILE|-] [--temperature T] [--proxy-base B]
+    peftlab chat (RUN | --model M [--adapter DIR]) [--proxy-base B]
+    peftlab baseline --model M --data D [--shots 0 4] [--pet] [--limit N]
     peftlab methods [NAME]
     peftlab assets list | pull NAME... | verify NAME...
 
@@ -191,6 +192,11 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
     results = run_training(options, settings, method_config, resume=bool(known.resume), show_progress=show_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process prints
         print_results(results)
+        for name, f in results.get("forgetting", {}).items():
+            print(
+                f"forgetting on {name}: perplexity {f['before']:.3f} before, {f['after']:.3f} after tuning "
+                f"({100 * f['relative_change']:+.1f}%, {f['documents']} documents, {f['tokens']} tokens)"
+            )
     return 0
 
 
@@ -250,10 +256,20 @@ def cmd_eval(argv: list[str], show_progress: bool) -> int:
     parser.add_argument("--data", help="evaluate on this data file instead of the run's own splits")
     parser.add_argument("--split", choices=["test", "validation", "train", "all"], default="test")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument(
+        "--generate",
+        type=int,
+        metavar="N",
+        help="sft: also answer the first N test and held-out conversations by generation and score the replies",
+    )
+    parser.add_argument("--max-new-tokens", type=int, help="sft: longest generated reply (default: the run's)")
+    _proxy_arguments(parser)
     args = parser.parse_args(argv)
     run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
     device = pick_device(options.device)
     attachment.model.to(device)
+    if args.generate is not None or args.proxy_base:
+        return _eval_generation(args, run, options, settings, prepared, attachment, show_progress)
     task = make_task(prepared)
     autocast = autocast_for(settings.precision, device)
     if args.data:
@@ -269,6 +285,49 @@ def cmd_eval(argv: list[str], show_progress: bool) -> int:
     else:
         make_console().print(metrics_table(metrics, f"{run}: {attachment.method.name} adapter"))
     return 0
+
+
+def _eval_generation(args, run, options, settings, prepared, attachment, show_progress: bool) -> int:
+    """``peftlab eval RUN --generate N``: generation metrics of the run's adapter, or of a proxy-tuned base steered
+    by it (``--proxy-base``)."""
+    from .run import generation_metrics
+
+    if prepared.kind != "sft":
+        raise InputError(f"{run}: --generate and --proxy-base need an sft run")
+    if args.max_new_tokens is not None:
+        options.max_new_tokens = args.max_new_tokens
+    limit = args.generate if args.generate is not None else options.eval_generate
+    answer, label = None, None
+    if args.proxy_base:
+        steered, label = _proxy_reply(args, attachment.model, prepared.tokenizer, options.model, show_progress)
+
+        def answer(prompts):
+            return steered(prompts, options.max_new_tokens, 0)
+
+    metrics = generation_metrics(options, prepared, attachment.model, settings.eval_batch_size, limit, answer)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        title = f"{run}: {label or attachment.method.name + ' adapter'}, generation"
+        make_console().print(generation_table(metrics, title))
+    return 0
+
+
+def generation_table(metrics: dict[str, dict], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("set", "answer accuracy", "token F1", "exact match", "examples"):
+        table.add_column(column, justify="left" if column == "set" else "right")
+    for name, m in metrics.items():
+        if not m:
+            continue
+        accuracy = f"{m['answer_accuracy']:.4f}" if "answer_accuracy" in m else "-"
+        table.add_row(name, accuracy, f"{m['token_f1']:.4f}", f"{m['exact_match']:.4f}", str(m["examples"]))
+        for task, t in m.get("tasks", {}).items():
+            accuracy = f"{t['answer_accuracy']:.4f}" if "answer_accuracy" in t else "-"
+            table.add_row(f"  {task}", accuracy, f"{t['token_f1']:.4f}", f"{t['exact_match']:.4f}", str(t["examples"]))
+    return table
 
 
 def cmd_merge(argv: list[str], show_progress: bool) -> int:
@@ -384,6 +443,65 @@ def _decoder_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true")
+    _proxy_arguments(parser)
+
+
+def _proxy_arguments(parser) -> None:
+    group = parser.add_argument_group(
+        "proxy-tuning", "decode base + alpha * (expert - anti-expert); the run or --model/--adapter is the expert"
+    )
+    group.add_argument("--proxy-base", metavar="MODEL", help="the model to steer (packaged name or folder)")
+    group.add_argument("--proxy-base-adapter", metavar="DIR", help="an adapter to load onto the proxy base first")
+    group.add_argument(
+        "--anti-expert", metavar="MODEL", help="the untuned anti-expert (default: the expert's own base model)"
+    )
+    group.add_argument("--proxy-alpha", type=float, default=1.0, help="strength of the steering (paper: 1)")
+
+
+def _proxy_reply(args, expert, tokenizer, expert_base: str, show_progress: bool):
+    """(reply(prompts, max_new_tokens, seed) -> replies, label) decoding ``--proxy-base`` steered by the expert
+    (the run's or --model's model with its adapter) minus the anti-expert. The vocabularies are checked first,
+    from the tokenizers alone, before any model is loaded."""
+    trust = getattr(args, "trust_remote_code", False)
+    temperature, top_p = getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0)
+    from .core.attach import load_adapter
+    from .evaluate.proxy import check_shared_vocabulary, proxy_generate
+    from .models import load_causal_lm, load_tokenizer, resolve_model
+
+    anti_name = args.anti_expert or expert_base
+    base_path = resolve_model(args.proxy_base, quiet=not show_progress)
+    anti_path = resolve_model(anti_name, quiet=not show_progress)
+    base_tokenizer = load_tokenizer(base_path, trust)
+    vocab = check_shared_vocabulary(
+        {
+            f"{args.proxy_base} (base)": base_tokenizer,
+            f"{expert_base} + adapter (expert)": tokenizer,
+            f"{anti_name} (anti-expert)": load_tokenizer(anti_path, trust),
+        }
+    )
+    base = load_causal_lm(base_path, trust_remote_code=trust)
+    if args.proxy_base_adapter:
+        load_adapter(base, args.proxy_base_adapter)
+    anti = load_causal_lm(anti_path, trust_remote_code=trust)
+    device = next(expert.parameters()).device
+    base.to(device)
+    anti.to(device)
+
+    def steered(prompts, max_new_tokens, seed):
+        options = {"temperature": temperature, "top_p": top_p, "seed": seed, "alpha": args.proxy_alpha}
+        return proxy_generate(base, expert, anti, base_tokenizer, prompts, max_new_tokens, vocab=vocab, **options)
+
+    label = f"proxy-tuned {args.proxy_base}" + (" + adapter" if args.proxy_base_adapter else "")
+    return steered, f"{label} (alpha {args.proxy_alpha:g}; expert - anti-expert {anti_name})"
+
+
+def _expert_base(args) -> str:
+    """The base model of the expert: a run's configured model, or --model."""
+    if args.run:
+        from .fileio import read_json
+
+        return str(read_json(Path(args.run) / "config.json", "run config").get("model"))
+    return args.model
 
 
 def _read_prompts(source: str) -> list[list[dict[str, str]]]:
@@ -423,9 +541,19 @@ def cmd_generate(argv: list[str], show_progress: bool) -> int:
     prompts = _read_prompts(args.prompts)
     if args.system:
         prompts = [[{"role": "system", "content": args.system}, *p] for p in prompts]
-    replies = generate(
-        model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-    )
+    if args.proxy_base:
+        reply, _ = _proxy_reply(args, model, tokenizer, _expert_base(args), show_progress)
+        replies = reply(prompts, args.max_new_tokens, args.seed)
+    else:
+        replies = generate(
+            model,
+            tokenizer,
+            prompts,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
     for prompt, reply in zip(prompts, replies, strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt[-1]["content"], "reply": reply}))
@@ -442,6 +570,9 @@ def cmd_chat(argv: list[str], show_progress: bool) -> int:
     _decoder_arguments(parser)
     args = parser.parse_args(argv)
     model, tokenizer, label = _decoder(args, show_progress)
+    steered = None
+    if args.proxy_base:
+        steered, label = _proxy_reply(args, model, tokenizer, _expert_base(args), show_progress)
     console = make_console()
     console.print(f"[bold]peftlab chat[/bold] with {label}. /reset clears the history, /exit ends.")
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -462,18 +593,94 @@ def cmd_chat(argv: list[str], show_progress: bool) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        reply = generate(
-            model,
-            tokenizer,
-            [system + history],
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed + turn,
-        )[0]
+        if steered is not None:
+            reply = steered([system + history], args.max_new_tokens, args.seed + turn)[0]
+        else:
+            reply = generate(
+                model,
+                tokenizer,
+                [system + history],
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed + turn,
+            )[0]
         turn += 1
         history.append({"role": "assistant", "content": reply})
         console.print(f"[bold]bot>[/bold] {reply}", highlight=False)
+
+
+def cmd_baseline(argv: list[str], show_progress: bool) -> int:
+    """Training-free baselines on an sft dataset's test and held-out sets: zero-shot and few-shot generation,
+    PET-style classification."""
+    from .core.attach import load_adapter
+    from .data.sft import load_sft
+    from .evaluate.baselines import demonstration_pool, generation_baseline, pet_baseline
+    from .fileio import write_json
+    from .models import load_causal_lm, load_tokenizer, resolve_model
+
+    parser = _Parser(
+        prog="peftlab baseline",
+        description="Score an untuned decoder on a dataset's test and held-out sets: zero-shot and in-context "
+        "few-shot generation (--shots), and PET-style classification from the LM head (--pet).",
+    )
+    parser.add_argument("--model", required=True, help="packaged model name or Hugging Face folder")
+    parser.add_argument("--adapter", help="adapter folder to load onto --model first")
+    parser.add_argument("--data", required=True, help="packaged SFT dataset or data file (as for train --task sft)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[0, 4], help="demonstrations per prompt (0: zero-shot)")
+    parser.add_argument("--pet", action=argparse.BooleanOptionalAction, default=True, help="PET-style classification")
+    parser.add_argument("--limit", type=int, default=100, help="first N conversations of each set (as --eval-generate)")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demonstrations' choice")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--out", help="also write the results to this JSON file")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    if any(k < 0 for k in args.shots) or args.limit <= 0:
+        raise InputError("peftlab baseline: --shots must be >= 0 and --limit positive")
+    path = resolve_model(args.model, quiet=not show_progress)
+    tokenizer = load_tokenizer(path, args.trust_remote_code)
+    model = load_causal_lm(path, trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    data = load_sft(args.data, args.split_seed)
+    sets = {"test": data.splits["test"], **data.extra_eval}
+    sets = {name: [c for c in convs if not c.is_text][: args.limit] for name, convs in sets.items()}
+    sets = {name: convs for name, convs in sets.items() if convs}
+    pool = demonstration_pool(data)
+    results: dict[str, Any] = {"model": args.model, "adapter": args.adapter, "data": args.data, "limit": args.limit}
+    for shots in args.shots:
+        results[f"{shots}-shot"] = {
+            name: generation_baseline(
+                model, tokenizer, convs, pool, shots, args.max_new_tokens, args.batch_size, args.seed
+            )
+            for name, convs in sets.items()
+        }
+    if args.pet:
+        pet = {name: pet_baseline(model, tokenizer, convs) for name, convs in sets.items()}
+        results["pet"] = {name: r for name, r in pet.items() if r is not None}
+    if args.out:
+        write_json(Path(args.out), results)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    console = make_console()
+    for shots in args.shots:
+        console.print(generation_table(results[f"{shots}-shot"], f"{args.model}: {shots}-shot generation"))
+    if results.get("pet"):
+        from rich.table import Table
+
+        table = Table(title=f"{args.model}: PET-style classification (pattern + verbalizer)")
+        for column in ("set", "accuracy", "examples"):
+            table.add_column(column, justify="left" if column == "set" else "right")
+        for name, r in results["pet"].items():
+            table.add_row(name, f"{r['accuracy']:.4f}", str(r["examples"]))
+            for task, t in r["tasks"].items():
+                table.add_row(f"  {task}", f"{t['accuracy']:.4f}", str(t["examples"]))
+        console.print(table)
+    return 0
 
 
 def cmd_methods(argv: list[str], show_progress: bool) -> int:
@@ -545,6 +752,7 @@ COMMANDS = {
     "import": cmd_import,
     "generate": cmd_generate,
     "chat": cmd_chat,
+    "baseline": cmd_baseline,
     "methods": cmd_methods,
     "assets": cmd_assets,
 }

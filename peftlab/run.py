@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,8 +32,8 @@ from .core.attach import CONFIG_FILE, WEIGHTS_FILE, Attachment, attach, load_ada
 from .data.batches import encode
 from .data.classification import Columns, load_classification, read_examples
 from .data.conversations import read_conversations
-from .data.lm import encode_conversations
-from .data.sft import load_sft
+from .data.lm import LMEncoded, encode_conversations, replay_rows, text_sample, with_rows
+from .data.sft import load_sft, text_documents
 from .data.tagging import Sentence, encode_tagging, load_tagging, read_tagged
 from .errors import InputError, require
 from .evaluate.generation import generate, score
@@ -76,8 +77,31 @@ class RunOptions:
         default=False,
         metadata={"help": "with several processes: shard the model across them (FSDP2) instead of copying it"},
     )
+    eval_limit: int | None = field(
+        default=None, metadata={"help": "use only the first N validation and test examples (and of each held-out set)"}
+    )
+    forgetting_data: list[str] = field(
+        default_factory=lambda: ["news_articles"],
+        metadata={
+            "help": "sft: general text whose perplexity is measured before and after tuning (packaged text datasets "
+            "or .txt/.jsonl files; their test split by split seed 0); none turns it off"
+        },
+    )
+    forgetting_docs: int = field(
+        default=16, metadata={"help": "sft: documents in each forgetting sample (the first 256 tokens of each)"}
+    )
+    replay_data: str | None = field(
+        default=None,
+        metadata={"help": "sft: general text mixed into training against forgetting (its train split, split seed 0)"},
+    )
+    replay_ratio: float = field(
+        default=0.25, metadata={"help": "sft: replayed general-text target tokens per target token of the task data"}
+    )
 
     def __post_init__(self):
+        require(self.eval_limit is None or self.eval_limit > 0, "eval_limit", "a positive integer", self.eval_limit)
+        require(self.forgetting_docs > 0, "forgetting_docs", "a positive integer", self.forgetting_docs)
+        require(self.replay_ratio > 0, "replay_ratio", "a positive number", self.replay_ratio)
         require(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
         require(self.eval_generate >= 0, "eval_generate", "an integer >= 0", self.eval_generate)
         require(self.max_new_tokens > 0, "max_new_tokens", "a positive integer", self.max_new_tokens)
@@ -169,20 +193,75 @@ def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
             f"(at most {limit}); longer texts are cut at max_length"
         )
     if options.task == "sft":
-        data = load_sft(options.data, options.split_seed, options.train_limit)
+        data = load_sft(options.data, options.split_seed, options.train_limit, options.eval_limit)
         splits = {
             name: encode_conversations(tokenizer, convs, options.max_length, options.packing and name == "train")
             for name, convs in data.splits.items()
         }
+        if options.replay_data:
+            splits["train"] = add_replay(options, data, splits["train"], tokenizer)
         return Prepared("sft", data, splits, model_path, tokenizer)
     if options.task == "tag":
         data = load_tagging(options.data, options.split_seed, options.train_limit, quiet=quiet)
+        _limit_evaluation(data, options.eval_limit)
         splits = {name: encode_tagging(s, tokenizer, options.max_length) for name, s in data.splits.items()}
         return Prepared("tag", data, splits, model_path, tokenizer)
     columns = Columns(options.text_column, options.pair_column, options.label_column)
     data = load_classification(options.data, columns, options.split_seed, options.train_limit, quiet=quiet)
+    _limit_evaluation(data, options.eval_limit)
     splits = {name: encode(examples, tokenizer, options.max_length) for name, examples in data.splits.items()}
     return Prepared("classify", data, splits, model_path, tokenizer)
+
+
+def _limit_evaluation(data, limit: int | None) -> None:
+    if limit is not None:
+        for split in ("validation", "test"):
+            data.splits[split] = data.splits[split][:limit]
+        data.notes.append(f"validation and test sets limited to their first {limit} examples")
+
+
+def add_replay(options: RunOptions, data, train: LMEncoded, tokenizer) -> LMEncoded:
+    """Replay: blocks of general text (the train split of ``replay_data``) added to the training set, as many
+    target tokens as ``replay_ratio`` times the task data's target tokens."""
+    want = round(options.replay_ratio * train.targets())
+    rows = replay_rows(tokenizer, text_documents(options.replay_data, "train"), options.max_length, want)
+    got = sum(len(r) for r in rows)
+    data.notes.append(
+        f"replay: {len(rows)} blocks of {options.replay_data} (train split, {got} target tokens) mixed into "
+        f"{len(train)} training rows ({train.targets()} target tokens); ratio {got / max(train.targets(), 1):.3f}"
+    )
+    return with_rows(train, rows, options.packing, options.max_length)
+
+
+FORGETTING_BLOCK = 256  # tokens read from each document of the forgetting sample
+
+
+def forgetting_samples(options: RunOptions, prepared: Prepared) -> dict[str, LMEncoded]:
+    """The fixed general-text samples whose perplexity measures forgetting (test split, split seed 0)."""
+    if prepared.kind != "sft":
+        return {}
+    sources = [s for s in options.forgetting_data if s.lower() != "none"]
+    block = min(FORGETTING_BLOCK, max_positions(prepared.model_path, prepared.tokenizer) or FORGETTING_BLOCK)
+    return {
+        source: text_sample(prepared.tokenizer, text_documents(source, "test"), block, options.forgetting_docs)
+        for source in sources
+    }
+
+
+def forgetting_report(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    return {
+        name: {
+            "before": before[name]["perplexity"],
+            "after": after[name]["perplexity"],
+            "change": after[name]["perplexity"] - before[name]["perplexity"],
+            "relative_change": after[name]["perplexity"] / before[name]["perplexity"] - 1,
+            "loss_before": before[name]["loss"],
+            "loss_after": after[name]["loss"],
+            "tokens": after[name]["tokens"],
+            "documents": after[name]["examples"],
+        }
+        for name in after
+    }
 
 
 def max_positions(model_path: Path, tokenizer) -> int | None:
@@ -246,24 +325,34 @@ def hf_task_type(prepared: Prepared) -> str:
     return {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "sft": "CAUSAL_LM"}[prepared.kind]
 
 
-def generation_metrics(options: RunOptions, prepared: Prepared, model, batch_size: int) -> dict[str, dict]:
-    """Exact match and answer accuracy of generated replies: on the first ``eval_generate`` test conversations
-    and on every extra evaluation set (held-out tasks)."""
-    if prepared.kind != "sft" or options.eval_generate == 0:
-        return {}
-    out = {}
+def generation_sets(options: RunOptions, prepared: Prepared, limit: int | None = None) -> dict[str, list]:
+    """The conversations answered by generation at evaluation: the first ``limit`` (default ``eval_generate``)
+    test conversations and of every extra evaluation set (held-out tasks)."""
+    limit = options.eval_generate if limit is None else limit
     sets = {"test": prepared.data.splits["test"], **prepared.data.extra_eval}
-    for name, conversations in sets.items():
-        chosen = [c for c in conversations if not c.is_text][: options.eval_generate]
-        if not chosen:
-            continue
-        replies = generate(
-            model,
-            prepared.tokenizer,
-            [c.prompt() for c in chosen],
-            options.max_new_tokens,
-            batch_size=min(batch_size, 16),
-        )
+    chosen = {name: [c for c in convs if not c.is_text][:limit] for name, convs in sets.items()}
+    return {name: convs for name, convs in chosen.items() if convs}
+
+
+def generation_metrics(
+    options: RunOptions,
+    prepared: Prepared,
+    model,
+    batch_size: int,
+    limit: int | None = None,
+    reply: Callable | None = None,
+) -> dict[str, dict]:
+    """Exact match, answer accuracy and token F1 of generated replies on ``generation_sets``. ``reply(prompts)``
+    replaces the model's own greedy generation (e.g. proxy-tuned decoding)."""
+    if prepared.kind != "sft" or (options.eval_generate == 0 and limit is None):
+        return {}
+
+    def own(prompts):
+        return generate(model, prepared.tokenizer, prompts, options.max_new_tokens, batch_size=min(batch_size, 16))
+
+    out = {}
+    for name, chosen in generation_sets(options, prepared, limit).items():
+        replies = (reply or own)([c.prompt() for c in chosen])
         out[name] = score(chosen, replies) | {
             "samples": [
                 {"prompt": c.prompt()[-1]["content"][:200], "reply": r, "reference": c.reference()}
@@ -301,6 +390,12 @@ def run_training(
         remove_stale_temporaries(out)
     prepared = prepare_data(options, quiet=not show_progress)
     model = build_model(options, prepared, settings.seed)
+    task = make_task(prepared)
+    autocast = autocast_for(settings.precision, device)
+    general = forgetting_samples(options, prepared)
+    if general:  # the pretrained model, before any method is attached
+        model.to(device)
+        before = {n: task.evaluate(model, e, settings.eval_batch_size, device, autocast) for n, e in general.items()}
     if options.adapter:
         attachment = load_adapter(model, options.adapter)
         if attachment.method.name != method.name:
@@ -323,7 +418,6 @@ def run_training(
         if dist.main or dist.sharded:  # sharded tensors are gathered by every process; rank 0 writes
             attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step}, write=dist.main)
 
-    task = make_task(prepared)
     hooks = make_hooks(attachment, settings)
     result = fit(
         attachment,
@@ -346,8 +440,14 @@ def run_training(
     trained = attachment.trainable_count()
     folded = attachment.fold()
     load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
-    autocast = autocast_for(settings.precision, device)
     evaluation = dist.for_evaluation
+    forgetting = {}
+    if general:
+        after = {
+            n: task.evaluate(model, e, settings.eval_batch_size, device, autocast, evaluation)
+            for n, e in general.items()
+        }
+        forgetting = forgetting_report(before, after)
     test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast, evaluation)
     generating = dist.main or dist.sharded  # under FSDP every process must take part in every forward pass
     generated = generation_metrics(options, prepared, model, settings.eval_batch_size) if generating else {}
@@ -374,6 +474,7 @@ def run_training(
         "seed": settings.seed,
         "metrics": {"validation": result.best, "test": test, **generated},
         "params": counts,
+        **({"forgetting": forgetting} if forgetting else {}),
         "method_report": method_report,
         "adapter_bytes": folder_bytes(out / "adapter"),
         "peak_memory_bytes": memory,

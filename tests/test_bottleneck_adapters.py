@@ -301,8 +301,8 @@ def test_drop_train_resumes_exactly(tiny_model_dir, tiny_csv, tmp_path):
         settings = TrainSettings(max_steps=8, batch_size=8, lr=1e-2, warmup=0, checkpoint_every=3, seed=0)
         save = loop.save_checkpoint
 
-        def save_then_crash(path, attachment, optimizer, scheduler, state, *rest):
-            save(path, attachment, optimizer, scheduler, state, *rest)
+        def save_then_crash(path, attachment, optimizer, scheduler, state, *rest, **kw):
+            save(path, attachment, optimizer, scheduler, state, *rest, **kw)
             if state["step"] == crash_after:
                 raise KeyboardInterrupt
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftlab.data.conversations import Conversation
 from peftlab.evaluate.generation import generate, normalise, score
-from tests.conftest import NEGATIVE, POSITIVE
+from tests.conftest import FILLER, NEGATIVE, POSITIVE
 
 FAST = ["--epochs", "10", "--batch-size", "8", "--lr", "0.005", "--max-length", "48", "--eval-generate", "16",
         "--max-new-tokens", "3"]  # fmt: skip
@@ -42,8 +42,21 @@ def sft_data(tmp_path_factory):
     return path
 
 
+def general_text(n=12, seed=1):
+    """Paragraphs of plain text (blank-line separated), the shape of a forgetting or replay corpus."""
+    rng = random.Random(seed)
+    return "\n\n".join(" ".join(rng.choices(FILLER + POSITIVE, k=30)) for _ in range(n)) + "\n"
+
+
 @pytest.fixture(scope="module")
-def sft_run(tiny_llama_dir, sft_data, tmp_path_factory):
+def general_file(sft_data):
+    path = sft_data.parent / "general.txt"
+    path.write_text(general_text())
+    return path
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_llama_dir, sft_data, general_file, tmp_path_factory):
     from peftlab.cli import main
 
     out = tmp_path_factory.mktemp("sft-runs") / "lora"
@@ -61,6 +74,10 @@ def sft_run(tiny_llama_dir, sft_data, tmp_path_factory):
                 "--out",
                 str(out),
                 "--r",
+                "4",
+                "--forgetting-data",
+                str(general_file),
+                "--forgetting-docs",
                 "4",
                 *FAST,
             ]
@@ -82,6 +99,50 @@ def test_sft_learns_and_reports_lm_and_generation_metrics(sft_run):
     config = json.loads((sft_run / "adapter" / "adapter.json").read_text())
     assert config["task"] == {"type": "sft"} and config["trainable_modules"] == []
     assert not any(t.endswith("lm_head") for t in config["targets"])
+
+
+def test_forgetting_is_the_perplexity_of_general_text_before_and_after(sft_run, general_file, tiny_llama_dir):
+    from peftlab.data.lm import text_sample
+    from peftlab.data.sft import text_documents
+    from peftlab.run import rebuild
+    from peftlab.train.lm_task import LanguageModelTask
+
+    results = json.loads((sft_run / "results.json").read_text())
+    f = results["forgetting"][str(general_file)]
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    sample = text_sample(tok, text_documents(str(general_file)), 128, 4)  # 128: the tiny model's positions
+    assert f["documents"] == 4 and f["tokens"] == sample.tokens() - len(sample)
+    task, ctx = LanguageModelTask(), __import__("contextlib").nullcontext
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert f["before"] == pytest.approx(task.evaluate(base, sample, 8, "cpu", ctx)["perplexity"], rel=1e-5)
+    _, _, _, _, adapter = rebuild(sft_run)
+    assert f["after"] == pytest.approx(task.evaluate(adapter.model, sample, 8, "cpu", ctx)["perplexity"], rel=1e-5)
+    assert f["change"] == pytest.approx(f["after"] - f["before"])
+
+
+def test_replay_mixes_general_text_into_training(tiny_llama_dir, sft_data, general_file):
+    from peftlab.run import RunOptions, prepare_data
+
+    common = {"model": str(tiny_llama_dir), "data": str(sft_data), "task": "sft", "max_length": 48}
+    plain = prepare_data(RunOptions(**common))
+    mixed = prepare_data(RunOptions(**common, replay_data=str(general_file), replay_ratio=0.5))
+    extra = mixed.splits["train"].input_ids[len(plain.splits["train"]) :]
+    assert extra and all(len(r) <= 48 for r in extra)
+    replayed = sum(len(r) for r in extra)
+    task_targets = plain.splits["train"].targets()
+    assert 0.5 * task_targets <= replayed < 0.5 * task_targets + 48  # whole blocks until the ratio is reached
+    assert mixed.splits["train"].labels[-1] == extra[-1]  # every replayed token is a target
+    assert mixed.splits["validation"].input_ids == plain.splits["validation"].input_ids
+    assert any(n.startswith("replay:") for n in mixed.data.notes)
+
+
+def test_eval_generate_rescores_a_run(sft_run, cli):
+    results = json.loads((sft_run / "results.json").read_text())
+    code, out, err = cli("eval", sft_run, "--generate", "16", "--json")
+    assert code == 0, err
+    again = json.loads(out)["test"]
+    assert again["answer_accuracy"] == results["metrics"]["test"]["answer_accuracy"]
+    assert again["examples"] == results["metrics"]["test"]["examples"]
 
 
 def test_eval_reproduces_the_test_loss(sft_run, cli):
@@ -128,6 +189,7 @@ def test_generation_stops_at_the_end_of_turn_and_scores(tiny_llama_dir):
     assert normalise(" Positive. ") == "positive"
     assert score([conv], ["positive"]) == {
         "exact_match": 1.0,
+        "token_f1": 1.0,
         "examples": 1,
         "answer_accuracy": 1.0,
         "answered_examples": 1,

@@ -153,6 +153,55 @@ def encode_conversations(
     return LMEncoded(ids_rows, label_rows, truncated, pad if pad is not None else 0)
 
 
+def text_sample(tokenizer, texts: Sequence[str], block: int, count: int, min_tokens: int = 16) -> LMEncoded:
+    """A fixed sample of general text for perplexity: the first ``block`` tokens of each of the first ``count``
+    texts that have at least ``min_tokens`` tokens (every token a target). Many short excerpts rather than one long
+    text, so the sample spans many documents."""
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:block]
+        if len(ids) >= min_tokens:
+            rows.append(ids)
+        if len(rows) == count:
+            break
+    if not rows:
+        raise InputError(f"no text of at least {min_tokens} tokens to measure perplexity on")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return LMEncoded(rows, [list(r) for r in rows], 0, pad if pad is not None else 0)
+
+
+def replay_rows(tokenizer, texts: Sequence[str], max_length: int, target_tokens: int) -> list[list[int]]:
+    """Blocks of ``max_length`` tokens of general text (joined by end-of-sequence tokens, in order) until they hold
+    at least ``target_tokens`` tokens; fewer if the texts run out."""
+    if target_tokens <= 0:
+        return []
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+        if len(stream) >= target_tokens + max_length:
+            break
+    blocks, total = [], 0
+    for i in range(0, len(stream), max_length):
+        if total >= target_tokens:
+            break
+        block = stream[i : i + max_length]
+        if len(block) > 1:
+            blocks.append(block)
+            total += len(block)
+    return blocks
+
+
+def with_rows(data: LMEncoded, rows: list[list[int]], packing: bool, max_length: int) -> LMEncoded:
+    """``data`` plus extra rows in which every token is a target (e.g. replayed general text), packed if asked."""
+    ids, labels = data.input_ids + rows, data.labels + [list(r) for r in rows]
+    if packing:
+        ids, labels = _pack(ids, labels, max_length)
+    return LMEncoded(ids, labels, data.truncated, data.pad_id)
+
+
 def _pack(ids_rows, label_rows, max_length):
     packed_ids, packed_labels = [], []
     row_ids: list[int] = []

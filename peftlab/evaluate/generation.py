@@ -5,13 +5,16 @@ on the left, and decodes greedily (or samples with a temperature and top-p), sto
 end-of-turn token. Answers are compared after normalisation (lower case, surrounding punctuation and spaces
 stripped, inner whitespace collapsed): *exact match* is the share of generations equal to the reference reply;
 *answer accuracy* is the share whose first line equals one of the record's acceptable ``answers`` (a class name,
-for the classification tasks turned into instructions).
+for the classification tasks turned into instructions); *token F1* is the SQuAD-style overlap of the reply's
+words with the best-matching acceptable answer (or the reference), a graded score for open answers. With records of
+several tasks the scores are also given per task (``tasks``).
 """
 
 from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -73,14 +76,41 @@ def generate(
     return replies
 
 
-def score(conversations: Sequence[Conversation], replies: Sequence[str]) -> dict:
+def token_f1(reply: str, reference: str) -> float:
+    """Harmonic mean of word precision and recall between two texts (after ``normalise``, punctuation split off)."""
+    a = re.findall(r"\w+", normalise(reply))
+    b = re.findall(r"\w+", normalise(reference))
+    common = sum((Counter(a) & Counter(b)).values())
+    if not a or not b or not common:
+        return float(a == b)
+    precision, recall = common / len(a), common / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(conversations: Sequence[Conversation], replies: Sequence[str], by_task: bool = True) -> dict:
+    out = _score(conversations, replies)
+    tasks = sorted({c.task for c in conversations if c.task})
+    if by_task and len(tasks) > 1:
+        out["tasks"] = {
+            t: _score(*zip(*[(c, r) for c, r in zip(conversations, replies, strict=True) if c.task == t], strict=True))
+            for t in tasks
+        }
+    return out
+
+
+def _score(conversations: Sequence[Conversation], replies: Sequence[str]) -> dict:
     exact = [normalise(r) == normalise(c.reference()) for c, r in zip(conversations, replies, strict=True)]
+    f1 = [max(token_f1(r, a) for a in [c.reference(), *c.answers]) for c, r in zip(conversations, replies, strict=True)]
     with_answers = [(c, r) for c, r in zip(conversations, replies, strict=True) if c.answers]
     answered = [
         normalise(r.strip().splitlines()[0] if r.strip() else "") in {normalise(a) for a in c.answers}
         for c, r in with_answers
     ]
-    out = {"exact_match": sum(exact) / max(len(exact), 1), "examples": len(exact)}
+    out = {
+        "exact_match": sum(exact) / max(len(exact), 1),
+        "token_f1": sum(f1) / max(len(f1), 1),
+        "examples": len(exact),
+    }
     if with_answers:
         out["answer_accuracy"] = sum(answered) / len(answered)
         out["answered_examples"] = len(answered)
