@@ -527,6 +527,13 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     parser.add_argument(
         "--threads", type=int, metavar="N", help="torch CPU threads (default: the suite's, else torch's)"
     )
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another bench folder: its finished cells with exactly this configuration are copied, not run again",
+    )
     parser.add_argument("--list", action="store_true", help="list the cells and whether they are done; run nothing")
     args = parser.parse_args(argv)
     suite_name = "quick" if args.quick else args.suite
@@ -543,8 +550,17 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
         raise InputError("--out: give one bench folder to run into (several only with --report)")
     suite = load_suite(suite_name)
     out = Path(args.out[0]) if args.out else Path("runs") / "bench" / suite.name
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads: expected a positive integer, got {args.threads}")
     filters = Filters(
-        args.methods, args.models, args.tasks, args.seeds, peers=not args.no_peer, speed=not args.no_speed
+        args.methods,
+        args.models,
+        args.tasks,
+        args.seeds,
+        peers=not args.no_peer,
+        speed=not args.no_speed,
+        threads=args.threads,
+        reuse=[Path(r) for r in args.reuse],
     )
     plan = make_plan(suite, out, filters)
     console = make_console()
@@ -565,8 +581,8 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     stem = Path(args.report_to) if args.report_to else out / "report"
     md, page = write_report([out], stem, args.title or f"peftlab benchmark: suite {suite.name}")
     console.print(
-        f"suite {suite.name}: {counts['cells']} cells, {counts['done_before']} already done, {counts['ran']} run now "
-        f"({counts['failed']} failed); report: {md} and {page}",
+        f"suite {suite.name}: {counts['cells']} cells, {counts['done_before']} already done, "
+        f"{counts['reused']} reused, {counts['ran']} run now ({counts['failed']} failed); report: {md} and {page}",
         highlight=False,
     )
     return 1 if counts["failed"] else 0

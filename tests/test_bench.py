@@ -307,6 +307,15 @@ def test_quick_suite_resumes_and_rebuilds_the_report(quick, cli):
     assert code == 0 and "to run" in out and "done" in out  # seed 1 is still to run
 
 
+def test_identical_cells_are_reused_from_another_bench_folder(quick, cli, tmp_path):
+    code, out, _ = cli("bench", "--quick", "--seeds", "0", "--out", tmp_path / "again", "--reuse", quick)
+    assert code == 0
+    assert "15 reused, 0 run now" in out
+    assert cells(tmp_path / "again").keys() == cells(quick).keys()
+    speed = json.loads((tmp_path / "again" / "tiny-bert__ner" / "speed.json").read_text())
+    assert speed == json.loads((quick / "tiny-bert__ner" / "speed.json").read_text())
+
+
 def test_quick_report_has_tables_and_plots(quick):
     md = (quick / "report.md").read_text()
     assert "## Standings" in md and "Against Hugging Face PEFT" in md
@@ -334,6 +343,8 @@ def test_bench_cli_errors(cli, tmp_path):
     assert code == 2 and "'methds' is neither a packaged suite" in err and "did you mean 'methods'" in err
     code, _, err = cli("bench", "--quick", "--methods", "loar", "--out", tmp_path)
     assert code == 2 and "'loar' is not a method of suite 'quick'" in err
+    code, _, err = cli("bench", "--quick", "--threads", "0", "--out", tmp_path)
+    assert code == 2 and "--threads: expected a positive integer" in err
     code, _, err = cli("bench", "--report", "--out", tmp_path / "nothing")
     assert code == 2 and "not a bench folder" in err
 

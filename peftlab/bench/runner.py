@@ -123,6 +123,7 @@ class Filters:
     peers: bool = True
     speed: bool = True
     threads: int | None = None  # overrides the suite's threads
+    reuse: list[Path] = field(default_factory=list)  # other bench folders whose identical finished cells are copied
 
 
 def _slug(text: str) -> str:
@@ -274,9 +275,19 @@ class Runner:
         plan.out.mkdir(parents=True, exist_ok=True)
         write_text(plan.out / "suite.toml", suite.text or "")
         todo = [c for c in plan.cells if not finished(c, suite)]
+        reused = [c for c in todo if self.reuse_cell(c)]
+        todo = [c for c in todo if c not in reused]
+        for group in plan.groups:
+            self.reuse_speed(group)
         speed_todo = {g.slug: self.speed_missing(g) for g in plan.groups} if self.filters.speed else {}
         units = len(todo) + sum(len(v) for v in speed_todo.values())
-        counts = {"cells": len(plan.cells), "done_before": len(plan.cells) - len(todo), "ran": 0, "failed": 0}
+        counts = {
+            "cells": len(plan.cells),
+            "done_before": len(plan.cells) - len(todo) - len(reused),
+            "reused": len(reused),
+            "ran": 0,
+            "failed": 0,
+        }
         with _progress(self.show_progress) as bar:
             job = bar.add_task("", total=max(units, 1), rate="")
             completed = 0
@@ -298,6 +309,51 @@ class Runner:
                     counts["failed"] += not ok
                     advance(cell.name, torch_time() - started)
         return counts
+
+    # --- reusing identical cells of other bench folders ------------------------------------------------------
+
+    def reuse_cell(self, cell: Cell) -> bool:
+        """Copy the cell from a ``--reuse`` folder where the same cell (same fingerprint) is finished."""
+        want = fingerprint(cell_config(cell, self.suite))
+        for other in self.filters.reuse:
+            source = other / cell.folder.relative_to(self.plan.out)
+            path = source / CELL
+            if not path.is_file() or read_json(path, "bench cell").get("fingerprint") != want:
+                continue
+            shutil.copytree(
+                source, cell.folder, ignore=shutil.ignore_patterns("peer", "checkpoint", "scratch"), dirs_exist_ok=True
+            )
+            record = read_json(path, "bench cell") | {"suite": self.suite.name, "reused_from": str(source)}
+            write_json(cell.folder / CELL, record)
+            return True
+        return False
+
+    def reuse_speed(self, group: Group) -> None:
+        """Copy micro-benchmark entries measured with the same configuration in a ``--reuse`` folder."""
+        path = self.speed_path(group)
+        record = read_json(path, "speed results") if path.is_file() else {}
+        changed = False
+        for other in self.filters.reuse:
+            theirs_path = other / path.relative_to(self.plan.out)
+            if not theirs_path.is_file():
+                continue
+            theirs = read_json(theirs_path, "speed results")
+            for variant in self.plan.variants:
+                entry = (theirs.get("methods") or {}).get(variant.label)
+                if (
+                    entry
+                    and entry.get("fingerprint") == fingerprint(self.speed_config(group, variant))
+                    and self.speed_entry(group, variant) is None
+                ):
+                    for key in ("batch", "repeats", "warmup", "references"):
+                        record.setdefault(key, theirs.get(key))
+                    record.setdefault("methods", {})[variant.label] = entry
+                    write_json(path, record)
+                    changed = True
+        if changed:
+            self.log(
+                f"[bench] {group.slug}: micro-benchmark entries reused from {', '.join(map(str, self.filters.reuse))}"
+            )
 
     # --- cells ----------------------------------------------------------------------------------------------
 
