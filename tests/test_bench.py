@@ -319,6 +319,8 @@ def test_identical_cells_are_reused_from_another_bench_folder(quick, cli, tmp_pa
 def test_quick_report_has_tables_and_plots(quick):
     md = (quick / "report.md").read_text()
     assert "## Standings" in md and "Against Hugging Face PEFT" in md
+    summary = json.loads((quick / "report.json").read_text())
+    assert {g["task"] for g in summary} == {"sentiment", "ner", "instructions"}
     assert "| **lora** |" in md
     pngs = sorted(p.name for p in (quick / "report").glob("*.png"))
     assert len(pngs) == 9  # three groups x quality, memory, speed

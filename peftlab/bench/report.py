@@ -1,8 +1,9 @@
 """The benchmark report: ``report.md`` and a static ``report.html`` with plots, from the results alone.
 
 ``write_report(folders, stem)`` reads every ``cell.json`` and ``speed.json`` under the bench folders (one or more
-suites), aggregates over seeds (mean and sample standard deviation) and writes ``<stem>.md``, ``<stem>.html`` and the
-plots as small PNG files in ``<stem>/`` (both pages link them by relative path). Per model and task:
+suites), aggregates over seeds (mean and sample standard deviation) and writes ``<stem>.md``, ``<stem>.html``, the
+plots as small PNG files in ``<stem>/`` (both pages link them by relative path) and the aggregated numbers as
+``<stem>.json``. Per model and task:
 
 - a table per method: quality, trainable / changed parameters, rank of the weight difference, adapter bytes, the
   memory split of one training step, step time relative to the floor and to full fine-tuning, train time and
@@ -311,6 +312,7 @@ def _inline(text: str) -> str:
     """Markdown's **bold** and `code` as HTML, everything else escaped."""
     text = html.escape(text)
     text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"(?<![*\w])\*(?![\s*])(.+?)(?<![\s*])\*(?![*\w])", r"<i>\1</i>", text)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
@@ -423,7 +425,7 @@ def plot_memory(plt, group: Group, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("MiB in one training step")
     ax.set_title(f"{group.title}: memory split", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
     plt.close(fig)
@@ -452,7 +454,7 @@ def plot_speed(plt, group: Group, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("step time / floor (frozen forward + activation-only backward)")
     ax.set_title(f"{group.title}: speed relative to the floor", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
     plt.close(fig)
@@ -689,4 +691,45 @@ def write_report(folders: list[Path], stem: Path, title: str = "peftlab benchmar
     md, page = stem.with_suffix(".md"), stem.with_suffix(".html")
     write_text(md, doc.markdown())
     write_text(page, doc.html(title))
+    write_text(stem.with_suffix(".json"), json.dumps(summary(collected), indent=1) + "\n")
     return md, page
+
+
+def summary(collected: Collected) -> list[dict]:
+    """The aggregated numbers behind the tables, for programs (``<stem>.json``)."""
+    out = []
+    for group in collected.groups:
+        rows = []
+        for (label, implementation), r in group.rows.items():
+            side = "peer" if implementation == "peft" else "ours"
+            rows.append(
+                {
+                    "label": label,
+                    "method": r.method,
+                    "implementation": implementation,
+                    "seeds": r.seeds,
+                    "quality_mean": r.mean("quality", "value"),
+                    "quality_std": r.std("quality", "value"),
+                    "trainable": r.mean("params", "trainable"),
+                    "changed": r.mean("params", "changed"),
+                    "adapter_bytes": r.mean("adapter_bytes"),
+                    "train_seconds": r.mean("train_seconds"),
+                    "tokens_per_second": r.mean("tokens_per_second"),
+                    "memory": memory_of(group, label, side),
+                    "step_seconds": step_times(group, label)[side],
+                    "lr": r.first.get("lr"),
+                }
+            )
+        speed = {label: step_times(group, label) for label, impl in group.rows if impl == "peftlab"}
+        out.append(
+            {
+                "suite": group.suite,
+                "model": group.model,
+                "task": group.task,
+                "metric": group.metric,
+                "higher_is_better": group.higher_is_better,
+                "rows": rows,
+                "step_seconds": speed,
+            }
+        )
+    return out
