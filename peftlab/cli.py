@@ -534,6 +534,12 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
         metavar="DIR",
         help="another bench folder: its finished cells with exactly this configuration are copied, not run again",
     )
+    parser.add_argument("--speed-only", action="store_true", help="run only the speed and memory micro-benchmark")
+    parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure the micro-benchmark again where it is done (a quieter machine)",
+    )
     parser.add_argument("--list", action="store_true", help="list the cells and whether they are done; run nothing")
     args = parser.parse_args(argv)
     suite_name = "quick" if args.quick else args.suite
@@ -561,7 +567,11 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
         speed=not args.no_speed,
         threads=args.threads,
         reuse=[Path(r) for r in args.reuse],
+        speed_only=args.speed_only,
+        remeasure=args.remeasure,
     )
+    if args.no_speed and (args.speed_only or args.remeasure):
+        raise InputError("--no-speed: cannot be combined with --speed-only or --remeasure")
     plan = make_plan(suite, out, filters)
     console = make_console()
     for note in plan.notes:

@@ -316,6 +316,19 @@ def test_identical_cells_are_reused_from_another_bench_folder(quick, cli, tmp_pa
     assert speed == json.loads((quick / "tiny-bert__ner" / "speed.json").read_text())
 
 
+def test_speed_only_measures_without_training(cli, tmp_path):
+    args = ("bench", "--quick", "--tasks", "sentiment", "--methods", "lora", "--speed-only", "--out", tmp_path)
+    code, out, _ = cli(*args)
+    assert code == 0 and "0 run now" in out
+    path = tmp_path / "tiny-bert__sentiment" / "speed.json"
+    first = json.loads(path.read_text())["methods"]["lora"]
+    assert not list(tmp_path.glob("*/*/seed*/cell.json"))
+    code, _, _ = cli(*args, "--remeasure")
+    assert code == 0
+    again = json.loads(path.read_text())["methods"]["lora"]
+    assert again["fingerprint"] == first["fingerprint"] and again["ours"]["times"] != first["ours"]["times"]
+
+
 def test_quick_report_has_tables_and_plots(quick):
     md = (quick / "report.md").read_text()
     assert "## Standings" in md and "Against Hugging Face PEFT" in md

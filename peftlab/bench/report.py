@@ -237,6 +237,18 @@ def step_times(group: Group, label: str) -> dict[str, float | None]:
     return {k: (entry.get(k) or {}).get("median") for k in ("ours", "peer", "floor", "full")}
 
 
+def step_ratio(group: Group, label: str, a: str, b: str) -> float | None:
+    """Median over the micro-benchmark's rounds of (a's step time / b's step time) in the same round.
+
+    Within one round the variants run back to back, so load on the machine that drifts from round to round cancels
+    in each round's ratio; the median then drops the rounds that a burst of load hit unevenly."""
+    entry = _speed(group, label)
+    ta, tb = (entry.get(a) or {}).get("times"), (entry.get(b) or {}).get("times")
+    if not ta or not tb or len(ta) != len(tb):
+        return None
+    return statistics.median(x / y for x, y in zip(ta, tb, strict=True))
+
+
 def memory_of(group: Group, label: str, side: str) -> dict | None:
     return (_speed(group, label).get(side) or {}).get("memory")
 
@@ -438,10 +450,10 @@ def plot_speed(plt, group: Group, path: Path) -> None:
         t = step_times(group, row.label)
         if t["ours"] and t["floor"]:
             labels.append(row.label)
-            ours.append(t["ours"] / t["floor"])
-            peers.append(t["peer"] / t["floor"] if t["peer"] else 0.0)
+            ours.append(step_ratio(group, row.label, "ours", "floor"))
+            peers.append(step_ratio(group, row.label, "peer", "floor") or 0.0)
             if t["full"]:
-                full.append(t["full"] / t["floor"])
+                full.append(step_ratio(group, row.label, "full", "floor"))
     fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.36 * max(len(labels), 1)))
     ys = range(len(labels))
     ax.barh([y - 0.2 for y in ys], ours, height=0.4, color="#4c72b0", label="peftlab")
@@ -508,8 +520,8 @@ def method_table(group: Group) -> tuple[list[str], list[list[str]]]:
         )
         row += [
             f"{1000 * t['ours']:.0f}" if t["ours"] else "-",
-            fmt_ratio(ratio(t["ours"], t["floor"])),
-            fmt_ratio(ratio(t["ours"], t["full"])),
+            fmt_ratio(step_ratio(group, r.label, "ours", "floor")),
+            fmt_ratio(step_ratio(group, r.label, "ours", "full")),
             f"{r.mean('train_seconds'):.0f}" if r.mean("train_seconds") is not None else "-",
             f"{r.mean('examples_per_second'):.1f}" if r.mean("examples_per_second") is not None else "-",
             f"{r.mean('tokens_per_second'):.0f}" if r.mean("tokens_per_second") is not None else "-",
@@ -542,7 +554,7 @@ def peer_table(group: Group) -> tuple[list[str], list[list[str]]]:
         trainable = (r.mean("params", "trainable"), p.mean("params", "trainable") if p else None)
         row = [
             f"**{r.label}**",
-            fmt_ratio(ratio(t["ours"], t["peer"])),
+            fmt_ratio(step_ratio(group, r.label, "ours", "peer")),
             fmt_ratio(ratio(mo and mo["total"], mp and mp["total"])),
             quality_delta(r, p, group.metric),
             f"{fmt_count(trainable[0])} / {fmt_count(trainable[1])}"
@@ -575,15 +587,15 @@ def standings(group: Group) -> list[str]:
             parts.append(f"{100 * trainable / total:.3g}% trainable")
         if t["ours"] and t["floor"]:
             parts.append(
-                f"step {t['ours'] / t['floor']:.2f}× floor"
-                + (f", {t['ours'] / t['full']:.2f}× full" if t["full"] else "")
+                f"step {step_ratio(group, r.label, 'ours', 'floor'):.2f}× floor"
+                + (f", {step_ratio(group, r.label, 'ours', 'full'):.2f}× full" if t["full"] else "")
             )
         p = group.peer(r.label)
         if t["peer"] or p:
             mo, mp = memory_of(group, r.label, "ours"), memory_of(group, r.label, "peer")
             versus = []
             if t["ours"] and t["peer"]:
-                versus.append(f"step {t['ours'] / t['peer']:.2f}×")
+                versus.append(f"step {step_ratio(group, r.label, 'ours', 'peer'):.2f}×")
             if mo and mp:
                 versus.append(f"memory {mo['total'] / mp['total']:.2f}×")
             if p:
@@ -620,10 +632,11 @@ READING = (
     "of the merged weights that differ from the pretrained ones; *Δ rank* is the rank of each adapted matrix's weight "
     "difference; *adapter* is the saved folder's size. *Memory* is measured on one training step of the fixed batch: "
     "W weights (parameters and buffers), G gradients, O optimiser state (plus any method state), A activations saved "
-    "for the backward pass. *Step ms* is the median of alternating timed steps on that batch; *× floor* divides it "
-    "by the floor (the frozen base's forward plus an activation-only backward, measured in the same alternation), "
-    "*× full* by full fine-tuning's step. Train time excludes evaluation. Peer columns divide our number by Hugging "
-    "Face PEFT's for the same cell (same start weights, data order, optimiser, schedule and steps)."
+    "for the backward pass. *Step ms* is the median of alternating timed steps on that batch; *× floor* is the median "
+    "over rounds of its step time divided by the floor's in the same round (the floor: the frozen base's forward plus "
+    "an activation-only backward), *× full* the same against full fine-tuning's step. Train time excludes "
+    "evaluation. Peer columns divide our number by Hugging Face PEFT's for the same cell (same start weights, data "
+    "order, optimiser, schedule and steps); the step ratio is again the median of same-round ratios."
 )
 
 

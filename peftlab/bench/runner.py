@@ -124,6 +124,8 @@ class Filters:
     speed: bool = True
     threads: int | None = None  # overrides the suite's threads
     reuse: list[Path] = field(default_factory=list)  # other bench folders whose identical finished cells are copied
+    speed_only: bool = False  # run the micro-benchmark only, no cells
+    remeasure: bool = False  # measure the micro-benchmark again even where it is done (e.g. on a quieter machine)
 
 
 def _slug(text: str) -> str:
@@ -274,7 +276,7 @@ class Runner:
             torch.set_num_threads(threads)
         plan.out.mkdir(parents=True, exist_ok=True)
         write_text(plan.out / "suite.toml", suite.text or "")
-        todo = [c for c in plan.cells if not finished(c, suite)]
+        todo = [] if self.filters.speed_only else [c for c in plan.cells if not finished(c, suite)]
         reused = [c for c in todo if self.reuse_cell(c)]
         todo = [c for c in todo if c not in reused]
         for group in plan.groups:
@@ -519,6 +521,8 @@ class Runner:
     def speed_missing(self, group: Group) -> list[Variant]:
         if not self.suite.speed.enabled:
             return []
+        if self.filters.remeasure:
+            return list(self.plan.variants)
         return [v for v in self.plan.variants if self.speed_entry(group, v) is None]
 
     def measure_speed(self, group: Group, variants: list[Variant], advance, bar, job) -> None:
