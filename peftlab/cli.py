@@ -534,6 +534,14 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
         metavar="DIR",
         help="another bench folder: its finished cells with exactly this configuration are copied, not run again",
     )
+    parser.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        type=_key_value,
+        help="a local Hugging Face folder standing in for a model of the suite that is not packaged (e.g. mpnet=DIR)",
+    )
     parser.add_argument("--speed-only", action="store_true", help="run only the speed and memory micro-benchmark")
     parser.add_argument(
         "--remeasure",
@@ -568,6 +576,7 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
         threads=args.threads,
         reuse=[Path(r) for r in args.reuse],
         speed_only=args.speed_only,
+        model_dirs=dict(args.model_dir),
         remeasure=args.remeasure,
     )
     if args.no_speed and (args.speed_only or args.remeasure):

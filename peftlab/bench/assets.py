@@ -223,10 +223,16 @@ def _built(name: str, builder, assets: Path) -> Path:
     return folder
 
 
-def resolve_model(spec: str, assets: Path) -> tuple[str | None, str]:
-    """(what --model takes, or None when unavailable; a note saying why)."""
+def resolve_model(spec: str, assets: Path, folders: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """(what --model takes, or None when unavailable; a note saying why). ``folders`` maps a model name to a local
+    Hugging Face folder standing in for it (a model that is not packaged yet, fetched by hand)."""
     from ..models import MODEL_NAMES
 
+    if folders and spec in folders:
+        folder = Path(folders[spec]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise InputError(f"--model-dir: {folder} (for {spec!r}) is not a Hugging Face model folder")
+        return str(folder), ""
     if spec in BUILT_MODELS:
         return str(_built(spec, BUILT_MODELS[spec], assets)), ""
     if spec in MODEL_NAMES:

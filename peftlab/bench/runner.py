@@ -126,6 +126,7 @@ class Filters:
     reuse: list[Path] = field(default_factory=list)  # other bench folders whose identical finished cells are copied
     speed_only: bool = False  # run the micro-benchmark only, no cells
     remeasure: bool = False  # measure the micro-benchmark again even where it is done (e.g. on a quieter machine)
+    model_dirs: dict[str, str] = field(default_factory=dict)  # model name -> local folder standing in for it
 
 
 def _slug(text: str) -> str:
@@ -180,7 +181,7 @@ def make_plan(suite: Suite, out: Path, filters: Filters | None = None) -> Plan:
             assets.check_spec(spec)
             for d in task.data:
                 assets.check_spec(d)
-            model, why = assets.resolve_model(spec, asset_folder)
+            model, why = assets.resolve_model(spec, asset_folder, filters.model_dirs)
             if model is None:
                 notes.append(f"{spec} / {task.name}: skipped: {why}")
                 continue
