@@ -1,0 +1,16 @@
+"""The benchmark laboratory: ``peftlab bench`` runs suites of methods x models x tasks x seeds under one budget and
+writes a report (Markdown and static HTML with plots) with honest accounting and a Hugging Face PEFT peer column.
+
+- ``suite``:   suites as TOML files (packaged ones in ``suites/``), checked key by key;
+- ``assets``:  tiny models and data built on the fly (the ``quick`` suite), derived datasets;
+- ``measure``: one training step's time and memory split (weights, gradients, optimiser state, activations), the
+  floor, and the alternating micro-benchmark (reusable by speed work);
+- ``peer``:    the same cell trained through Hugging Face PEFT in the same process and loop;
+- ``runner``:  the plan of cells, running and resuming them;
+- ``report``:  aggregation over seeds, tables, plots, report.md and report.html.
+"""
+
+from .runner import Filters, make_plan, run_bench
+from .suite import find_suite, load_suite, packaged_suites
+
+__all__ = ["Filters", "find_suite", "load_suite", "make_plan", "packaged_suites", "run_bench"]

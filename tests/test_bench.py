@@ -1,0 +1,405 @@
+"""The benchmark laboratory: suites, the measured step (time and memory split), the floor, the PEFT peer, and the
+quick suite end to end (cells, resume, report)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftlab
+from peftlab.bench import Filters, load_suite, make_plan, packaged_suites
+from peftlab.bench.measure import FloorStep, TrainStep, alternate, tensor_bytes
+from peftlab.bench.peer import build_peer, peer_hooks, peer_note
+from peftlab.bench.report import pareto_front
+from peftlab.bench.suite import parse_suite
+from peftlab.errors import InputError
+from peftlab.run import RunOptions, build_model, prepare_data
+from peftlab.train.hooks import TrainingHooks
+from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+
+MINIMAL = {
+    "name": "t",
+    "seeds": [0],
+    "models": ["tiny:bert"],
+    "budget": {"max_steps": 2},
+    "tasks": [{"name": "s", "task": "classify", "data": "tiny:sentiment"}],
+    "methods": [{"name": "lora"}],
+}
+
+
+def suite_with(**changes):
+    data = json.loads(json.dumps(MINIMAL))
+    data.update(changes)
+    return parse_suite(data, "test.toml")
+
+
+# --- suites -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(packaged_suites()))
+def test_packaged_suites_load_and_plan(name, tmp_path):
+    suite = load_suite(name)
+    plan = make_plan(suite, tmp_path)
+    assert plan.variants, name
+    assert all(v.lr > 0 for v in plan.variants)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"bugdet": {"max_steps": 1}}, "unknown key 'bugdet' .did you mean 'budget'"),
+        ({"budget": {"max_steps": 1, "epochs": 1}}, "give exactly one of max_steps"),
+        ({"budget": {"max_steps": 0}}, "budget.max_steps: expected a positive integer"),
+        ({"train": {"lr": 1e-3}}, "train.lr: set by the suite itself"),
+        ({"train": {"batch_sise": 8}}, "unknown key 'batch_sise' .did you mean 'batch_size'"),
+        ({"seeds": [0, 0]}, "names a seed twice"),
+        ({"tasks": [{"name": "s", "task": "translate", "data": "x"}]}, "task: expected one of classify, tag, sft"),
+        ({"tasks": [{"name": "s", "task": "classify", "data": "x", "options": {"model": "m"}}]}, "set by each cell"),
+        ({"methods": [{"name": "lora", "lr": -1}]}, "lr: expected a positive number"),
+        ({"methods": [{"name": "lora"}, {"name": "lora"}]}, "two entries are labelled 'lora'"),
+        ({"speed": {"references": ["ceiling"]}}, "speed.references"),
+        ({"threads": 0}, "threads: expected a positive integer"),
+    ],
+)
+def test_suite_errors_name_the_key(changes, message):
+    with pytest.raises(InputError, match=message):
+        suite_with(**changes)
+
+
+def test_method_options_are_checked_by_the_method(tmp_path):
+    suite = suite_with(methods=[{"name": "lora", "options": {"rank": 4}}])
+    with pytest.raises(InputError, match=r"methods\[lora\].options: unknown option 'rank'"):
+        make_plan(suite, tmp_path)
+
+
+def test_unregistered_methods_and_missing_models_are_skipped_with_a_note(tmp_path):
+    suite = suite_with(
+        models=["tiny:bert", "no-such-model"], methods=[{"name": "lora"}, {"name": "houlsby", "label": "houlsby"}]
+    )
+    plan = make_plan(suite, tmp_path)
+    assert [v.label for v in plan.variants] == ["lora"]
+    assert any("'houlsby'" in n and "not registered" in n for n in plan.notes)
+    assert any("no-such-model" in n for n in plan.notes)
+    assert {c.group.model_spec for c in plan.cells} == {"tiny:bert"}
+    # lora has a PEFT peer: one peftlab cell and one peer cell per seed
+    assert [c.peer for c in plan.cells] == [False, True]
+
+
+def test_all_methods_adds_every_registered_method(tmp_path):
+    plan = make_plan(
+        suite_with(all_methods=True, methods=[{"name": "lora", "label": "rslora", "options": {"rslora": True}}]),
+        tmp_path,
+    )
+    labels = [v.label for v in plan.variants]
+    assert labels[0] == "rslora"
+    # every registered method the entries do not name (by method name: rslora names lora)
+    assert set(labels[1:]) == {m.name for m in peftlab.all_methods()} - {"lora"}
+
+
+def test_peers_only_where_like_for_like():
+    assert peer_note("lora") is None
+    assert "no 'dylora'" in peer_note("dylora")
+    pissa = peftlab.get_method("lora").config(init="pissa")
+    assert "rank 2r" in peer_note("lora", pissa)
+
+
+# --- the measured step ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_model_dir, tiny_csv):
+    options = RunOptions(model=str(tiny_model_dir), data=str(tiny_csv), max_length=32)
+    return options, prepare_data(options, quiet=True)
+
+
+def batch_of(prepared, n=8):
+    return prepared[1].splits["train"].batch(list(range(n)))
+
+
+def attached(prepared, method, seed=0, **options):
+    return peftlab.attach(build_model(prepared[0], prepared[1], seed), method, **options)
+
+
+def step_for(attachment, settings=None, lr=1e-2):
+    settings = settings or TrainSettings(batch_size=8, warmup=0, max_steps=10)
+    return TrainStep(attachment, ClassificationTask(2), settings, lr, TrainingHooks(), torch.device("cpu"), 10)
+
+
+def test_memory_split_counts_what_each_part_holds(prepared):
+    adapter = attached(prepared, "lora", r=4)
+    trainable = adapter.trainable_parameters()
+    expected_weights = sum(p.numel() * 4 for p in adapter.model.parameters()) + tensor_bytes(adapter.model.buffers())
+    split = step_for(adapter).memory(batch_of(prepared))
+    assert split["weights"] == expected_weights
+    assert split["gradients"] == sum(p.numel() * 4 for p in trainable)
+    # AdamW keeps two moments per trainable entry, plus a step counter per parameter
+    assert split["optimizer"] == 2 * split["gradients"] + 4 * len(trainable)
+    assert split["activations"] > 0
+    assert split["total"] == sum(v for k, v in split.items() if k != "total")
+
+
+def test_activation_bytes_grow_with_the_batch(prepared):
+    small = step_for(attached(prepared, "lora", r=4)).memory(batch_of(prepared, 4))["activations"]
+    large = step_for(attached(prepared, "lora", r=4)).memory(batch_of(prepared, 16))["activations"]
+    assert large > 2 * small
+
+
+def test_the_floor_computes_no_weight_gradient(prepared):
+    adapter = attached(prepared, "full")
+    floor = FloorStep(adapter.model, ClassificationTask(2), TrainSettings(), torch.device("cpu"))
+    split = floor.memory(batch_of(prepared))
+    assert all(p.grad is None for p in adapter.model.parameters())
+    assert all(p.requires_grad for p in adapter.model.parameters())  # restored afterwards
+    assert split["gradients"] == split["optimizer"] == 0 and split["activations"] > 0
+    full = step_for(adapter).memory(batch_of(prepared))
+    assert full["activations"] >= split["activations"]
+
+
+def test_train_step_is_the_loops_step(prepared, tmp_path):
+    """One TrainStep leaves the same weights as one step of peftlab.train.loop.fit on the same batch."""
+    options, data = prepared
+    settings = TrainSettings(batch_size=8, max_steps=1, warmup=0, seed=3)
+    ours = attached(prepared, "lora", r=4)
+    fit(
+        ours,
+        ClassificationTask(2),
+        data.splits["train"],
+        data.splits["validation"],
+        settings,
+        1e-2,
+        tmp_path / "ckpt",
+        lambda m, s: None,
+        torch.device("cpu"),
+        show_progress=False,
+    )
+    order = torch.randperm(len(data.splits["train"]), generator=torch.Generator().manual_seed(3 * 100_003))
+    again = attached(prepared, "lora", r=4)
+    TrainStep(again, ClassificationTask(2), settings, 1e-2, TrainingHooks(), torch.device("cpu"), 1)(
+        data.splits["train"].batch(order[:8].tolist())
+    )
+    for (name, a), b in zip(ours.state().items(), again.state().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+
+
+def test_alternate_rotates_and_takes_medians():
+    calls = []
+    steps = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    timings = alternate(steps, repeats=3, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(t["times"]) == 3 and t["min"] <= t["median"] for t in timings.values())
+
+
+# --- the PEFT peer ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, options", [("lora", {"r": 4}), ("lora", {"r": 4, "rslora": True}), ("ia3", {}), ("dora", {"r": 4})]
+)
+def test_peer_starts_and_trains_like_ours(prepared, method, options, tmp_path):
+    """Without dropout, PEFT's model trained by the same steps stays equal to ours."""
+    ours = attached(prepared, method, seed=1, **options)
+    peer = build_peer(ours, build_model(prepared[0], prepared[1], 1), "classify", tmp_path / "hf", 5)
+    batch = batch_of(prepared)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    ours.model.train()
+    peer.model.train()
+    torch.testing.assert_close(peer.model(**inputs).logits, ours.model(**inputs).logits, rtol=0, atol=1e-6)
+    assert peer.trainable_count() == ours.trainable_count()
+    ours_step, peer_step = step_for(ours), step_for(peer)
+    for _ in range(3):
+        ours_step(batch)
+        peer_step(batch)
+    torch.testing.assert_close(peer.model(**inputs).logits, ours.model(**inputs).logits, rtol=0, atol=1e-5)
+
+
+def test_adalora_peer_prunes_on_peft_schedule(prepared, tmp_path):
+    ours = attached(prepared, "adalora", init_r=4, target_r=2, tinit=1, tfinal=1, delta_t=1)
+    peer = build_peer(ours, build_model(prepared[0], prepared[1], 0), "classify", tmp_path / "hf", 6)
+    hooks = peer_hooks(peer)
+    assert hooks.penalty() is not None
+    step = TrainStep(peer, ClassificationTask(2), TrainSettings(warmup=0), 1e-2, hooks, torch.device("cpu"), 6)
+    for _ in range(6):
+        step(batch_of(prepared))
+    kept = [int((p != 0).sum()) for n, p in peer.model.named_parameters() if "lora_E" in n]
+    assert sum(kept) == 2 * len(kept)  # pruned to the target budget: target_r per layer on average
+
+
+# --- reports ----------------------------------------------------------------------------------------------------
+
+
+def test_pareto_front():
+    points = [(10, 0.8, "a"), (100, 0.9, "b"), (50, 0.7, "c"), (1000, 0.85, "d"), (5, 0.8, "e")]
+    assert [p[2] for p in pareto_front(points, higher_is_better=True)] == ["e", "b"]
+    assert [p[2] for p in pareto_front(points, higher_is_better=False)] == ["e", "c"]
+
+
+# --- the quick suite end to end ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick suite (seed 0 only, to keep the test suite fast), run through the CLI once for every test below."""
+    from peftlab.cli import main
+
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    code = main(["--no-progress", "bench", "--quick", "--seeds", "0", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def cells(out: Path) -> dict[tuple[str, str, bool], dict]:
+    found = {}
+    for path in out.glob("*/*/seed0/**/cell.json"):
+        cell = json.loads(path.read_text())
+        found[(cell["task"], cell["label"], cell["peer"])] = cell
+    return found
+
+
+def test_quick_suite_records_every_cell(quick):
+    found = cells(quick)
+    suite = load_suite("quick")
+    expected = {(t.name, m.label, peer) for t in suite.tasks for m in suite.methods for peer in (False, True)}
+    expected -= {(t, "full", True) for t, _, _ in expected}
+    assert set(found) == expected
+    for (task, label, peer), cell in found.items():
+        assert cell["quality"]["value"] is not None, (task, label)
+        assert cell["params"]["trainable"] > 0
+        assert cell["adapter_bytes"] > 0
+        assert cell["train_seconds"] > 0 and cell["tokens_per_second"] > 0
+        memory = cell["memory"]
+        assert memory["weights"] > 0 and memory["activations"] > 0 and memory["gradients"] > 0
+        assert cell["step_seconds"] > 0
+        assert cell["versions"]["torch"] and cell["machine"]["cpus"]
+        if not peer:
+            assert cell["params"]["changed"] > 0 and cell["lr"] > 0
+    # without dropout the peer retraces our run: the same quality
+    for (task, label, peer), cell in found.items():
+        if peer:
+            ours = found[(task, label, False)]
+            assert cell["quality"]["value"] == pytest.approx(ours["quality"]["value"], abs=1e-4), (task, label)
+    sft = found[("instructions", "lora", False)]
+    assert "answer_accuracy" in sft["metrics"]["test"]
+
+
+def test_quick_suite_speed_has_the_floor_and_full(quick):
+    speed = json.loads((quick / "tiny-bert__sentiment" / "speed.json").read_text())
+    assert speed["batch"]["examples"] == 16
+    for label in ("full", "lora", "ia3"):
+        entry = speed["methods"][label]
+        assert entry["floor"]["median"] > 0 and entry["full"]["median"] > 0 and entry["ours"]["median"] > 0
+        assert len(entry["floor"]["times"]) == 3
+    assert speed["methods"]["lora"]["peer"]["median"] > 0
+    assert speed["references"]["floor"]["memory"]["gradients"] == 0
+
+
+def test_quick_suite_resumes_and_rebuilds_the_report(quick, cli):
+    code, out, _ = cli("bench", "--quick", "--seeds", "0", "--out", quick)
+    assert code == 0
+    assert "0 run now" in out
+    (quick / "report.md").unlink()
+    code, out, _ = cli("bench", "--report", "--out", quick)
+    assert code == 0 and (quick / "report.md").exists()
+    code, out, _ = cli("bench", "--quick", "--list", "--out", quick)
+    assert code == 0 and "to run" in out and "done" in out  # seed 1 is still to run
+
+
+def test_identical_cells_are_reused_from_another_bench_folder(quick, cli, tmp_path):
+    code, out, _ = cli("bench", "--quick", "--seeds", "0", "--out", tmp_path / "again", "--reuse", quick)
+    assert code == 0
+    assert "15 reused, 0 run now" in out
+    assert cells(tmp_path / "again").keys() == cells(quick).keys()
+    speed = json.loads((tmp_path / "again" / "tiny-bert__ner" / "speed.json").read_text())
+    assert speed == json.loads((quick / "tiny-bert__ner" / "speed.json").read_text())
+
+
+def test_speed_only_measures_without_training(cli, tmp_path):
+    args = ("bench", "--quick", "--tasks", "sentiment", "--methods", "lora", "--speed-only", "--out", tmp_path)
+    code, out, _ = cli(*args)
+    assert code == 0 and "0 run now" in out
+    path = tmp_path / "tiny-bert__sentiment" / "speed.json"
+    first = json.loads(path.read_text())["methods"]["lora"]
+    assert not list(tmp_path.glob("*/*/seed*/cell.json"))
+    code, _, _ = cli(*args, "--remeasure")
+    assert code == 0
+    again = json.loads(path.read_text())["methods"]["lora"]
+    assert again["fingerprint"] == first["fingerprint"] and again["ours"]["times"] != first["ours"]["times"]
+
+
+def test_quick_report_has_tables_and_plots(quick):
+    md = (quick / "report.md").read_text()
+    assert "## Standings" in md and "Against Hugging Face PEFT" in md
+    summary = json.loads((quick / "report.json").read_text())
+    assert {g["task"] for g in summary} == {"sentiment", "ner", "instructions"}
+    assert "| **lora** |" in md
+    pngs = sorted(p.name for p in (quick / "report").glob("*.png"))
+    assert len(pngs) == 9  # three groups x quality, memory, speed
+    for name in pngs:
+        assert f"report/{name}" in md
+        assert (quick / "report" / name).stat().st_size < 200_000
+
+
+def test_unfinished_cell_is_run_again_after_its_config_changed(tmp_path):
+    suite = suite_with()
+    plan = make_plan(suite, tmp_path, Filters(peers=False, speed=False))
+    cell = plan.cells[0]
+    from peftlab.bench.runner import CELL, finished
+
+    cell.folder.mkdir(parents=True)
+    (cell.folder / CELL).write_text(json.dumps({"fingerprint": "stale"}))
+    assert not finished(cell, suite)
+
+
+def test_bench_cli_errors(cli, tmp_path):
+    code, _, err = cli("bench", "--suite", "methds", "--list", "--out", tmp_path)
+    assert code == 2 and "'methds' is neither a packaged suite" in err and "did you mean 'methods'" in err
+    code, _, err = cli("bench", "--quick", "--methods", "loar", "--out", tmp_path)
+    assert code == 2 and "'loar' is not a method of suite 'quick'" in err
+    code, _, err = cli("bench", "--quick", "--threads", "0", "--out", tmp_path)
+    assert code == 2 and "--threads: expected a positive integer" in err
+    code, _, err = cli("bench", "--report", "--out", tmp_path / "nothing")
+    assert code == 2 and "not a bench folder" in err
+
+
+def test_report_renders_in_headless_chromium(quick, tmp_path):
+    """Take a screenshot of report.html and check that the tables and the plots are drawn."""
+    import os
+    import shutil
+    import subprocess
+
+    browser = next(
+        (shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
+    )
+    if browser is None:
+        message = "headless Chromium is needed to check the report (apt-get install -y chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; .ci/run installs it")
+        pytest.skip(message)
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,3000",
+            f"--screenshot={shot}",
+            (quick / "report.html").resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    from matplotlib.image import imread
+
+    pixels = imread(str(shot))[..., :3]  # (H, W, 3) floats in [0, 1]
+    assert pixels.shape[:2] == (3000, 1280)
+    ink = (pixels < 0.9).any(axis=-1).mean()
+    assert ink > 0.03, f"the page looks blank ({ink:.1%} of the pixels are not white)"
+    # the plots' blue (peftlab's points and bars, #4c72b0) shows only if the PNG files were found and drawn
+    blue = (abs(pixels - torch.tensor([0x4C, 0x72, 0xB0]).numpy() / 255) < 0.06).all(axis=-1).sum()
+    assert blue > 500, "no plot is drawn: the images did not load"
