@@ -77,11 +77,11 @@ def test_method_options_are_checked_by_the_method(tmp_path):
 
 def test_unregistered_methods_and_missing_models_are_skipped_with_a_note(tmp_path):
     suite = suite_with(
-        models=["tiny:bert", "no-such-model"], methods=[{"name": "lora"}, {"name": "houlsby", "label": "houlsby"}]
+        models=["tiny:bert", "no-such-model"], methods=[{"name": "lora"}, {"name": "no_such_method", "label": "nope"}]
     )
     plan = make_plan(suite, tmp_path)
     assert [v.label for v in plan.variants] == ["lora"]
-    assert any("'houlsby'" in n and "not registered" in n for n in plan.notes)
+    assert any("'no_such_method'" in n and "not registered" in n for n in plan.notes)
     assert any("no-such-model" in n for n in plan.notes)
     assert {c.group.model_spec for c in plan.cells} == {"tiny:bert"}
     # lora has a PEFT peer: one peftlab cell and one peer cell per seed
@@ -95,8 +95,10 @@ def test_all_methods_adds_every_registered_method(tmp_path):
     )
     labels = [v.label for v in plan.variants]
     assert labels[0] == "rslora"
-    # every registered method the entries do not name (by method name: rslora names lora)
-    assert set(labels[1:]) == {m.name for m in peftlab.all_methods()} - {"lora"}
+    # every registered method the entries do not name (by method name: rslora names lora), except those that
+    # cannot run on their defaults (AdapterFusion needs its stage-one adapters), which get a note
+    assert set(labels[1:]) == {m.name for m in peftlab.all_methods()} - {"lora", "adapter_fusion"}
+    assert any("'adapter_fusion' needs options" in n for n in plan.notes)
 
 
 def test_peers_only_where_like_for_like():

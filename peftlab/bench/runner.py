@@ -146,7 +146,16 @@ def resolve_variants(suite: Suite, notes: list[str]) -> list[Variant]:
             notes.append(f"method {e.name!r} ({e.label}) is not registered in this peftlab: skipped")
             continue
         method = get_method(e.name)
-        config = config_from_dict(method.config, e.options, f"{suite.source}: methods[{e.label}].options")
+        added = suite.all_methods and e not in suite.methods
+        try:
+            config = config_from_dict(method.config, e.options, f"{suite.source}: methods[{e.label}].options")
+        except InputError as error:
+            if not added:
+                raise
+            # a method added by all_methods whose defaults are not enough (AdapterFusion needs its stage-one
+            # adapters): the suite must name it with options to run it
+            notes.append(f"method {e.name!r} needs options the suite does not give ({error}): skipped")
+            continue
         why_not = peer_note(e.name, config)
         if e.peer and why_not:
             notes.append(f"{e.label}: no peer column ({why_not})")
