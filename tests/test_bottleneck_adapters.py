@@ -269,13 +269,13 @@ def test_drop_layers_skips_the_lowest_layers_adapters(tmp_path):
     torch.testing.assert_close(logits(loaded.model), one, rtol=0, atol=0)
 
 
-def test_drop_train_draws_n_per_step_from_the_global_rng_and_restores_the_fixed_n():
+def test_drop_train_draws_n_per_step_from_the_step_generator_and_restores_the_fixed_n():
     adapter = peftlab.attach(tiny_classifier(), "pfeiffer", drop_train=True, drop_layers=1)
     hooks = AdapterDropHooks(adapter, adapter.config)
     layers = adapter.layers()
-    torch.manual_seed(3)
-    expected = [int(torch.randint(0, 2, ()).item()) for _ in range(12)]  # n from 0..layers-1 = 0..1
-    torch.manual_seed(3)
+    # n from 0..layers-1 = 0..1, from each step's generator
+    expected = [int(torch.randint(0, 2, (), generator=hooks.random.generator(s)).item()) for s in range(12)]
+    torch.manual_seed(3)  # the global RNG plays no part
     for step in range(12):
         hooks.before_step(step)
         dropped = [layers[f"bert.encoder.layer.{i}.output.dense"].dropped for i in range(2)]

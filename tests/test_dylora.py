@@ -46,10 +46,13 @@ def test_truncated_forward_is_the_lora_equation_with_the_first_b_ranks(b):
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_each_step_draws_one_rank_for_every_layer_from_the_global_rng():
+def test_each_step_draws_one_rank_for_every_layer_from_the_step_generator():
     adapter = peftlab.attach(tiny_classifier(), "dylora", r=4, targets=["query", "value"])
-    hooks = DyLoraHooks(adapter, adapter.config)
     torch.manual_seed(7)
+    hooks = DyLoraHooks(adapter, adapter.config)
+    twin = DyLoraHooks(adapter, adapter.config)  # built from another global RNG state: its own seed
+    torch.manual_seed(7)
+    same = DyLoraHooks(adapter, adapter.config)  # another process, seeded alike
     drawn = []
     for step in range(400):
         hooks.before_step(step)
@@ -59,8 +62,8 @@ def test_each_step_draws_one_rank_for_every_layer_from_the_global_rng():
         hooks.after_backward(step)
         hooks.after_step(step, None, None)
         assert all(layer.active_rank == 4 for layer in adapter.layers().values())  # serving rank between steps
-    torch.manual_seed(7)
-    assert drawn == [int(torch.randint(1, 5, ()).item()) for _ in range(400)]
+    assert drawn == [int(torch.randint(1, 5, (), generator=same.random.generator(s)).item()) for s in range(400)]
+    assert drawn != [int(torch.randint(1, 5, (), generator=twin.random.generator(s)).item()) for s in range(400)]
     counts = [drawn.count(b) for b in range(1, 5)]
     assert min(counts) > 70  # uniform over 1..4
 
@@ -86,7 +89,7 @@ def test_an_optimiser_step_changes_exactly_the_trained_rows_and_columns(frozen):
     hooks = DyLoraHooks(adapter, adapter.config)
     optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2, weight_decay=0.1)
     for step, b in enumerate([4, 2, 3]):  # momentum and weight decay from earlier steps would move every row
-        with mock.patch.object(torch, "randint", return_value=torch.tensor(b)):
+        with mock.patch.object(torch, "randint", return_value=torch.tensor(b)):  # the step's draw is b
             hooks.before_step(step)
         before = {
             n: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for n, layer in hooks.layers.items()

@@ -52,6 +52,7 @@ def test_a_masked_parameter_changes_only_where_the_mask_allows_and_saves_sparse(
     adapter.save(tmp_path / "a")
     tensors = read_tensors(tmp_path / "a" / WEIGHTS_FILE)
     assert DENSE not in tensors and tensors[f"{DENSE}::indices"].numel() == int(mask.sum())
+    assert tensors[f"{DENSE}::indices"].dtype == torch.int32  # positions fit in 32 bits: half the index bytes
     loaded = peftlab.load_adapter(build_model(options, data, 5), tmp_path / "a")
     assert torch.equal(dict(loaded.model.named_parameters())[DENSE], weight)
     assert torch.equal(loaded.masks[DENSE], mask)

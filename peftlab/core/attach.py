@@ -172,7 +172,8 @@ class Attachment:
             value = full_tensor(value.detach()).to("cpu")
             if key in self.masks:
                 indices = torch.nonzero(self.masks[key].reshape(-1).to("cpu")).reshape(-1)
-                out[f"{key}::indices"] = indices
+                # int32 positions where they fit: half the bytes of the index half of a sparse tensor
+                out[f"{key}::indices"] = indices.to(torch.int32) if value.numel() < 2**31 else indices
                 out[f"{key}::values"] = value.reshape(-1)[indices].clone()
             else:
                 out[key] = value.contiguous().clone()
@@ -192,9 +193,9 @@ class Attachment:
         if not self.masks:
             return
         state = self.state()
-        for key, mask in self.masks.items():
+        for key in list(self.masks):
             if state[key].grad is not None:
-                state[key].grad.mul_(mask)
+                state[key].grad.mul_(self._on_device(self.masks, key, state[key].device))
 
     @torch.no_grad()
     def restore_masked(self) -> None:
@@ -203,8 +204,17 @@ class Attachment:
         if not self.masks:
             return
         state = self.state()
-        for key, mask in self.masks.items():
-            state[key].copy_(torch.where(mask, state[key], self.initial[key]))
+        for key in list(self.masks):
+            device = state[key].device
+            mask, start = self._on_device(self.masks, key, device), self._on_device(self.initial, key, device)
+            state[key].copy_(torch.where(mask, state[key], start))
+
+    @staticmethod
+    def _on_device(tensors: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor:
+        """``tensors[key]`` on ``device``, moved there once (the model may have moved to a GPU after attaching)."""
+        if tensors[key].device != device:
+            tensors[key] = tensors[key].to(device)
+        return tensors[key]
 
     def merge(self) -> None:
         """Fold every adapter into its base weights (explicit; training or eval mode never merges)."""
@@ -401,7 +411,12 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
     for k, p in state.items():
         if k in sparse:
             indices, values = tensors[f"{k}::indices"], tensors.get(f"{k}::values")
-            if values is None or values.shape != indices.shape or (len(indices) and int(indices.max()) >= p.numel()):
+            if (
+                values is None
+                or values.shape != indices.shape
+                or indices.dtype not in (torch.int32, torch.int64)
+                or (len(indices) and (int(indices.max()) >= p.numel() or int(indices.min()) < 0))
+            ):
                 raise InputError(f"{source}: sparse tensor {k!r} has inconsistent indices and values")
         elif tuple(tensors[k].shape) != tuple(p.shape) and k not in grown:
             raise InputError(f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}")
@@ -412,7 +427,7 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
     with torch.no_grad():
         for k, p in state.items():
             if k in sparse:
-                indices = tensors[f"{k}::indices"].to(p.device)
+                indices = tensors[f"{k}::indices"].to(p.device, torch.int64)
                 mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
                 mask[indices] = True
                 attachment.masks[k] = mask.reshape(p.shape)

@@ -37,8 +37,8 @@ file with the adapters. Embedding and final norms stay frozen.
 AdapterDrop (Rücklé et al. 2021, https://arxiv.org/abs/2010.11918): the adapters of the lowest n blocks are
 skipped, so those blocks run at the plain model's cost. ``drop_layers`` is the fixed n for evaluation and
 inference (saved in the config); with ``drop_train`` every training step draws its own n uniformly from
-0..``drop_train_max`` (default: blocks - 1, the paper's robust AdapterDrop) from the global torch RNG, which
-checkpoints carry, so a resumed run draws the same n. A fixed ``drop_layers`` without ``drop_train`` also holds
+0..``drop_train_max`` (default: blocks - 1, the paper's robust AdapterDrop) from a generator seeded by the step,
+so data-parallel processes and a resumed run draw the same n. A fixed ``drop_layers`` without ``drop_train`` also holds
 during training (the paper's specialised AdapterDrop). ``drop_speed`` measures what dropping saves.
 """
 
@@ -58,7 +58,7 @@ from torch import nn
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.targets import find_targets
 from ..errors import InputError, PeftlabError, require
-from ..train.hooks import TrainingHooks
+from ..train.hooks import StepRandom, TrainingHooks
 
 AUTO = "auto"
 DEFAULT_REDUCTION = 16
@@ -430,7 +430,8 @@ def set_drop(attachment, n: int) -> None:
 
 class AdapterDropHooks(TrainingHooks):
     """With ``drop_train``, each step skips the adapters of the lowest n layers, n drawn uniformly from
-    0..``drop_train_max`` with the global torch RNG (saved in checkpoints: a resume draws the same n); between steps
+    0..``drop_train_max`` by a generator seeded by the step (``StepRandom``: data-parallel processes and a resumed
+    run draw the same n); between steps
     the config's fixed ``drop_layers`` holds. ``report`` gives the validation metrics at n = 0, layers / 4,
     layers / 2 and layers - 1."""
 
@@ -440,10 +441,11 @@ class AdapterDropHooks(TrainingHooks):
         self.blocks = max((layer.blocks or 0) for layer in self.layers)
         self.largest = config.drop_train_max if config.drop_train_max is not None else max(self.blocks - 1, 0)
         self.drawn: list[int] = []  # n of every step so far in this process (for tests and curiosity)
+        self.random = StepRandom()
 
     def before_step(self, step: int) -> None:
         if self.config.drop_train:
-            n = int(torch.randint(0, self.largest + 1, ()).item())
+            n = int(torch.randint(0, self.largest + 1, (), generator=self.random.generator(step)).item())
             self.drawn.append(n)
             drop_lowest(self.layers, n)
 

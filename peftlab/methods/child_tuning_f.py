@@ -6,7 +6,8 @@ rescaled so that it stays unbiased::
     M_t ~ Bernoulli(p_F)  (one draw per entry, per optimiser step),     g_t <- g_t * M_t / p_F
 
 then the optimiser steps as usual (the paper's Child-Tuning_F, task-free: no data decides the child network). The
-draws use the global torch RNG, which checkpoints save, so ``--resume`` retraces them exactly. The new task head
+draws come from a generator seeded by the step (``StepRandom``), so data-parallel processes draw the same masks and
+``--resume`` retraces them exactly. The new task head
 is not masked. With gradient accumulation the mask is drawn once per optimiser step, after the last micro-batch.
 
 Accounting: every pretrained entry may change, so all of them count as trainable, and the adapter file holds the

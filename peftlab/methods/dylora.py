@@ -32,7 +32,7 @@ from ..core.attach import Attachment
 from ..core.hf_peft import EXPORTERS, head_tensors
 from ..core.targets import find_targets
 from ..errors import InputError, PeftlabError, require
-from ..train.hooks import TrainingHooks
+from ..train.hooks import StepRandom, TrainingHooks
 from .registry import Method, register
 
 
@@ -146,16 +146,17 @@ def report_ranks(r: int) -> list[int]:
 
 
 class DyLoraHooks(TrainingHooks):
-    """Draws each step's rank b from the global torch RNG (saved in checkpoints, so a resume draws the same b) and
-    keeps the rows and columns that step does not train exactly as they were."""
+    """Draws each step's rank b from a generator seeded by the step (``StepRandom``: every data-parallel process and a
+    resumed run draw the same b) and keeps the rows and columns that step does not train exactly as they were."""
 
     def __init__(self, attachment: Attachment, config: DyLoraConfig):
         self.config = config
+        self.random = StepRandom()
         self.layers: dict[str, DyLoraLinear] = attachment.layers()
         self.before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def before_step(self, step: int) -> None:
-        b = int(torch.randint(1, self.config.r + 1, ()).item())
+        b = int(torch.randint(1, self.config.r + 1, (), generator=self.random.generator(step)).item())
         for layer in self.layers.values():
             layer.sampled_rank = b
 

@@ -22,25 +22,30 @@ import time
 import torch
 
 from ..core.attach import Attachment
-from ..train.hooks import TrainContext, TrainingHooks
+from ..train.hooks import StepRandom, TrainContext, TrainingHooks
 from ..train.regularise import measured_fisher, pretrained_parameters
 
 
 class BernoulliGradientMask(TrainingHooks):
     """``grad <- grad * Bernoulli(p) / p`` on every pretrained parameter, a fresh mask each optimiser step.
 
-    The draws come from the global torch RNG, which every checkpoint saves, so a resumed run draws the same masks.
+    The draws come from ``StepRandom`` (seeded by the step), so every data-parallel process masks alike and a
+    resumed run draws the same masks.
     """
 
     def __init__(self, attachment: Attachment, p: float):
         self.p = p
         self.params = pretrained_parameters(attachment)
+        self.random = StepRandom()
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
+        generator = None
         for param in self.params.values():
             if param.grad is not None:
-                keep = torch.bernoulli(torch.full_like(param.grad, self.p))  # 1 with probability p, else 0
+                generator = generator or self.random.generator(step, param.grad.device)
+                # 1 with probability p, else 0
+                keep = torch.bernoulli(torch.full_like(param.grad, self.p), generator=generator)
                 param.grad.mul_(keep).div_(self.p)
 
 

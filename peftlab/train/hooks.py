@@ -37,6 +37,23 @@ class TrainContext:
     device: torch.device
 
 
+class StepRandom:
+    """Random draws that depend only on a base seed and the optimiser step.
+
+    Hooks that draw something each step (Child-Tuning's gradient masks, DyLoRA's rank, AdapterDrop's n) take it from
+    ``generator(step)`` rather than from the global RNG: in a data-parallel run every process then draws the same
+    (the global RNG is consumed differently by processes whose batches differ in length), and a resumed run draws
+    what the uninterrupted one did. The base seed is drawn once from the global RNG when the hooks are built, which
+    every process (and a resume) does at the same point after seeding alike.
+    """
+
+    def __init__(self):
+        self.seed = int(torch.randint(0, 2**62, ()).item())
+
+    def generator(self, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed + 1_000_003 * step)
+
+
 class TrainingHooks:
     """No-op hooks; methods override what they need."""
 
