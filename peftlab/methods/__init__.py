@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (registration side effect)
     ia3,
     last_k,
     lora,
+    mam,
     p_tuning,
     p_tuning_v2,
     parallel,

@@ -189,10 +189,12 @@ def shift_positions(model: nn.Module, count: int) -> RemovableHandle:
 
 
 def fold_prefixes(attachment) -> dict[str, torch.Tensor]:
-    """Every layer's prefixes as plain tensors, keyed as directly trained prefixes are."""
+    """Every prefix layer's prefixes as plain tensors, keyed as directly trained prefixes are (other adapter layers
+    of a hybrid method, such as MAM's parallel adapters, are left to the caller)."""
     out = {}
     for name, layer in attachment.layers().items():
-        out[f"{name}.prefix_keys"], out[f"{name}.prefix_values"] = layer.folded()
+        if isinstance(layer, PrefixAttention):
+            out[f"{name}.prefix_keys"], out[f"{name}.prefix_values"] = layer.folded()
     return out
 
 
