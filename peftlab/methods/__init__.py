@@ -24,6 +24,7 @@ from . import (  # noqa: F401  (registration side effect)
     prompt_tuning,
     qlora,
     relora,
+    unipelt,
 )
 from .registry import Method, all_methods, config_from_dict, config_to_dict, get_method, register
 

@@ -41,7 +41,7 @@ from .parallel import ParallelConfig
 from .parallel import apply as apply_parallel
 from .prefix_tuning import PrefixTuningConfig
 from .prefix_tuning import apply as apply_prefixes
-from .prefixes import PrefixAttention, fold_prefixes
+from .prefixes import fold_hybrid
 from .registry import Method, register
 
 # The paper's adapter is half as wide as the model (512 units in 1024-wide BART-large).
@@ -111,13 +111,7 @@ def fold(attachment) -> tuple[MamConfig, dict[str, torch.Tensor]] | None:
     config: MamConfig = attachment.config
     if not config.projection or config.keep_encoder:
         return None
-    adapters = {
-        f"{name}.{key}": tensor.detach().clone()
-        for name, layer in attachment.layers().items()
-        if not isinstance(layer, PrefixAttention)
-        for key, tensor in (layer.adapter_parameters() | layer.adapter_buffers()).items()
-    }
-    return dataclasses.replace(config, projection=False), fold_prefixes(attachment) | adapters
+    return dataclasses.replace(config, projection=False), fold_hybrid(attachment)
 
 
 METHOD = register(
