@@ -40,6 +40,9 @@ TINY_OPTIONS: dict[str, dict] = {
     "houlsby": {"bottleneck": 8, "drop_train": True},
     "pfeiffer": {"bottleneck": 8},
     "parallel": {"bottleneck": 8, "train_layernorms": True},
+    # as prefix_tuning: the matrix keeps the prefix MLP (test_mam.py tests the folded round trip)
+    "mam": {"keep_encoder": True, "encoder_hidden": 32, "num_virtual_tokens": 4, "bottleneck": 8},
+    "unipelt": {"keep_encoder": True, "encoder_hidden": 32, "num_virtual_tokens": 4, "bottleneck": 8, "lora_r": 4},
     # three stage-one pfeiffer adapters, made on first use
     "adapter_fusion": MatrixFusionOptions(),
 }

@@ -154,7 +154,7 @@ class Attachment:
         if folded is None:
             return False
         config, tensors = folded
-        for name, layer in self.layers().items():
+        for name, layer in innermost_first(self.layers()):
             layer.on_unload()
             replace_module(self.model, name, layer.base)
         targets = self.method.apply(self.model, config, self.trainable_modules)
@@ -239,7 +239,7 @@ class Attachment:
         After ``merge()`` the result is the fine-tuned model with no extra latency, loadable by plain
         ``transformers`` once saved; without it, the adapters are simply dropped (the trained head stays).
         """
-        for name, layer in self.layers().items():
+        for name, layer in innermost_first(self.layers()):
             if name == "":
                 raise PeftlabError("cannot unload an adapter wrapped around the whole model")
             layer.on_unload()
@@ -273,6 +273,12 @@ class Attachment:
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return path
+
+
+def innermost_first(layers: dict[str, AdapterLayer]) -> list[tuple[str, AdapterLayer]]:
+    """Adapter layers in reverse model order, so a wrapper inside another (a hybrid's LoRA on a query projection
+    inside its prefix-attention wrapper, ``x.self.base.query``) is replaced by its base before the outer one is."""
+    return list(reversed(layers.items()))
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

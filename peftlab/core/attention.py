@@ -7,7 +7,9 @@ projected ``query, key, value`` of shape (B, heads, T, head_dim), keys already r
 peftlab registers one implementation, ``"peftlab"``, which
 
 1. looks up the attention module in its table of *key/value extensions* (``extend_keys_values``): a callable that
-   returns extra keys and values of shape (B, kv_heads, P, head_dim);
+   returns extra keys and values of shape (B, kv_heads, P, head_dim), and optionally a third tensor, log-weights
+   broadcastable to (B, heads, T, P) that are added to the extra positions' attention logits (so their unnormalised
+   attention weights are multiplied by exp(log-weight): UniPELT's prefix gate);
 2. prepends them to the keys and values, and widens the attention mask so every query may attend to the P extra
    positions (padding and causality among the real tokens are kept; with a KV cache the real keys grow, the extra
    positions are prepended again at every step);
@@ -31,12 +33,13 @@ from torch import nn
 from ..errors import InputError
 
 NAME = "peftlab"
-# attention module -> callable(batch size, dtype, device) -> (extra keys, extra values), each (B, kv_heads, P, D)
+# attention module -> callable(batch size, dtype, device) -> (extra keys, extra values), each (B, kv_heads, P, D),
+# optionally followed by log-weights for the extra positions, broadcastable to (B, heads, T, P)
 _EXTENSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ORIGINAL = "_peftlab_original_attn_implementation"
 _registered = False
 
-Extension = Callable[[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]]
+Extension = Callable[[int, torch.dtype, torch.device], tuple[torch.Tensor, ...]]
 
 
 @dataclass
@@ -76,17 +79,33 @@ def _widen_mask(mask: torch.Tensor | None, extra: int, query: torch.Tensor, key:
     return torch.cat([front, mask], dim=-1)
 
 
+def _weigh_front(mask: torch.Tensor | None, log_weights: torch.Tensor, extra: int, query: torch.Tensor, total: int):
+    """The (widened) mask as an additive float mask with ``log_weights`` added to its first ``extra`` columns."""
+    if mask is None:
+        mask = torch.zeros((1, 1, query.shape[2], total), dtype=query.dtype, device=query.device)
+    elif mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min
+        )
+    front = mask[..., :extra] + log_weights.to(mask.dtype)  # (B, heads | 1, T, P)
+    rest = mask[..., extra:].expand(*front.shape[:-1], -1)  # (B, heads | 1, T, K)
+    return torch.cat([front, rest], dim=-1)
+
+
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     extension = _EXTENSIONS.get(module)
     if extension is not None:
-        extra_k, extra_v = extension(query.shape[0], key.dtype, key.device)  # (B, kv_heads, P, D)
+        extra_k, extra_v, *log_weights = extension(query.shape[0], key.dtype, key.device)  # (B, kv_heads, P, D)
         causal = kwargs.pop("is_causal", None)
         causal = getattr(module, "is_causal", False) if causal is None else causal
         if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
             attention_mask = attention_mask[..., : key.shape[2]]
         attention_mask = _widen_mask(attention_mask, extra_k.shape[2], query, key, causal)
+        if log_weights:
+            total = extra_k.shape[2] + key.shape[2]
+            attention_mask = _weigh_front(attention_mask, log_weights[0], extra_k.shape[2], query, total)
         key = torch.cat([extra_k.to(key.dtype), key], dim=2)
         value = torch.cat([extra_v.to(value.dtype), value], dim=2)
         kwargs["is_causal"] = False  # causality is in the mask now

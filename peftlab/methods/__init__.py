@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (registration side effect)
     ia3,
     last_k,
     lora,
+    mam,
     p_tuning,
     p_tuning_v2,
     parallel,
@@ -23,6 +24,7 @@ from . import (  # noqa: F401  (registration side effect)
     prompt_tuning,
     qlora,
     relora,
+    unipelt,
 )
 from .registry import Method, all_methods, config_from_dict, config_to_dict, get_method, register
 

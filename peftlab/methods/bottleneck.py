@@ -361,15 +361,20 @@ def train_block_norms(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def apply_sequential(
-    model: nn.Module, config: BottleneckConfig, protected: Sequence[str], kinds: Sequence[str]
+    model: nn.Module,
+    config: BottleneckConfig,
+    protected: Sequence[str],
+    kinds: Sequence[str],
+    layer_class: type[SequentialAdapter] = SequentialAdapter,
 ) -> list[str]:
-    """Wrap the projections of ``kinds`` (``attention_output``, ``ffn_output``) in ``SequentialAdapter``."""
+    """Wrap the projections of ``kinds`` (``attention_output``, ``ffn_output``) in ``layer_class``
+    (``SequentialAdapter`` or a subclass, such as UniPELT's gated one)."""
     names, _ = find_sites(model, config.targets, kinds, protected)
     blocks = blocks_for(model, names, config)
     for name in names:
         base = model.get_submodule(name)
         size = config.size(base.out_features, name)
-        replace_module(model, name, SequentialAdapter(base, size, config.activation, *blocks[name]))
+        replace_module(model, name, layer_class(base, size, config.activation, *blocks[name]))
     finish(model, config, names)
     return names
 

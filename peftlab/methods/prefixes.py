@@ -99,6 +99,12 @@ class PrefixAttention(AdapterLayer):
     def forward(self, *args, **kwargs):
         return self.base(*args, **kwargs)
 
+    def extra_positions(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """What the attention function prepends: keys and values, each (B, kv_heads, P, head_dim) (a subclass may
+        add log-weights for the prefix positions, see ``core.attention``)."""
+        keys, values = self.prefixes()
+        return keys.unsqueeze(0).expand(batch, -1, -1, -1), values.unsqueeze(0).expand(batch, -1, -1, -1)
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         if self.shared:
             return {f"mlp.{n}": p for n, p in self.mlp.named_parameters()} if self.mlp is not None else {}
@@ -115,15 +121,21 @@ def _extension(layer: PrefixAttention):
     ref = weakref.ref(layer)  # the table of extensions must not keep the wrapper (and its base) alive
 
     def extension(batch: int, dtype: torch.dtype, device: torch.device):
-        keys, values = ref().prefixes()
-        return keys.unsqueeze(0).expand(batch, -1, -1, -1), values.unsqueeze(0).expand(batch, -1, -1, -1)
+        return ref().extra_positions(batch)
 
     return extension
 
 
-def attach_prefixes(model: nn.Module, count: int, shift: bool, mlp_hidden: int | None = None) -> list[str]:
-    """Wrap every attention module in a PrefixAttention layer with ``count`` prefix positions (computed by one
-    shared MLP of hidden size ``mlp_hidden``, or trained directly when it is None); returns their names."""
+def attach_prefixes(
+    model: nn.Module,
+    count: int,
+    shift: bool,
+    mlp_hidden: int | None = None,
+    layer_class: type[PrefixAttention] = PrefixAttention,
+) -> list[str]:
+    """Wrap every attention module in a ``layer_class`` layer (PrefixAttention or a subclass, such as UniPELT's
+    gated one) with ``count`` prefix positions (computed by one shared MLP of hidden size ``mlp_hidden``, or trained
+    directly when it is None); returns their names."""
     found = attention_modules(model)
     config = model.config
     mlp = None
@@ -133,7 +145,7 @@ def attach_prefixes(model: nn.Module, count: int, shift: bool, mlp_hidden: int |
         mlp = PrefixMLP(count, shapes[0][0] * shapes[0][1], mlp_hidden, shapes).to(like.device, like.dtype)
     layers = []
     for index, m in enumerate(found):
-        layer = PrefixAttention(m.module, count, m.kv_heads, m.head_dim, index, mlp, owner=index == 0)
+        layer = layer_class(m.module, count, m.kv_heads, m.head_dim, index, mlp, owner=index == 0)
         replace_module(model, m.name, layer)
         extend_keys_values(model, config, m.module, _extension(layer))
         layers.append(layer)
@@ -189,11 +201,25 @@ def shift_positions(model: nn.Module, count: int) -> RemovableHandle:
 
 
 def fold_prefixes(attachment) -> dict[str, torch.Tensor]:
-    """Every layer's prefixes as plain tensors, keyed as directly trained prefixes are."""
+    """Every prefix layer's prefixes as plain tensors, keyed as directly trained prefixes are (other adapter layers
+    of a hybrid method, such as MAM's parallel adapters, are left to the caller)."""
     out = {}
     for name, layer in attachment.layers().items():
-        out[f"{name}.prefix_keys"], out[f"{name}.prefix_values"] = layer.folded()
+        if isinstance(layer, PrefixAttention):
+            out[f"{name}.prefix_keys"], out[f"{name}.prefix_values"] = layer.folded()
     return out
+
+
+def fold_hybrid(attachment) -> dict[str, torch.Tensor]:
+    """For a method that combines prefixes with other adapter layers (MAM, UniPELT): the prefixes folded, and every
+    other adapter tensor (other layers', and a prefix layer's own besides its MLP) as it is."""
+    rest = {
+        f"{name}.{key}": tensor.detach().clone()
+        for name, layer in attachment.layers().items()
+        for key, tensor in (layer.adapter_parameters() | layer.adapter_buffers()).items()
+        if not (isinstance(layer, PrefixAttention) and key.startswith("mlp."))
+    }
+    return fold_prefixes(attachment) | rest
 
 
 # --- Hugging Face PEFT format (PREFIX_TUNING) ---------------------------------------------------------------------
