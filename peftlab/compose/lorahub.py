@@ -192,3 +192,59 @@ def accuracy(
     )
     truth = torch.as_tensor([test.labels[i] for i in test_indices])
     return float((predicted == truth).double().mean())
+
+
+def compare(
+    paths: Sequence[str],
+    data: str,
+    model: str = "minilm",
+    k: int = 32,
+    budget: int = 40,
+    l1: float = 0.05,
+    ridge: float = 0.1,
+    seeds: Sequence[int] = (0,),
+    test_limit: int | None = 1000,
+    max_length: int = 128,
+    quiet: bool = True,
+) -> dict:
+    """LoRAHub on a target task against zero-shot and each single module, all with a ridge head on the same k
+    training examples (drawn per seed) and scored on the same test examples (the first ``test_limit``)."""
+    from ..run import RunOptions, build_model, prepare_data
+    from .library import read_library
+
+    modules = read_library(paths)
+    options = RunOptions(model=model, data=data, max_length=max_length)
+    prepared = prepare_data(options, quiet=quiet)
+    train, test = prepared.splits["train"], prepared.splits["test"]
+    classes = len(prepared.labels)
+    if not 2 <= k <= len(train):
+        raise InputError(f"k: expected 2..{len(train)} examples of {data!r}, got {k}")
+    hub = LoraHub(build_model(options, prepared, 0), modules)
+    test_indices = list(range(min(len(test), test_limit or len(test))))
+    names = [m.name for m in modules]
+    rows: dict[str, list[float]] = {"zero-shot": [], **{f"single:{n}": [] for n in names}, "lorahub": []}
+    found = []
+    for seed in seeds:
+        indices = np.random.default_rng(seed).choice(len(train), size=k, replace=False).tolist()
+        result = search(hub, train, indices, classes, budget, l1, ridge, seed)
+        found.append(
+            {"seed": seed, "weights": dict(zip(names, result.weights, strict=True)), "objective": result.objective}
+        )
+        settings = {"zero-shot": [0.0] * len(names), "lorahub": result.weights}
+        settings |= {f"single:{n}": [float(i == j) for j in range(len(names))] for i, n in enumerate(names)}
+        for key, weights in settings.items():
+            rows[key].append(accuracy(hub, weights, train, indices, test, test_indices, classes, ridge))
+    singles = {key: float(np.mean(v)) for key, v in rows.items() if key.startswith("single:")}
+    return {
+        "target": data,
+        "modules": {m.name: str(m.folder) for m in modules},
+        "k": k,
+        "budget": budget,
+        "l1": l1,
+        "ridge": ridge,
+        "seeds": list(seeds),
+        "test_examples": len(test_indices),
+        "accuracy": {key: {"mean": float(np.mean(v)), "per_seed": v} for key, v in rows.items()},
+        "best_single": max(singles, key=singles.get) if singles else None,
+        "searches": found,
+    }
