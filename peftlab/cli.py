@@ -567,6 +567,7 @@ def cmd_compose(argv: list[str], show_progress: bool) -> int:
     h.add_argument("--ridge", type=float, default=0.1, help="ridge head strength, relative (default: 0.1)")
     h.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds: one draw of k examples each")
     h.add_argument("--test-limit", type=int, default=1000, help="score on the first N test examples")
+    h.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
     h.add_argument("--out", help="also write the results to this JSON file")
     b = sub.add_parser("bench", help="mixed-batch throughput against Hugging Face PEFT's adapter_names path")
     b.add_argument("--model", default="minilm")
@@ -651,6 +652,7 @@ def _compose_lorahub(args, show_progress: bool) -> int:
         args.ridge,
         args.seeds,
         args.test_limit,
+        args.max_length,
         quiet=not show_progress,
     )
     text = json.dumps(results, indent=2)

@@ -45,14 +45,18 @@ def benchmark(
     plain base model (no adapters) as the floor; ``make_model()`` builds a fresh base classifier."""
     from peft import PeftModel
 
+    def fresh():  # the same base (and the same fresh head, which rows without an adapter use) every time
+        torch.manual_seed(seed)
+        return make_model().eval()
+
     with tempfile.TemporaryDirectory() as tmp:
-        ours_paths, hf_paths = random_adapters(make_model, Path(tmp), count, r, seed)
-        ours = MultiLoraModel.from_folders(make_model().eval(), ours_paths).eval()
-        theirs = PeftModel.from_pretrained(make_model().eval(), str(hf_paths[0]), adapter_name="a0")
+        ours_paths, hf_paths = random_adapters(fresh, Path(tmp), count, r, seed)
+        ours = MultiLoraModel.from_folders(fresh(), ours_paths).eval()
+        theirs = PeftModel.from_pretrained(fresh(), str(hf_paths[0]), adapter_name="a0")
         for i, path in enumerate(hf_paths[1:], start=1):
             theirs.load_adapter(str(path), adapter_name=f"a{i}")
         theirs.eval()
-    plain = make_model().eval()
+    plain = fresh()
     generator = torch.Generator().manual_seed(seed)
     vocab = plain.config.vocab_size
     input_ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (batch, length), generator=generator)
