@@ -47,8 +47,9 @@ def test_merge_writes_an_ordinary_lora_adapter(cli, adapters, tmp_path, tiny_mod
 
 
 def test_lorahub_and_bench_run(cli, adapters, tiny_model_dir, tiny_csv, tmp_path):
-    code, out, err = cli("compose", "lorahub", *adapters, "--data", tiny_csv, "--model", tiny_model_dir, "--k", "8",
-                         "--budget", "3", "--test-limit", "10", "--max-length", "32", "--out", tmp_path / "hub.json")  # fmt: skip
+    options = ["--k", "8", "--budget", "3", "--test-limit", "10", "--max-length", "32"]
+    code, out, err = cli("compose", "lorahub", *adapters, "--data", tiny_csv, "--model", tiny_model_dir, *options,
+                         "--out", tmp_path / "hub.json")  # fmt: skip
     assert code == 0, err
     result = json.loads((tmp_path / "hub.json").read_text())
     assert set(result["accuracy"]) == {"zero-shot", "single:reviews", "single:topics", "lorahub"}
