@@ -180,15 +180,17 @@ def accuracy(
     test_indices,
     classes: int,
     ridge: float = 0.1,
+    cache: dict | None = None,
 ) -> float:
-    """Test accuracy with the bodies combined by ``weights`` and a ridge head fitted on the k examples."""
+    """Test accuracy with the bodies combined by ``weights`` and a ridge head fitted on the k examples (``cache``
+    keeps the test features of weights seen before)."""
     hub.weights = torch.as_tensor(list(weights), dtype=torch.float32)
+    key = tuple(float(w) for w in weights)
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = hub.features(test, test_indices)
     predicted = ridge_predict(
-        hub.features(train, indices),
-        [train.labels[i] for i in indices],
-        classes,
-        hub.features(test, test_indices),
-        ridge,
+        hub.features(train, indices), [train.labels[i] for i in indices], classes, cache[key], ridge
     )
     truth = torch.as_tensor([test.labels[i] for i in test_indices])
     return float((predicted == truth).double().mean())
@@ -223,7 +225,7 @@ def compare(
     test_indices = list(range(min(len(test), test_limit or len(test))))
     names = [m.name for m in modules]
     rows: dict[str, list[float]] = {"zero-shot": [], **{f"single:{n}": [] for n in names}, "lorahub": []}
-    found = []
+    found, cache = [], {}
     for seed in seeds:
         indices = np.random.default_rng(seed).choice(len(train), size=k, replace=False).tolist()
         result = search(hub, train, indices, classes, budget, l1, ridge, seed)
@@ -233,7 +235,7 @@ def compare(
         settings = {"zero-shot": [0.0] * len(names), "lorahub": result.weights}
         settings |= {f"single:{n}": [float(i == j) for j in range(len(names))] for i, n in enumerate(names)}
         for key, weights in settings.items():
-            rows[key].append(accuracy(hub, weights, train, indices, test, test_indices, classes, ridge))
+            rows[key].append(accuracy(hub, weights, train, indices, test, test_indices, classes, ridge, cache))
     singles = {key: float(np.mean(v)) for key, v in rows.items() if key.startswith("single:")}
     return {
         "target": data,
