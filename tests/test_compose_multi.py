@@ -119,3 +119,34 @@ def test_bad_ids_and_bases(folders, tmp_path):
     )
     with pytest.raises(InputError, match="body"):
         MultiLoraModel.from_folders(other, folders)
+
+
+@torch.no_grad()
+def test_decoder_generation_per_row(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    def llama():
+        return AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+
+    folders = []
+    for i, r in enumerate((2, 4)):
+        attachment = peftlab.attach(llama(), "lora", r=r, targets=["q_proj", "v_proj", "down_proj"])
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in attachment.trainable_parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        folders.append(attachment.save(tmp_path / f"l{i}"))
+    served = MultiLoraModel.from_folders(llama(), folders)
+    prompt = torch.randint(5, 40, (3, 6))
+    with served.rows([1, -1, 0]):
+        got = served.model.generate(prompt, max_new_tokens=5, do_sample=False)
+    for row, a in enumerate([1, -1, 0]):
+        model = llama()
+        if a >= 0:
+            peftlab.load_adapter(model, folders[a])
+        alone = model.generate(prompt[row : row + 1], max_new_tokens=5, do_sample=False)
+        assert torch.equal(got[row : row + 1], alone)
+    logits = served(input_ids=prompt, adapter_ids=[1, -1, 0]).logits
+    model = llama()
+    peftlab.load_adapter(model, folders[1])
+    torch.testing.assert_close(logits[:1], model(input_ids=prompt[:1]).logits, atol=1e-5, rtol=1e-5)

@@ -23,11 +23,14 @@ Usage::
 
     served = MultiLoraModel.from_folders(model, ["runs/a", "runs/b", "runs/c"])
     logits = served(input_ids=ids, attention_mask=mask, adapter_ids=[0, 2, -1, "b"]).logits
+    with served.rows([1, -1]):  # decoders: generation with a KV cache, one adapter per prompt
+        tokens = served.model.generate(prompts, max_new_tokens=20)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -176,13 +179,19 @@ class MultiLoraModel(nn.Module):
             return self.names.index(adapter)
         return int(adapter)
 
-    def forward(self, *args, adapter_ids=None, **kwargs):
-        """The wrapped model's forward; ``adapter_ids`` (one per row: index, name, or -1 / None for the base)."""
+    @contextmanager
+    def rows(self, adapter_ids):
+        """Within this block every call of the model (``generate`` too) uses ``adapter_ids`` row by row."""
         self.router.slots = None if adapter_ids is None else self.slots(adapter_ids)
         try:
-            return self.model(*args, **kwargs)
+            yield self.model
         finally:
             self.router.slots = None
+
+    def forward(self, *args, adapter_ids=None, **kwargs):
+        """The wrapped model's forward; ``adapter_ids`` (one per row: index, name, or -1 / None for the base)."""
+        with self.rows(adapter_ids):
+            return self.model(*args, **kwargs)
 
     def unload(self) -> nn.Module:
         """The plain model again (every wrapped layer and head put back)."""
