@@ -66,8 +66,10 @@ class MultiLoraLinear(nn.Module):
             return out
         rows = check_rows(x, slots)
         x3 = x.reshape(rows, -1, x.shape[-1])  # (B, T, in)
-        update = torch.bmm(torch.bmm(x3, self.down[slots]), self.up[slots])  # (B, T, R) -> (B, T, out)
-        return out + update.reshape(out.shape)
+        hidden = torch.bmm(x3, self.down[slots])  # (B, T, R)
+        out3 = out.view(rows, -1, out.shape[-1])  # (B, T, out), a view of the base output
+        out3.baddbmm_(hidden, self.up[slots])  # added in place: no (B, T, out) temporary
+        return out
 
 
 class MultiLinearHead(nn.Module):
