@@ -61,6 +61,25 @@ TARGETS = {  # ratio name -> (limit, what it compares)
 }
 
 
+def unfused(attachment, step) -> None:
+    """LoRA through plain autograd ops (``base(x) + s * B(A(x))``), as before ``FusedLoraLinear``."""
+    for layer in attachment.layers().values():
+        layer.fused = False
+
+
+def compiled(attachment, step) -> None:
+    """``torch.compile`` of the whole model (compiled on the warm-up steps)."""
+    step.model = torch.compile(attachment.model)
+
+
+def checkpointing(attachment, step) -> None:
+    """Gradient checkpointing of every transformer block (activations recomputed in the backward pass)."""
+    attachment.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+EXTRAS = {"unfused": unfused, "compile": compiled, "checkpointing": checkpointing}
+
+
 @dataclass
 class Case:
     """One model and batch shape: ``kind`` is ``classify`` (a sequence classifier) or ``sft`` (a causal LM)."""
@@ -174,6 +193,11 @@ def run_case(case: Case, args, device, log=print) -> dict:
         "peft": TrainStep(peer, task, settings, lr, TrainingHooks(), device, total),
         "full": TrainStep(full, task, settings, 2e-5, TrainingHooks(), device, total),
     }
+    for extra in args.extra:  # peftlab LoRA variants measured beside the default, each on its own model copy
+        variant = attach(case.build().to(device), "lora", lora)
+        step = TrainStep(variant, task, settings, lr, TrainingHooks(), device, total)
+        EXTRAS[extra](variant, step)
+        steps[f"lora+{extra}"] = step
     attn = getattr(full.model.config, "_attn_implementation", None)
     record: dict = {
         "model": case.name,
@@ -208,6 +232,11 @@ def run_case(case: Case, args, device, log=print) -> dict:
         "memory lora/peft": record["memory"]["lora"]["total"] / record["memory"]["peft"]["total"],
         "memory lora/full": record["memory"]["lora"]["total"] / record["memory"]["full"]["total"],
     }
+    for extra in args.extra:
+        ratios[f"lora+{extra}/lora"] = median_ratio(timings, f"lora+{extra}", "lora")
+        ratios[f"memory lora+{extra}/lora"] = (
+            record["memory"][f"lora+{extra}"]["total"] / record["memory"]["lora"]["total"]
+        )
     if args.profile:
         record["profile"] = profile_step(steps["lora"], batch)
 
@@ -314,6 +343,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--targets", nargs="+", default=["all-linear"])
+    p.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        choices=sorted(EXTRAS),
+        help="also time peftlab LoRA variants: unfused (plain autograd ops), compile (torch.compile), checkpointing",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the LoRA step")
