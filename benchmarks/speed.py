@@ -77,7 +77,39 @@ def checkpointing(attachment, step) -> None:
     attachment.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-EXTRAS = {"unfused": unfused, "compile": compiled, "checkpointing": checkpointing}
+class OtherThreads:
+    """A step run with another number of intra-op threads (restored afterwards)."""
+
+    def __init__(self, step, threads: int):
+        self.step, self.threads = step, threads
+
+    def __call__(self, batch):
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            self.step(batch)
+        finally:
+            torch.set_num_threads(before)
+
+    def memory(self, batch):
+        return self.step.memory(batch)
+
+
+def with_threads(threads: int):
+    def change(attachment, step):
+        return OtherThreads(step, threads)
+
+    change.__doc__ = f"the same LoRA step on {threads} intra-op threads"
+    return change
+
+
+EXTRAS = {
+    "unfused": unfused,
+    "compile": compiled,
+    "checkpointing": checkpointing,
+    "threads1": with_threads(1),
+    "threads2": with_threads(2),
+}
 
 
 @dataclass
@@ -196,8 +228,7 @@ def run_case(case: Case, args, device, log=print) -> dict:
     for extra in args.extra:  # peftlab LoRA variants measured beside the default, each on its own model copy
         variant = attach(case.build().to(device), "lora", lora)
         step = TrainStep(variant, task, settings, lr, TrainingHooks(), device, total)
-        EXTRAS[extra](variant, step)
-        steps[f"lora+{extra}"] = step
+        steps[f"lora+{extra}"] = EXTRAS[extra](variant, step) or step
     attn = getattr(full.model.config, "_attn_implementation", None)
     record: dict = {
         "model": case.name,
@@ -348,7 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="*",
         default=[],
         choices=sorted(EXTRAS),
-        help="also time peftlab LoRA variants: unfused (plain autograd ops), compile (torch.compile), checkpointing",
+        help="also time peftlab LoRA variants: unfused (plain autograd ops), compile (torch.compile), checkpointing, "
+        "threads1 / threads2 (the step on 1 or 2 intra-op threads)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
