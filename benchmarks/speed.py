@@ -329,7 +329,7 @@ def markdown(results: dict) -> str:
         ]
         for n, t in r["train"].items():
             m = r["memory"][n]
-            trainable = r["trainable"].get(n, 0)
+            trainable = r["trainable"].get(n.split("+")[0], 0)
             lines.append(
                 f"| {n} | {t['median_s']:.4f} | {t['tokens_per_s']:.0f} | {mib(m['weights'])} | {mib(m['gradients'])} "
                 f"| {mib(m['optimizer'])} | {mib(m['activations'])} | {mib(m['total'])} | {trainable:,} |"
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor()}".strip(),
         "threads": torch.get_num_threads(),
         "load_before": load_average(),
         "torch": torch.__version__,

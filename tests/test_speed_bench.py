@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_script():
     spec = importlib.util.spec_from_file_location("speed_bench", ROOT / "benchmarks" / "speed.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -77,10 +79,9 @@ def test_fused_lora_layer_matches_plain_autograd():
 
     base = nn.Linear(6, 4).requires_grad_(False)
     layers = [LoraLinear(base, r=3, alpha=6.0) for _ in range(2)]
+    nn.init.normal_(layers[0].lora_B)
     layers[1].load_state_dict(layers[0].state_dict())
     layers[1].fused = False
-    for layer in layers:
-        nn.init.normal_(layer.lora_B)
     x = torch.randn(2, 5, 6, requires_grad=True)
     outs, grads = [], []
     for layer in layers:
