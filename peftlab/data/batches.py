@@ -1,7 +1,8 @@
 """Tokenising once, up front, and building dynamically padded batches.
 
 Texts are tokenised a single time before training (never inside the step). Each batch is padded only to its own
-longest sequence, so short snippets do not pay for the longest one in the dataset.
+longest sequence, so short snippets do not pay for the longest one in the dataset. ``length_grouped`` goes
+further (the training loop's ``--group-by-length``): each step's examples are drawn from examples of similar length.
 
 Truncation policy: a sequence longer than ``max_length`` tokens (special tokens included) is cut at the end
 (for a pair, the longer member is shortened first); the number of truncated examples is reported.
@@ -65,3 +66,22 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:
         truncated=truncated,
         pad_id=pad if pad is not None else 0,
     )
+
+
+def length_grouped(
+    order: Sequence[int], lengths: Sequence[int], per_step: int, generator: torch.Generator, window_steps: int = 64
+) -> list[int]:
+    """``order`` (a shuffled epoch) regrouped so that the examples of each step have similar lengths.
+
+    Windows of ``window_steps`` steps' worth of examples, in ``order``, are each sorted by length and cut into
+    steps; the full steps of the whole epoch are then shuffled with ``generator`` and the one short step (if the
+    epoch does not divide evenly) stays last, so every step but the last still holds ``per_step`` examples. A
+    deterministic function of its inputs: a resumed run rebuilds the same epoch."""
+    window = per_step * window_steps
+    steps: list[list[int]] = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lambda i: lengths[i])
+        steps += [part[k : k + per_step] for k in range(0, len(part), per_step)]
+    short = [steps.pop()] if steps and len(steps[-1]) < per_step else []
+    shuffled = [steps[j] for j in torch.randperm(len(steps), generator=generator).tolist()] + short
+    return [i for step in shuffled for i in step]

@@ -101,9 +101,46 @@ def singular_factors(
     return A0.to(weight.dtype), B0.to(weight.dtype)
 
 
+class FusedLoraLinear(torch.autograd.Function):
+    """``y = x W^T + b + s (x A^T) B^T`` for a frozen ``W`` and ``b``, with a hand-written backward.
+
+    The same arithmetic as ``base(x) + s * B(A(x))``, in fewer passes over the (tokens, features) tensors: the
+    update is added by the GEMM that computes it (``addmm_`` into the base output, ``s`` folded into its alpha),
+    and the input gradient ``g W + s (g B) A`` likewise takes the low-rank term inside the second GEMM. Saved for
+    backward: ``x`` (which the frozen matmul would not need, but ``A``'s gradient does) and the rank-r ``x A^T``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
+        xa = x2 @ lora_A.t()  # (N, r)
+        out = F.linear(x2, weight, bias)  # (N, out)
+        out.addmm_(xa, lora_B.t(), alpha=scaling)  # (N, out): + s (x A^T) B^T
+        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        ctx.shape = shape
+        return out.view(*shape[:-1], out.shape[-1])  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gb = g @ lora_B  # (N, r): the gradient reaching x A^T, before the factor s
+        grad_A = (gb.t() @ x2).mul_(s) if ctx.needs_input_grad[3] else None  # (r, in)
+        grad_B = (g.t() @ xa).mul_(s) if ctx.needs_input_grad[4] else None  # (out, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(gb, lora_A, alpha=s).view(ctx.shape)  # (..., in)
+        return grad_x, None, None, grad_A, grad_B, None
+
+
 class LoraLinear(AdapterLayer):
     """``base(x) + scaling * (B(A(dropout(x))) - B0(A0(x)))`` around a frozen ``nn.Linear`` (``B0 A0`` only for
     PiSSA / MiLoRA; the other initialisations leave it out)."""
+
+    fused = True  # compute through FusedLoraLinear where it applies (``fusable``); False: plain autograd ops
 
     def __init__(
         self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, init: str = "kaiming"
@@ -131,10 +168,27 @@ class LoraLinear(AdapterLayer):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)  # (..., out)
         if self.merged:
-            return out
+            return self.base(x)  # (..., out)
+        if self.fusable(x):
+            return FusedLoraLinear.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+        out = self.base(x)  # (..., out)
         return out + self.lora_output(x, self.dropout(x))
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether ``FusedLoraLinear`` computes this layer's forward and backward: a plain frozen ``nn.Linear``
+        base, no dropout in training, no PiSSA / MiLoRA initial product, no autocast, one dtype throughout."""
+        base = self.base
+        return (
+            self.fused
+            and type(base) is nn.Linear
+            and (isinstance(self.dropout, nn.Identity) or not self.training)
+            and self.lora_A0 is None
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == base.weight.dtype == self.lora_A.dtype == self.lora_B.dtype
+        )
 
     def lora_output(self, x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """The update's contribution ``s * (B A dropped - B0 A0 x)``, (..., out); ``dropped`` is x after dropout."""

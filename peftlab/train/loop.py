@@ -37,7 +37,7 @@ from rich.progress import (
 from transformers import get_scheduler
 
 from ..core.attach import Attachment
-from ..data.batches import Encoded
+from ..data.batches import Encoded, length_grouped
 from ..errors import PeftlabError, require
 from ..evaluate.metrics import classification_metrics
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
@@ -65,6 +65,10 @@ class TrainSettings:
     )
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: epoch ends only)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "draw each step's examples from examples of similar length (less padding, same epochs)"},
+    )
     l2sp: float = field(
         default=0.0, metadata={"help": "L2-SP, 0 = off: adds l2sp * ||theta - theta_0||^2 over the pretrained weights"}
     )
@@ -248,6 +252,9 @@ def fit(
             g = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
             orders.clear()
             orders[epoch] = torch.randperm(len(train), generator=g).tolist()
+            if settings.group_by_length:
+                lengths = [len(ids) for ids in train.input_ids]
+                orders[epoch] = length_grouped(orders[epoch], lengths, per_step, g)
         return orders[epoch]
 
     params = attachment.trainable_parameters()
