@@ -30,6 +30,21 @@ def normalise(text: str) -> str:
 
 
 @torch.no_grad()
+def left_padded_prompts(
+    tokenizer, prompts: Sequence[list[dict[str, str]]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, T): the prompts rendered with the generation prompt and padded on the
+    left, so every row's last token is its prompt's end and new tokens follow it directly."""
+    rows = [render(tokenizer, p, generation_prompt=True) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, width - len(r) :] = torch.tensor(r)
+        mask[j, width - len(r) :] = 1
+    return ids, mask
+
+
 def generate(
     model,
     tokenizer,
@@ -49,13 +64,7 @@ def generate(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     replies: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [render(tokenizer, p, generation_prompt=True) for p in prompts[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):  # left padding: every row's last token is its prompt's end
-            ids[j, width - len(r) :] = torch.tensor(r)
-            mask[j, width - len(r) :] = 1
+        ids, mask = left_padded_prompts(tokenizer, prompts[start : start + batch_size], pad)
         kwargs = {"do_sample": temperature > 0}
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p)
@@ -68,7 +77,7 @@ def generate(
             pad_token_id=pad,
             **kwargs,
         )
-        for row in out[:, width:].tolist():
+        for row in out[:, ids.shape[1] :].tolist():
             if eos in row:
                 row = row[: row.index(eos)]
             replies.append(tokenizer.decode(row, skip_special_tokens=True))

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data.lm import render
 from ..errors import InputError
+from .generation import left_padded_prompts
 
 
 def check_shared_vocabulary(tokenizers: dict[str, object]) -> int:
@@ -96,18 +96,12 @@ def proxy_generate(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     replies: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [render(tokenizer, p, generation_prompt=True) for p in prompts[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):  # left padding: every row's last token is its prompt's end
-            ids[j, width - len(r) :] = torch.tensor(r)
-            mask[j, width - len(r) :] = 1
+        ids, mask = left_padded_prompts(tokenizer, prompts[start : start + batch_size], pad)
         ids, mask = ids.to(device), mask.to(device)
         streams = [_Stream(m) for m in models]
         new = ids
-        out: list[list[int]] = [[] for _ in rows]
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        out: list[list[int]] = [[] for _ in range(len(ids))]
+        done = torch.zeros(len(ids), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits = combine(*(s.step(new, mask) for s in streams), vocab, alpha)  # (B, vocab)
             if trace is not None:
