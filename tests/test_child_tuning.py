@@ -7,34 +7,16 @@ import peftlab
 from peftlab.methods.gradient_masks import top_share_masks
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.hooks import TrainContext
-from peftlab.train.loop import ClassificationTask, TrainSettings, fit, make_hooks
+from peftlab.train.loop import ClassificationTask, TrainSettings, make_hooks
 from peftlab.train.regularise import pretrained_parameters
 from tests.conftest import tiny_classifier
+from tests.short_fit import run_fit
 
 
 @pytest.fixture(scope="module")
 def prepared(tiny_model_dir, tiny_csv):
     options = RunOptions(model=str(tiny_model_dir), data=str(tiny_csv), max_length=32)
     return options, prepare_data(options, quiet=True)
-
-
-def run_fit(adapter, data, tmp_path, steps, resume=False):
-    settings = TrainSettings(
-        max_steps=steps, batch_size=8, lr=1e-2, warmup=0, schedule="constant", checkpoint_every=2, seed=0
-    )
-    fit(
-        adapter,
-        ClassificationTask(2),
-        data.splits["train"],
-        data.splits["validation"],
-        settings,
-        1e-2,
-        tmp_path / "ckpt",
-        lambda m, s: None,
-        torch.device("cpu"),
-        resume=resume,
-        show_progress=False,
-    )
 
 
 def test_child_tuning_f_masks_and_rescales_each_gradient_with_a_fresh_bernoulli_draw():
