@@ -65,10 +65,10 @@ def test_floor_computes_activation_gradients_only():
     assert [p.requires_grad for p in model.parameters()] == flags  # the freeze is undone
 
 
-def test_fused_lora_layer_matches_plain_autograd():
+def test_fused_lora_layers_match_plain_autograd():
     from torch import nn
 
-    from peftlab.methods.lora import FusedLoraLinear, LoraLinear
+    from peftlab.methods.lora import FusedLoraLinear, LoraLinear, MergedWeightLoraLinear, merged_weight_is_cheaper
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -76,12 +76,17 @@ def test_fused_lora_layer_matches_plain_autograd():
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     bb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: FusedLoraLinear.apply(*t, 0.7), (x, w, b, a, bb))
+    assert torch.autograd.gradcheck(lambda *t: MergedWeightLoraLinear.apply(*t, 0.7), (x, w, b, a, bb))
+    # The merged weight (4 x 6 numbers) is cheaper than two passes over 10 tokens' activations, not over 2 tokens.
+    assert merged_weight_is_cheaper(10, 6, 4) and not merged_weight_is_cheaper(2, 6, 4)
 
     base = nn.Linear(6, 4).requires_grad_(False)
-    layers = [LoraLinear(base, r=3, alpha=6.0) for _ in range(2)]
+    layers = [LoraLinear(base, r=3, alpha=6.0) for _ in range(3)]  # merged weight, rowwise fused, plain autograd
     nn.init.normal_(layers[0].lora_B)
-    layers[1].load_state_dict(layers[0].state_dict())
-    layers[1].fused = False
+    for layer in layers[1:]:
+        layer.load_state_dict(layers[0].state_dict())
+    layers[1].merged_weight = False
+    layers[2].fused = False
     x = torch.randn(2, 5, 6, requires_grad=True)
     outs, grads = [], []
     for layer in layers:
@@ -91,6 +96,7 @@ def test_fused_lora_layer_matches_plain_autograd():
         outs.append(out)
         grads.append([x.grad.clone(), layer.lora_A.grad, layer.lora_B.grad])
         x.grad = None
-    torch.testing.assert_close(outs[0], outs[1])
-    for g0, g1 in zip(*grads, strict=True):
-        torch.testing.assert_close(g0, g1)
+    for other, other_grads in zip(outs[1:], grads[1:], strict=True):
+        torch.testing.assert_close(outs[0], other)
+        for g0, g1 in zip(grads[0], other_grads, strict=True):
+            torch.testing.assert_close(g0, g1)
