@@ -199,7 +199,15 @@ def test_alternate_rotates_and_takes_medians():
 
 
 @pytest.mark.parametrize(
-    "method, options", [("lora", {"r": 4}), ("lora", {"r": 4, "rslora": True}), ("ia3", {}), ("dora", {"r": 4})]
+    "method, options",
+    [
+        ("lora", {"r": 4}),
+        ("lora", {"r": 4, "rslora": True}),
+        ("ia3", {}),
+        ("dora", {"r": 4}),
+        ("prompt_tuning", {"num_virtual_tokens": 4}),
+        ("prefix_tuning", {"num_virtual_tokens": 4, "projection": False}),
+    ],
 )
 def test_peer_starts_and_trains_like_ours(prepared, method, options, tmp_path):
     """Without dropout, PEFT's model trained by the same steps stays equal to ours."""

@@ -3,7 +3,8 @@
 For a method PEFT also has, the peer starts from exactly our starting point: peftlab attaches its method to a
 model built with the cell's seed, writes it in the PEFT format (``peftlab.core.hf_peft.export_hf``, which maps our
 config to PEFT's), and PEFT loads that folder onto a fresh copy of the same base (``PeftModel.from_pretrained(...,
-is_trainable=True)``), so both hold the same adapter weights and the same task head at step 0. PEFT's model then
+is_trainable=True)``, or for the soft prompts, which PEFT will not load as trainable, ``get_peft_model`` given the
+saved weights), so both hold the same adapter weights and the same task head at step 0. PEFT's model then
 trains in ``peftlab.train.loop.fit`` -- the same data order, batches, AdamW parameter groups, schedule, clipping
 and steps -- through ``PeerAttachment``, which offers the loop what it asks of an attachment.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.hf_peft import EXPORTERS, HF_CONFIG, export_hf, peft_kind
+from ..core.hf_peft import EXPORTERS, HF_CONFIG, HF_WEIGHTS, export_hf, peft_kind
 from ..errors import InputError
 from ..train.hooks import TrainingHooks
 
@@ -105,7 +106,11 @@ def build_peer(attachment, fresh_model: nn.Module, kind: str, folder: Path, tota
         raise InputError(f"{attachment.method.name}: exported as PEFT {peft_kind(config)!r}, not {expected!r}")
     if expected == "ADALORA":
         _adalora_for_training(attachment, folder, config, total_steps)
-    peer = PeerAttachment(PeftModel.from_pretrained(fresh_model, str(folder), is_trainable=True), expected)
+    if expected in PROMPT_LEARNING:
+        model = _prompt_learning_for_training(fresh_model, folder)
+    else:
+        model = PeftModel.from_pretrained(fresh_model, str(folder), is_trainable=True)
+    peer = PeerAttachment(model, expected)
     ours = attachment.trainable_count()
     if peer.trainable_count() != ours:  # e.g. a saved form that differs from the trained one
         raise InputError(
@@ -113,6 +118,27 @@ def build_peer(attachment, fresh_model: nn.Module, kind: str, folder: Path, tota
             "not a like-for-like peer"
         )
     return peer
+
+
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+
+
+def _prompt_learning_for_training(fresh_model: nn.Module, folder: Path) -> nn.Module:
+    """PEFT refuses to load a saved prompt-learning adapter as trainable; its training path is ``get_peft_model``
+    with the config, which is then given the saved weights (virtual tokens, prompt encoder, task head)."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(str(folder))
+    config.inference_mode = False
+    model = get_peft_model(fresh_model, config)
+    loaded = set_peft_model_state_dict(model, load_file(str(folder / HF_WEIGHTS)))
+    # PEFT loads the virtual tokens ("prompt_embeddings") into the prompt encoder itself, then lists them as
+    # unexpected by the rest of the model.
+    left = [k for k in loaded.unexpected_keys if k != "prompt_embeddings"]
+    if left:
+        raise InputError(f"{folder}: PEFT did not take these saved tensors: {', '.join(left)}")
+    return model
 
 
 def _adalora_for_training(attachment, folder: Path, config: dict, total_steps: int) -> None:
