@@ -1024,6 +1024,17 @@ COMMANDS = {
 }
 
 
+GLOBAL_OPTIONS_WITH_VALUE = ("--cache-dir",)
+
+
+def _command_index(argv: list[str]) -> int:
+    """Where the command is: the first argument that is neither a global option nor the value of one."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in GLOBAL_OPTIONS_WITH_VALUE else 1
+    return min(i, len(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _Parser(prog="peftlab", description=__doc__.split("\n\n")[0], add_help=False)
@@ -1033,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument("-h", "--help", action="store_true")
     top.add_argument("command", nargs="?")
     # Global options come before the command; everything after it belongs to the command.
-    split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    split = _command_index(argv)
     debug = "--debug" in argv
     try:
         glob = top.parse_args(argv[: split + 1])

@@ -83,6 +83,18 @@ def test_assets_list_command(cli):
     assert code == 0 and "minilm" in out and "rotten_tomatoes" in out and "Apache-2.0" in out
 
 
+@pytest.mark.parametrize("form", ["two words", "with ="])
+def test_the_cache_dir_option_takes_its_value_in_either_form(cli, tmp_path, monkeypatch, form):
+    import peftlab.assets.store as store
+
+    monkeypatch.setattr(store, "_cache_override", None)  # undone after the test, whatever the CLI sets
+    folder = tmp_path / "cache"
+    args = ["--cache-dir", str(folder)] if form == "two words" else [f"--cache-dir={folder}"]
+    code, out, _ = cli(*args, "assets", "list")
+    assert code == 0 and "minilm" in out
+    assert store.cache_dir() == folder
+
+
 @pytest.mark.real
 def test_real_assets_pull_and_verify():
     for name in ("minilm", "rotten_tomatoes"):

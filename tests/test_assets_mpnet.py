@@ -193,3 +193,16 @@ def test_real_mpnet_loads_offline_and_embeds_sensibly():
     mask = batch["attention_mask"].unsqueeze(-1).float()
     emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # mean pooling, as trained
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.1
+
+
+def test_ia3_auto_layout_on_mpnet_scales_keys_values_and_the_ffn_input():
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    model = MPNetForSequenceClassification(
+        MPNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    )
+    adapter = peftlab.attach(model, "ia3")
+    leaves = sorted({t.split("layer.0.", 1)[1] for t in adapter.targets if ".layer.0." in t})
+    assert leaves == ["attention.attn.k", "attention.attn.v", "output.dense"]
+    assert len(adapter.targets) == 6

@@ -47,6 +47,7 @@ LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
     "BERT / RoBERTa / MiniLM / ELECTRA": (["attention.self.key", "attention.self.value"], ["*[0-9].output.dense"]),
     "Llama / Qwen / Mistral / Gemma": (["self_attn.k_proj", "self_attn.v_proj"], ["mlp.down_proj"]),
     "DistilBERT": (["attention.k_lin", "attention.v_lin"], ["ffn.lin2"]),
+    "MPNet": (["attention.attn.k", "attention.attn.v"], ["*[0-9].output.dense"]),
 }
 
 
