@@ -67,12 +67,6 @@ def unfused(attachment, step) -> None:
         layer.fused = False
 
 
-def rowwise(attachment, step) -> None:
-    """The fused path without the merged weight: the update added to the activations (``FusedLoraLinear`` only)."""
-    for layer in attachment.layers().values():
-        layer.merged_weight = False
-
-
 def compiled(attachment, step) -> None:
     """``torch.compile`` of the whole model (compiled on the warm-up steps)."""
     step.model = torch.compile(attachment.model)
@@ -111,7 +105,6 @@ def with_threads(threads: int):
 
 EXTRAS = {
     "unfused": unfused,
-    "rowwise": rowwise,
     "compile": compiled,
     "checkpointing": checkpointing,
     "threads1": with_threads(1),
@@ -386,8 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="*",
         default=[],
         choices=sorted(EXTRAS),
-        help="also time peftlab LoRA variants: unfused (plain autograd ops), rowwise (fused, without the merged "
-        "weight), compile (torch.compile), checkpointing, "
+        help="also time peftlab LoRA variants: unfused (plain autograd ops), compile (torch.compile), checkpointing, "
         "threads1 / threads2 (the step on 1 or 2 intra-op threads)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")

@@ -68,7 +68,7 @@ def test_floor_computes_activation_gradients_only():
 def test_fused_lora_layers_match_plain_autograd():
     from torch import nn
 
-    from peftlab.methods.lora import FusedLoraLinear, LoraLinear, MergedWeightLoraLinear, merged_weight_is_cheaper
+    from peftlab.methods.lora import FusedLoraLinear, LoraLinear
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -76,17 +76,13 @@ def test_fused_lora_layers_match_plain_autograd():
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     bb = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: FusedLoraLinear.apply(*t, 0.7), (x, w, b, a, bb))
-    assert torch.autograd.gradcheck(lambda *t: MergedWeightLoraLinear.apply(*t, 0.7), (x, w, b, a, bb))
-    # The merged weight (4 x 6 numbers) pays off for long batches (10 tokens), not for short ones (9).
-    assert merged_weight_is_cheaper(10, 6, 4) and not merged_weight_is_cheaper(9, 6, 4)
 
     base = nn.Linear(6, 4).requires_grad_(False)
-    layers = [LoraLinear(base, r=3, alpha=6.0) for _ in range(3)]  # merged weight, rowwise fused, plain autograd
+    layers = [LoraLinear(base, r=3, alpha=6.0) for _ in range(2)]  # fused, plain autograd
     nn.init.normal_(layers[0].lora_B)
     for layer in layers[1:]:
         layer.load_state_dict(layers[0].state_dict())
-    layers[1].merged_weight = False
-    layers[2].fused = False
+    layers[1].fused = False
     x = torch.randn(2, 5, 6, requires_grad=True)
     outs, grads = [], []
     for layer in layers:
@@ -102,20 +98,17 @@ def test_fused_lora_layers_match_plain_autograd():
             torch.testing.assert_close(g0, g1)
 
 
-def test_a_whole_model_trains_the_same_through_every_lora_path():
-    """A batch long enough for the merged-weight path (8 x 40 tokens through 32 -> 32 and 32 <-> 64 layers):
-    outputs and LoRA gradients equal the rowwise fused path and the plain autograd formula."""
+def test_a_whole_model_trains_the_same_through_the_fused_and_the_plain_lora_path():
+    """Outputs and LoRA gradients of a whole model equal between FusedLoraLinear and the plain autograd formula."""
     import peftlab
-    from peftlab.methods.lora import merged_weight_is_cheaper
 
-    assert merged_weight_is_cheaper(8 * 40, 32, 64) and merged_weight_is_cheaper(8 * 40, 32, 32)
     tokens = torch.randint(5, 64, (8, 40), generator=torch.Generator().manual_seed(3))
     results = []
-    for fused, merged_weight in [(True, True), (True, False), (False, False)]:
+    for fused in (True, False):
         attachment = peftlab.attach(tiny_classifier(), "lora", r=4)
         for layer in attachment.layers().values():
             torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(1))
-            layer.fused, layer.merged_weight = fused, merged_weight
+            layer.fused = fused
         attachment.model.train()
         logits = attachment.model(tokens).logits
         logits.square().sum().backward()

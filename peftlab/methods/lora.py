@@ -136,58 +136,11 @@ class FusedLoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_A, grad_B, None
 
 
-class MergedWeightLoraLinear(torch.autograd.Function):
-    """The same ``y = x W^T + b + s (x A^T) B^T``, computed as ``x W'^T + b`` with ``W' = W + s B A`` built on the
-    fly (and built again in the backward pass rather than kept, so memory stays that of ``FusedLoraLinear``).
-
-    Building ``W'`` (twice) touches ``out x in`` numbers; adding the update to the activations touches ``N x out``
-    in the forward pass and ``N x in`` in the backward pass (N tokens). For long batches through small or mid-sized
-    layers the merged weight is the cheaper, and the two rank-r activation passes (``addmm_`` into the output and
-    into the input gradient) disappear; ``merged_weight_is_cheaper`` holds the measured crossover.
-    Backward: ``grad_x = g W'``, ``grad_A = s (g B)^T x``, ``grad_B = s g^T (x A^T)``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (N, in)
-        merged = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # (out, in): W + s B A
-        out = F.linear(x2, merged, bias)  # (N, out)
-        xa = x2 @ lora_A.t()  # (N, r), for B's gradient
-        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B)
-        ctx.scaling = scaling
-        ctx.shape = shape
-        return out.view(*shape[:-1], out.shape[-1])  # (..., out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        gb = g @ lora_B  # (N, r)
-        grad_A = (gb.t() @ x2).mul_(s) if ctx.needs_input_grad[3] else None  # (r, in)
-        grad_B = (g.t() @ xa).mul_(s) if ctx.needs_input_grad[4] else None  # (out, r)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ torch.addmm(weight, lora_B, lora_A, alpha=s)).view(ctx.shape)  # (..., in): g W'
-        return grad_x, None, None, grad_A, grad_B, None
-
-
-def merged_weight_is_cheaper(tokens: int, in_features: int, out_features: int) -> bool:
-    """Whether ``MergedWeightLoraLinear`` beats ``FusedLoraLinear`` for ``tokens`` rows: ``N (in + out) > 4 in out``.
-
-    The factor 4 is measured (one CPU thread, r = 8, forward + backward alternated 60 times): merged / rowwise step
-    0.91 (384 x 384), 0.99 (384 -> 1536), 0.96 (1536 -> 384) at N = 2048 tokens, but 1.01-1.09 at N = 512, where
-    the plain count ``N (in + out) > in out`` would already pick the merged weight."""
-    return tokens * (in_features + out_features) > 4 * in_features * out_features
-
-
 class LoraLinear(AdapterLayer):
     """``base(x) + scaling * (B(A(dropout(x))) - B0(A0(x)))`` around a frozen ``nn.Linear`` (``B0 A0`` only for
     PiSSA / MiLoRA; the other initialisations leave it out)."""
 
     fused = True  # compute through FusedLoraLinear where it applies (``fusable``); False: plain autograd ops
-    merged_weight = True  # where fused, use MergedWeightLoraLinear when it touches fewer numbers (long batches)
 
     def __init__(
         self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, init: str = "kaiming"
@@ -218,10 +171,7 @@ class LoraLinear(AdapterLayer):
         if self.merged:
             return self.base(x)  # (..., out)
         if self.fusable(x):
-            tokens = x.numel() // x.shape[-1]
-            use_merged = self.merged_weight and merged_weight_is_cheaper(tokens, *self.base.weight.shape[::-1])
-            function = MergedWeightLoraLinear if use_merged else FusedLoraLinear
-            return function.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+            return FusedLoraLinear.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
         out = self.base(x)  # (..., out)
         return out + self.lora_output(x, self.dropout(x))
 
