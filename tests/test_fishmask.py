@@ -10,6 +10,7 @@ from peftlab.core.attach import WEIGHTS_FILE, read_tensors
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit
 from peftlab.train.regularise import pretrained_parameters
+from tests.short_fit import run_fit
 
 HEAD = ("classifier.weight", "classifier.bias")
 
@@ -77,19 +78,7 @@ def test_loading_restores_the_mask_and_the_weights(trained):
 def test_training_on_from_a_saved_adapter_keeps_its_mask(trained, tmp_path):
     options, data, adapter, _, folder = trained
     loaded = peftlab.load_adapter(build_model(options, data, 1), folder)
-    settings = TrainSettings(max_steps=2, batch_size=8, lr=1e-2, warmup=0, seed=1)
-    fit(
-        loaded,
-        ClassificationTask(2),
-        data.splits["train"],
-        data.splits["validation"],
-        settings,
-        1e-2,
-        tmp_path / "ckpt",
-        lambda m, s: None,
-        torch.device("cpu"),
-        show_progress=False,
-    )
+    run_fit(loaded, data, tmp_path, 2, seed=1, schedule="linear", checkpoint_every=200)
     assert all(torch.equal(loaded.masks[k], m) for k, m in adapter.masks.items())
     state = dict(loaded.model.named_parameters())
     for k, m in adapter.masks.items():  # outside the mask the weights are still the pretrained ones

@@ -7,7 +7,7 @@ from peftlab.core.attach import WEIGHTS_FILE, read_tensors
 from peftlab.methods.registry import Method
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.hooks import TrainingHooks, empirical_fisher
-from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+from tests.short_fit import run_fit as short_fit
 
 DENSE = "bert.encoder.layer.0.output.dense.weight"
 
@@ -18,22 +18,8 @@ def setup(tiny_model_dir, tiny_csv):
     return options, data, build_model(options, data, 0)
 
 
-def run_fit(adapter, data, tmp_path, steps=5, hooks=None, resume=False, seed=0):
-    settings = TrainSettings(max_steps=steps, batch_size=8, lr=1e-2, warmup=0, checkpoint_every=2, seed=seed)
-    return fit(
-        adapter,
-        ClassificationTask(2),
-        data.splits["train"],
-        data.splits["validation"],
-        settings,
-        1e-2,
-        tmp_path / "ckpt",
-        lambda m, s: None,
-        torch.device("cpu"),
-        resume=resume,
-        show_progress=False,
-        hooks=hooks,
-    )
+def run_fit(adapter, data, tmp_path, steps=5, hooks=None, resume=False):
+    return short_fit(adapter, data, tmp_path, steps, resume=resume, hooks=hooks, schedule="linear")
 
 
 def test_a_masked_parameter_changes_only_where_the_mask_allows_and_saves_sparse(tiny_model_dir, tiny_csv, tmp_path):
