@@ -11,26 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification
 
-POSITIVE = ["great", "wonderful", "moving", "funny", "brilliant", "charming", "superb", "delightful"]
-NEGATIVE = ["awful", "boring", "dull", "tedious", "clumsy", "bland", "painful", "lifeless"]
-FILLER = ["the", "film", "movie", "story", "was", "is", "a", "an", "and", "of", "plot", "acting", "this", "it"]
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+from peftlab.bench.assets import FILLER, NEGATIVE, POSITIVE, build_tiny_bert, build_tiny_llama, tiny_bert_config
 
 
 def tiny_config(num_labels: int = 2, dropout: float = 0.0, vocab_size: int = 64) -> BertConfig:
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
+    return tiny_bert_config(vocab_size, num_labels, dropout)
 
 
 def tiny_classifier(seed: int = 0, **kwargs) -> BertForSequenceClassification:
@@ -61,29 +48,8 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label"))
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A Hugging Face model folder: a tiny BERT body plus a word-level tokenizer over the test vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
     folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = {t: i for i, t in enumerate(SPECIALS + POSITIVE + NEGATIVE + FILLER)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=64,
-    )
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    BertModel(tiny_config(vocab_size=len(vocab)), add_pooling_layer=True).save_pretrained(folder)
+    build_tiny_bert(folder, POSITIVE + NEGATIVE + FILLER)
     return folder
 
 
@@ -105,11 +71,6 @@ def cli(capsys):
     return run
 
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CHAT_WORDS = (
     POSITIVE
     + NEGATIVE
@@ -122,41 +83,6 @@ CHAT_WORDS = (
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny Llama causal LM folder with a word-level tokenizer and a ChatML chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("tiny-llama")
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(set(CHAT_WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Whitespace()])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        eos_token="<|im_end|>",
-        bos_token="<|im_start|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=128,
-    )
-    fast.chat_template = CHATML
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=vocab["<|im_end|>"],
-        bos_token_id=vocab["<|im_start|>"],
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # real embeddings are large enough for a frozen tied head to reach confident logits
-        model.model.embed_tokens.weight.normal_(0, 0.3)
-    model.save_pretrained(folder)
+    build_tiny_llama(folder, sorted(set(CHAT_WORDS)))
     return folder

@@ -12,7 +12,8 @@ Besides packaged names (``minilm``, ``wnut16``, ...) and paths, a suite may name
   split, three phrasings of the question, the answer ``positive`` or ``negative``), a small packaged SFT source for
   the decoder suite until the instruction mixture lands.
 
-Everything built is written once into ``<bench folder>/assets/`` and reused, deterministically (fixed seeds).
+Everything built is written once into ``<bench folder>/assets/`` and reused, deterministically (fixed seeds). The
+test suite builds its tiny models with the same ``build_tiny_bert`` / ``build_tiny_llama`` over its own word list.
 """
 
 from __future__ import annotations
@@ -40,11 +41,23 @@ WORDS = sorted(
 )
 
 
-def _word_tokenizer(specials: list[str], chat: bool):
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+LLAMA_SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n"]
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def word_tokenizer(words: list[str], chat: bool):
+    """A word-level fast tokenizer over ``words`` (ids follow the specials, in the given order): BERT-style with
+    [CLS] ... [SEP] templates, or (``chat``) Llama-style with a ChatML chat template. Returns (tokenizer, vocab)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    specials = LLAMA_SPECIALS if chat else BERT_SPECIALS
+    vocab = {t: i for i, t in enumerate(specials + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
     if chat:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -59,11 +72,7 @@ def _word_tokenizer(specials: list[str], chat: bool):
             additional_special_tokens=["<|im_start|>", "<|im_end|>"],
             model_max_length=128,
         )
-        fast.chat_template = (
-            "{% for message in messages %}"
-            "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-        )
+        fast.chat_template = CHATML
         return fast, vocab
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
@@ -83,31 +92,40 @@ def _word_tokenizer(specials: list[str], chat: bool):
     return fast, vocab
 
 
-def _tiny_bert(folder: Path) -> None:
-    import torch
-    from transformers import BertConfig, BertModel
+def tiny_bert_config(vocab_size: int, num_labels: int = 2, dropout: float = 0.0):
+    """A 2-layer BERT, hidden size 32; no dropout by default, so a PEFT peer retraces peftlab's run exactly."""
+    from transformers import BertConfig
 
-    tokenizer, vocab = _word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], chat=False)
-    tokenizer.save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(vocab),
+    return BertConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,
-        hidden_dropout_prob=0.0,  # no dropout: a PEFT peer then retraces peftlab's run exactly
-        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
+
+
+def build_tiny_bert(folder: Path, words: list[str] = WORDS) -> None:
+    """A randomly initialised (seed 0) tiny BERT body and its word tokenizer, saved as a Hugging Face folder."""
+    import torch
+    from transformers import BertModel
+
+    tokenizer, vocab = word_tokenizer(words, chat=False)
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    BertModel(config, add_pooling_layer=True).save_pretrained(folder)
+    BertModel(tiny_bert_config(len(vocab)), add_pooling_layer=True).save_pretrained(folder)
 
 
-def _tiny_llama(folder: Path) -> None:
+def build_tiny_llama(folder: Path, words: list[str] = WORDS) -> None:
+    """A randomly initialised (seed 0) tiny Llama causal LM (tied head) with a ChatML word tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer, vocab = _word_tokenizer(["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n"], chat=True)
+    tokenizer, vocab = word_tokenizer(words, chat=True)
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(
         vocab_size=len(vocab),
@@ -205,7 +223,7 @@ def _rt_instructions(folder: Path) -> None:
                 f.write(json.dumps(record) + "\n")
 
 
-BUILT_MODELS = {"tiny:bert": _tiny_bert, "tiny:llama": _tiny_llama}
+BUILT_MODELS = {"tiny:bert": build_tiny_bert, "tiny:llama": build_tiny_llama}
 # name -> (builder, the file or folder inside the built folder that the data loaders read)
 BUILT_DATA = {
     "tiny:sentiment": (_tiny_sentiment, "reviews.csv"),
