@@ -753,7 +753,7 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     from .bench import Filters, load_suite, make_plan, packaged_suites, run_bench
     from .bench.report import write_report
     from .bench.runner import FAILED, finished
-    from .fileio import write_json
+    from .fileio import read_text, write_json
 
     parser = _Parser(
         prog="peftlab bench",
@@ -772,6 +772,9 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
         "--report-to", metavar="STEM", help="write STEM.md, STEM.html and STEM/*.png (default: <out>/report)"
     )
     parser.add_argument("--title", default=None, help="the report's title")
+    parser.add_argument(
+        "--preface", metavar="FILE", help="a Markdown file quoted under the report's title (budget, machine, caveats)"
+    )
     parser.add_argument("--methods", nargs="+", metavar="LABEL", help="run only these methods of the suite")
     parser.add_argument("--models", nargs="+", metavar="MODEL", help="run only these models of the suite")
     parser.add_argument("--tasks", nargs="+", metavar="TASK", help="run only these tasks of the suite")
@@ -805,13 +808,14 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     parser.add_argument("--list", action="store_true", help="list the cells and whether they are done; run nothing")
     args = parser.parse_args(argv)
     suite_name = "quick" if args.quick else args.suite
+    preface = read_text(args.preface, "--preface file") if args.preface else None
     if args.report:
         folders = [Path(f) for f in args.out or [str(Path("runs") / "bench" / suite_name)]]
         for folder in folders:
             if not folder.is_dir():
                 raise InputError(f"--out: {folder} is not a bench folder (nothing to report)")
         stem = Path(args.report_to) if args.report_to else folders[0] / "report"
-        md, page = write_report(folders, stem, args.title or "peftlab benchmark")
+        md, page = write_report(folders, stem, args.title or "peftlab benchmark", preface)
         print(f"report: {md} and {page}")
         return 0
     if args.out and len(args.out) > 1:
@@ -852,7 +856,7 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     write_json(out / "notes.json", plan.notes)
     counts = run_bench(plan, filters, show_progress, log=lambda text: console.print(text, highlight=False))
     stem = Path(args.report_to) if args.report_to else out / "report"
-    md, page = write_report([out], stem, args.title or f"peftlab benchmark: suite {suite.name}")
+    md, page = write_report([out], stem, args.title or f"peftlab benchmark: suite {suite.name}", preface)
     console.print(
         f"suite {suite.name}: {counts['cells']} cells, {counts['done_before']} already done, "
         f"{counts['reused']} reused, {counts['ran']} run now ({counts['failed']} failed); report: {md} and {page}",

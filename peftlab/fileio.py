@@ -126,17 +126,23 @@ def _ensure_parent(path: Path) -> None:
         raise InputError(f"{path.parent}: the output folder is not writable")
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
-    """Read a JSON object, turning every failure into a one-line InputError that names the file."""
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """Read a UTF-8 text file, turning every failure into a one-line InputError that names the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: {what} not found") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """Read a JSON object, turning every failure into a one-line InputError that names the file."""
+    path = Path(path)
+    text = read_text(path, what)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

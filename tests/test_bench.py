@@ -306,11 +306,20 @@ def test_quick_suite_speed_has_the_floor_and_full(quick):
     assert speed["references"]["floor"]["memory"]["gradients"] == 0
 
 
-def test_quick_suite_resumes_and_rebuilds_the_report(quick, cli):
+def test_quick_suite_resumes_and_rebuilds_the_report(quick, cli, tmp_path):
     code, out, _ = cli("bench", "--quick", "--seeds", "0", "--out", quick)
     assert code == 0
     assert "0 run now" in out
     (quick / "report.md").unlink()
+    preface = tmp_path / "preface.md"
+    preface.write_text("Read this **first**: tiny models.\n\nSecond paragraph\nover two lines.\n")
+    code, out, _ = cli("bench", "--report", "--out", quick, "--report-to", tmp_path / "r", "--preface", preface)
+    assert code == 0
+    md = (tmp_path / "r.md").read_text()
+    assert md.index("> Read this **first**: tiny models.\n\n> Second paragraph\n> over two lines.") < md.index(
+        "**Suite"
+    )
+    assert "<blockquote><p>Read this <b>first</b>: tiny models.</p></blockquote>" in (tmp_path / "r.html").read_text()
     code, out, _ = cli("bench", "--report", "--out", quick)
     assert code == 0 and (quick / "report.md").exists()
     code, out, _ = cli("bench", "--quick", "--list", "--out", quick)
@@ -372,6 +381,8 @@ def test_bench_cli_errors(cli, tmp_path):
     assert code == 2 and "--threads: expected a positive integer" in err
     code, _, err = cli("bench", "--report", "--out", tmp_path / "nothing")
     assert code == 2 and "not a bench folder" in err
+    code, _, err = cli("bench", "--report", "--out", tmp_path, "--preface", tmp_path / "missing.md")
+    assert code == 2 and "missing.md: --preface file not found" in err
 
 
 def test_report_renders_in_headless_chromium(quick, tmp_path):

@@ -284,6 +284,9 @@ class Doc:
     def image(self, path: str, alt: str) -> None:
         self.blocks.append(("img", path, alt))
 
+    def quote(self, text: str) -> None:
+        self.blocks.append(("quote", text))
+
     def markdown(self) -> str:
         out = []
         for b in self.blocks:
@@ -300,6 +303,8 @@ class Doc:
                 out.append("\n".join(lines))
             elif b[0] == "img":
                 out.append(f"![{b[2]}]({b[1]})")
+            elif b[0] == "quote":
+                out.append("\n".join(f"> {line}".rstrip() for line in b[1].splitlines()))
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
@@ -317,6 +322,8 @@ class Doc:
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
             elif b[0] == "img":
                 body.append(f'<figure><img src="{html.escape(b[1])}" alt="{html.escape(b[2])}"></figure>')
+            elif b[0] == "quote":
+                body.append(f"<blockquote><p>{_inline(' '.join(b[1].split()))}</p></blockquote>")
         return HTML_PAGE.format(title=html.escape(title), body="\n".join(body))
 
 
@@ -640,13 +647,20 @@ READING = (
 )
 
 
-def write_report(folders: list[Path], stem: Path, title: str = "peftlab benchmark") -> tuple[Path, Path]:
-    """Write ``<stem>.md``, ``<stem>.html`` and ``<stem>/*.png`` from the results in ``folders``."""
+def write_report(
+    folders: list[Path], stem: Path, title: str = "peftlab benchmark", preface: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``<stem>.md``, ``<stem>.html`` and ``<stem>/*.png`` from the results in ``folders``; ``preface``
+    (Markdown text, e.g. what the reader must know about the machine and budget) is quoted under the title, one
+    block per paragraph."""
     collected = collect(folders)
     images = stem.parent / stem.name
     plt = _pyplot()
     doc = Doc()
     doc.h(1, title)
+    for paragraph in re.split(r"\n\s*\n", preface or ""):
+        if paragraph.strip():
+            doc.quote(paragraph.strip())
     for s in collected.suites:
         train = ", ".join(f"{k} {v}" for k, v in s["train"].items())
         doc.p(
