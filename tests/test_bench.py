@@ -106,6 +106,9 @@ def test_peers_only_where_like_for_like():
     assert "no 'dylora'" in peer_note("dylora")
     pissa = peftlab.get_method("lora").config(init="pissa")
     assert "rank 2r" in peer_note("lora", pissa)
+    p_tuning = peftlab.get_method("p_tuning").config
+    assert "PEFT puts the prompt in front" in peer_note("p_tuning", p_tuning())  # auto: after [CLS] on encoders
+    assert peer_note("p_tuning", p_tuning(position="front")) is None
 
 
 # --- the measured step ------------------------------------------------------------------------------------------
