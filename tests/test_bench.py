@@ -109,6 +109,9 @@ def test_peers_only_where_like_for_like():
     p_tuning = peftlab.get_method("p_tuning").config
     assert "PEFT puts the prompt in front" in peer_note("p_tuning", p_tuning())  # auto: after [CLS] on encoders
     assert peer_note("p_tuning", p_tuning(position="front")) is None
+    prefix = peftlab.get_method("prefix_tuning").config
+    assert "PEFT would train directly" in peer_note("prefix_tuning", prefix())
+    assert peer_note("prefix_tuning", prefix(projection=False)) is None
 
 
 # --- the measured step ------------------------------------------------------------------------------------------

@@ -53,6 +53,11 @@ def peer_note(method: str, config=None) -> str | None:
             f"a {config.init} adapter is written for PEFT as a plain LoRA of rank 2r, which would train other "
             "parameters (PEFT's own PiSSA rewrites the base weights instead)"
         )
+    if method == "prefix_tuning" and getattr(config, "projection", False):
+        return (
+            "prefix tuning through the MLP goes to PEFT as the prefixes it computes, which PEFT would train directly "
+            "(projection = false gives a peer)"
+        )
     if method == "p_tuning" and str(getattr(config, "position", "front")) not in ("front", "0"):
         return (
             f"P-tuning at position {config.position!r} (after [CLS] on encoders) has no PEFT counterpart: PEFT puts "
