@@ -43,9 +43,10 @@ class MatrixFusionOptions(Mapping):
         if self.options is None:
             from transformers import BertForSequenceClassification
 
-            from tests.conftest import FILLER, NEGATIVE, POSITIVE, SPECIALS, tiny_config
+            from peftlab.bench.assets import BERT_SPECIALS
+            from tests.conftest import FILLER, NEGATIVE, POSITIVE, tiny_config
 
-            vocab = len(SPECIALS + POSITIVE + NEGATIVE + FILLER)
+            vocab = len(BERT_SPECIALS + POSITIVE + NEGATIVE + FILLER)
             folder = Path(tempfile.mkdtemp(prefix="peftlab-fusion-"))
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
             make = lambda n: BertForSequenceClassification(tiny_config(num_labels=n, vocab_size=vocab))  # noqa: E731
