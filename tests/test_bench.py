@@ -13,7 +13,7 @@ import peftlab
 from peftlab.bench import Filters, load_suite, make_plan, packaged_suites
 from peftlab.bench.measure import FloorStep, TrainStep, alternate, tensor_bytes
 from peftlab.bench.peer import build_peer, peer_hooks, peer_note
-from peftlab.bench.report import pareto_front
+from peftlab.bench.report import Row, paired_delta, pareto_front
 from peftlab.bench.suite import parse_suite
 from peftlab.errors import InputError
 from peftlab.run import RunOptions, build_model, prepare_data
@@ -430,3 +430,16 @@ def test_report_renders_in_headless_chromium(quick, tmp_path):
     # the plots' blue (peftlab's points and bars, #4c72b0) shows only if the PNG files were found and drawn
     blue = (abs(pixels - torch.tensor([0x4C, 0x72, 0xB0]).numpy() / 255) < 0.06).all(axis=-1).sum()
     assert blue > 500, "no plot is drawn: the images did not load"
+
+
+def test_peer_quality_difference_pairs_the_seeds():
+    """Our mean over three seeds against PEFT's seed 0 alone would mix seed noise into the difference."""
+
+    def row(implementation, values):
+        cells = [{"seed": seed, "quality": {"value": v}} for seed, v in values.items()]
+        return Row("s", "m", "t", "classify", "lora", "lora", implementation, cells)
+
+    ours = row("peftlab", {0: 0.80, 1: 0.70, 2: 0.60})
+    assert paired_delta(ours, row("peft", {0: 0.79}), "accuracy") == "+1.0 pts"
+    assert paired_delta(ours, row("peft", {0: 0.79, 2: 0.61}), "accuracy") == "+0.0 pts"
+    assert paired_delta(ours, None, "accuracy") == "-"

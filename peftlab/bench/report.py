@@ -18,6 +18,7 @@ PEFT, in numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -88,6 +89,10 @@ class Row:
     @property
     def seeds(self) -> int:
         return len(self.cells)
+
+    def on_seeds(self, seeds: set) -> Row:
+        """The same row restricted to the cells of the given seeds."""
+        return dataclasses.replace(self, cells=[c for c in self.cells if c.get("seed") in seeds])
 
 
 @dataclass
@@ -251,6 +256,14 @@ def step_ratio(group: Group, label: str, a: str, b: str) -> float | None:
 
 def memory_of(group: Group, label: str, side: str) -> dict | None:
     return (_speed(group, label).get(side) or {}).get("memory")
+
+
+def paired_delta(ours: Row, peer: Row | None, metric: str) -> str:
+    """Ours minus PEFT's quality over the seeds both ran (the peer retraces our cell of the same seed)."""
+    if peer is None:
+        return "-"
+    common = {c.get("seed") for c in ours.cells} & {c.get("seed") for c in peer.cells}
+    return quality_delta(ours.on_seeds(common), peer.on_seeds(common), metric)
 
 
 def quality_delta(a: Row | None, b: Row | None, metric: str) -> str:
@@ -546,7 +559,7 @@ def peer_table(group: Group) -> tuple[list[str], list[list[str]]]:
         "method",
         "step ours / peft",
         "memory ours / peft",
-        f"{group.metric}: ours − peft",
+        f"{group.metric}: ours − peft (same seeds)",
         "trainable ours / peft",
         "step ms ours / peft",
         "adapter ours / peft",
@@ -563,7 +576,7 @@ def peer_table(group: Group) -> tuple[list[str], list[list[str]]]:
             f"**{r.label}**",
             fmt_ratio(step_ratio(group, r.label, "ours", "peer")),
             fmt_ratio(ratio(mo and mo["total"], mp and mp["total"])),
-            quality_delta(r, p, group.metric),
+            paired_delta(r, p, group.metric),
             f"{fmt_count(trainable[0])} / {fmt_count(trainable[1])}"
             + (" (differ)" if trainable[1] and trainable[0] != trainable[1] else ""),
             f"{1000 * t['ours']:.0f} / {1000 * t['peer']:.0f}" if t["ours"] and t["peer"] else "-",
@@ -606,7 +619,7 @@ def standings(group: Group) -> list[str]:
             if mo and mp:
                 versus.append(f"memory {mo['total'] / mp['total']:.2f}×")
             if p:
-                versus.append(f"{group.metric} {quality_delta(r, p, group.metric)}")
+                versus.append(f"{group.metric} {paired_delta(r, p, group.metric)}")
             parts.append("vs PEFT: " + ", ".join(versus))
         lines.append(f"**{r.label}**: " + "; ".join(parts))
     return lines
@@ -643,7 +656,8 @@ READING = (
     "over rounds of its step time divided by the floor's in the same round (the floor: the frozen base's forward plus "
     "an activation-only backward), *× full* the same against full fine-tuning's step. Train time excludes "
     "evaluation. Peer columns divide our number by Hugging Face PEFT's for the same cell (same start weights, data "
-    "order, optimiser, schedule and steps); the step ratio is again the median of same-round ratios."
+    "order, optimiser, schedule and steps); the step ratio is again the median of same-round ratios, and the quality "
+    "difference compares the seeds both ran."
 )
 
 
