@@ -443,3 +443,31 @@ def test_peer_quality_difference_pairs_the_seeds():
     assert paired_delta(ours, row("peft", {0: 0.79}), "accuracy") == "+1.0 pts"
     assert paired_delta(ours, row("peft", {0: 0.79, 2: 0.61}), "accuracy") == "+0.0 pts"
     assert paired_delta(ours, None, "accuracy") == "-"
+
+
+def test_a_peer_retraces_our_run_with_dropout(tiny_model_dir, tiny_csv, tmp_path):
+    """fit seeds the dropout RNG from the seed, so a PEFT peer built from our start weights sees the same masks,
+    whatever the global RNG went through before (building our model consumed it, building the peer's did not)."""
+    from peftlab.run import RunOptions, build_model, prepare_data
+    from tests.short_fit import run_fit
+
+    options = RunOptions(model=str(tiny_model_dir), data=str(tiny_csv), max_length=32)
+    data = prepare_data(options, quiet=True)
+
+    def with_dropout():
+        model = build_model(options, data, 0)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.2
+        return model
+
+    ours = peftlab.attach(with_dropout(), "lora")
+    peer = build_peer(ours, with_dropout(), "classify", tmp_path / "init", 6)
+    run_fit(ours, data, tmp_path / "ours", 6)
+    torch.rand(7)  # a different global RNG state when the peer's fit starts
+    run_fit(peer, data, tmp_path / "peer", 6, hooks=peer_hooks(peer))
+    batch = data.splits["test"].batch(list(range(8)))
+    with torch.no_grad():
+        logits = [m.model.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits for m in (ours, peer)]
+    assert not torch.allclose(logits[0], build_model(options, data, 0).eval()(batch["input_ids"]).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)

@@ -9,8 +9,10 @@ pretrained weights (``--l2sp``, ``--ewc``: ``peftlab.train.regularise``) are hoo
 Static masks on base parameters are enforced here: masked-out gradients are zeroed and masked-out entries restored
 after every step.
 
-Determinism: the order of the training set in epoch ``e`` comes from a generator seeded with (seed, e) and the
-global torch RNG (dropout) is saved in every checkpoint, so a resumed run retraces the uninterrupted one exactly.
+Determinism: the order of the training set in epoch ``e`` comes from a generator seeded with (seed, e); the global
+torch RNG (dropout) is seeded from the seed when training starts and saved in every checkpoint, so a resumed run
+retraces the uninterrupted one exactly, and two models with the same start weights (ours and a PEFT peer) see the
+same dropout masks.
 A loss or gradient that turns NaN or infinite stops the run with a message; the last good checkpoint stays.
 """
 
@@ -241,6 +243,9 @@ def fit(
     if resume and has_checkpoint(checkpoint_dir):
         state.update(load_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, hooks))
     else:
+        # Dropout draws from the global RNG: seed it here, so the masks depend on the seed alone, not on what built
+        # the model (a PEFT peer built from the same start then retraces this run step for step).
+        torch.manual_seed(settings.seed * 100_003 - 2)
         started = time.perf_counter()
         hooks.prepare(TrainContext(attachment, batch_loss, sample_batches, total, settings, device))
         state["prepare_seconds"] = time.perf_counter() - started
