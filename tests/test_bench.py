@@ -109,9 +109,26 @@ def test_peers_only_where_like_for_like():
     p_tuning = peftlab.get_method("p_tuning").config
     assert "PEFT puts the prompt in front" in peer_note("p_tuning", p_tuning())  # auto: after [CLS] on encoders
     assert peer_note("p_tuning", p_tuning(position="front")) is None
+    assert peer_note("p_tuning", p_tuning(), task_kind="sft") is None  # auto: in front on decoders
+    assert "PEFT puts the prompt in front" in peer_note("p_tuning", p_tuning(), task_kind="classify")
     prefix = peftlab.get_method("prefix_tuning").config
     assert "PEFT would train directly" in peer_note("prefix_tuning", prefix())
     assert peer_note("prefix_tuning", prefix(projection=False)) is None
+
+
+def test_p_tuning_at_auto_has_a_peer_on_decoders_only(tmp_path):
+    tasks = [
+        {"name": "s", "task": "classify", "data": "tiny:sentiment"},
+        {"name": "i", "task": "sft", "data": "tiny:instructions", "models": ["tiny:llama"]},
+    ]
+    plan = make_plan(suite_with(tasks=tasks, methods=[{"name": "p_tuning", "peer": True}]), tmp_path)
+    cells = [(c.group.task.name, c.peer) for c in plan.cells]
+    assert cells == [("s", False), ("i", False), ("i", True)]
+    # asked for by name, the missing encoder peer is said once, with the reason
+    assert [n for n in plan.notes if "no peer column" in n] == [
+        n for n in plan.notes if n.startswith("p_tuning: no peer column on classify tasks")
+    ]
+    assert any(n.startswith("p_tuning: no peer column on classify tasks") for n in plan.notes)
 
 
 # --- the measured step ------------------------------------------------------------------------------------------

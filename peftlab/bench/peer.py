@@ -42,8 +42,12 @@ PEERS = {
 TASK_TYPES = {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "sft": "CAUSAL_LM"}
 
 
-def peer_note(method: str, config=None) -> str | None:
-    """None when ``method`` (with ``config``) can have a like-for-like peer, else why not."""
+def peer_note(method: str, config=None, task_kind: str | None = None) -> str | None:
+    """None when ``method`` (with ``config``, on a task of ``task_kind``) can have a like-for-like peer, else why not.
+
+    ``task_kind`` matters for P-tuning at position ``auto``: in front on a decoder ("sft"), a peer; after [CLS] on an
+    encoder, none. Without a kind the encoder reading is taken (the stricter one).
+    """
     if method not in PEERS:
         return f"Hugging Face PEFT has no {method!r}"
     if method not in EXPORTERS:
@@ -58,7 +62,10 @@ def peer_note(method: str, config=None) -> str | None:
             "prefix tuning through the MLP goes to PEFT as the prefixes it computes, which PEFT would train directly "
             "(projection = false gives a peer)"
         )
-    if method == "p_tuning" and str(getattr(config, "position", "front")) not in ("front", "0"):
+    position = str(getattr(config, "position", "front"))
+    if position == "auto":
+        position = "front" if task_kind == "sft" else "after-first"
+    if method == "p_tuning" and position not in ("front", "0"):
         return (
             f"P-tuning at position {config.position!r} (after [CLS] on encoders) has no PEFT counterpart: PEFT puts "
             'the prompt in front (position = "front" gives a peer)'

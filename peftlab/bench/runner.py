@@ -53,12 +53,18 @@ class Variant:
     method: Method
     config: Any
     lr: float
-    peer: bool
-    peer_note: str | None = None
 
     @property
     def label(self) -> str:
         return self.entry.label
+
+    def peer_note(self, task_kind: str) -> str | None:
+        """Why this variant has no like-for-like PEFT peer on a task of ``task_kind`` (None: it has one)."""
+        return peer_note(self.method.name, self.config, task_kind)
+
+    def has_peer(self, task_kind: str) -> bool:
+        """Whether a peer cell runs: the suite did not turn it off (peer = false) and a like-for-like one exists."""
+        return self.entry.peer is not False and self.peer_note(task_kind) is None
 
 
 @dataclass
@@ -156,11 +162,7 @@ def resolve_variants(suite: Suite, notes: list[str]) -> list[Variant]:
             # adapters): the suite must name it with options to run it
             notes.append(f"method {e.name!r} needs options the suite does not give ({error}): skipped")
             continue
-        why_not = peer_note(e.name, config)
-        if e.peer and why_not:
-            notes.append(f"{e.label}: no peer column ({why_not})")
-        peer = why_not is None if e.peer is None else (e.peer and why_not is None)
-        variants.append(Variant(e, method, config, e.lr or method.lr, peer, why_not))
+        variants.append(Variant(e, method, config, e.lr or method.lr))
     return variants
 
 
@@ -207,8 +209,13 @@ def make_plan(suite: Suite, out: Path, filters: Filters | None = None) -> Plan:
             for v in variants:
                 folder = out / g.slug / v.label / f"seed{seed}"
                 cells.append(Cell(g, v, seed, False, folder))
-                if v.peer and filters.peers:
+                if v.has_peer(g.task.kind) and filters.peers:
                     cells.append(Cell(g, v, seed, True, folder / "peer"))
+    for v in variants:  # a peer the suite asked for by name (peer = true) that cannot be like-for-like
+        for kind in dict.fromkeys(g.task.kind for g in groups):
+            why_not = v.peer_note(kind)
+            if v.entry.peer and why_not:
+                notes.append(f"{v.label}: no peer column on {kind} tasks ({why_not})")
     return Plan(suite, out, groups, variants, cells, notes)
 
 
@@ -514,7 +521,7 @@ class Runner:
             "method": variant.method.name,
             "config": config_to_dict(variant.config),
             "lr": variant.lr,
-            "peer": variant.peer and self.filters.peers,
+            "peer": variant.has_peer(group.task.kind) and self.filters.peers,
             "train": s.train,
             "speed": dataclasses.asdict(s.speed),
         }
@@ -586,7 +593,7 @@ class Runner:
                     ours = attach(model, variant.method, variant.config)
                     steps["ours"] = trainer(ours, make_hooks(ours, train_settings), variant.lr)
                     entry["ours"] = {"memory": steps["ours"].memory(batch)}
-                if variant.peer and self.filters.peers:
+                if variant.has_peer(group.task.kind) and self.filters.peers:
                     ours_for_peer = attach(build_model(options, prepared, 0), variant.method, variant.config)
                     peer = build_peer(
                         ours_for_peer,
