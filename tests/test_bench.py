@@ -13,7 +13,7 @@ import peftlab
 from peftlab.bench import Filters, load_suite, make_plan, packaged_suites
 from peftlab.bench.measure import FloorStep, TrainStep, alternate, tensor_bytes
 from peftlab.bench.peer import build_peer, peer_hooks, peer_note
-from peftlab.bench.report import Row, paired_delta, pareto_front
+from peftlab.bench.report import Group, Row, method_table, paired_delta, pareto_front, standings
 from peftlab.bench.suite import parse_suite
 from peftlab.errors import InputError
 from peftlab.run import RunOptions, build_model, prepare_data
@@ -460,6 +460,24 @@ def test_peer_quality_difference_pairs_the_seeds():
     assert paired_delta(ours, row("peft", {0: 0.79}), "accuracy") == "+1.0 pts"
     assert paired_delta(ours, row("peft", {0: 0.79, 2: 0.61}), "accuracy") == "+0.0 pts"
     assert paired_delta(ours, None, "accuracy") == "-"
+
+
+def test_decoder_tables_show_answer_accuracy_and_forgetting_per_corpus():
+    """Runs store forgetting per general-text corpus; the table gives each corpus a column (mean over seeds)."""
+
+    def cell(seed, loss, answers, after):
+        forgetting = {"news": {"before": 30.0, "after": after, "change": after - 30.0}}
+        metrics = {"test": {"loss": loss, "answer_accuracy": answers}}
+        return {"seed": seed, "quality": {"value": loss}, "metrics": metrics, "forgetting": forgetting, "lr": 5e-4}
+
+    group = Group("decoder", "m", "i", "sft", "loss", False)
+    group.rows[("lora", "peftlab")] = Row(
+        "decoder", "m", "i", "sft", "lora", "lora", "peftlab", [cell(0, 1.2, 0.7, 31.0), cell(1, 1.4, 0.5, 32.0)]
+    )
+    header, rows = method_table(group)
+    assert header[2] == "answer accuracy" and header[-1] == "forgetting: news ppl"
+    assert rows[0][2] == "60.0 ± 14.1" and rows[0][-1] == "30.0 → 31.5 (+5.0%)"
+    assert "news perplexity 30.0 → 31.5 (+5.0%)" in standings(group)[0]
 
 
 def test_a_peer_retraces_our_run_with_dropout(tiny_model_dir, tiny_csv, tmp_path):

@@ -495,9 +495,23 @@ def plot_speed(plt, group: Group, path: Path) -> None:
 # --- the report -------------------------------------------------------------------------------------------------
 
 
+def forgetting_corpora(group: Group) -> list[str]:
+    """The general-text corpora whose perplexity the group's runs measured before and after tuning."""
+    names = {name for r in group.ours() for c in r.cells for name in (c.get("forgetting") or {})}
+    return sorted(names)
+
+
+def fmt_forgetting(row: Row, corpus: str) -> str:
+    """Perplexity before -> after tuning, and the relative change (mean over seeds): '33.6 -> 34.6 (+3.0%)'."""
+    before, after = row.mean("forgetting", corpus, "before"), row.mean("forgetting", corpus, "after")
+    if before is None or after is None:
+        return "-"
+    return f"{before:.1f} → {after:.1f} ({100 * (after / before - 1):+.1f}%)"
+
+
 def method_table(group: Group) -> tuple[list[str], list[list[str]]]:
     has_rank = any(r.first.get("params", {}).get("delta_rank") for r in group.ours())
-    has_forgetting = any(r.values("forgetting", "change") for r in group.ours())
+    corpora = forgetting_corpora(group)
     extra_metric = (
         "answer_accuracy" if any(r.values("metrics", "test", "answer_accuracy") for r in group.ours()) else None
     )
@@ -506,7 +520,7 @@ def method_table(group: Group) -> tuple[list[str], list[list[str]]]:
     header += ["trainable", "% of model", "changed"]
     header += ["Δ rank"] if has_rank else []
     header += ["adapter", "memory MiB W / G / O / A", "step ms", "× floor", "× full", "train s", "ex/s", "tok/s", "lr"]
-    header += ["forgetting Δppl"] if has_forgetting else []
+    header += [f"forgetting: {name} ppl" for name in corpora]
     rows = []
     for r in group.ours():
         t = step_times(group, r.label)
@@ -547,9 +561,7 @@ def method_table(group: Group) -> tuple[list[str], list[list[str]]]:
             f"{r.mean('tokens_per_second'):.0f}" if r.mean("tokens_per_second") is not None else "-",
             f"{r.first.get('lr'):g}",
         ]
-        if has_forgetting:
-            change = r.mean("forgetting", "change")
-            row.append("-" if change is None else f"{change:+.2f}")
+        row += [fmt_forgetting(r, name) for name in corpora]
         rows.append(row)
     return header, rows
 
@@ -602,9 +614,13 @@ def standings(group: Group) -> list[str]:
         parts = [f"{group.metric} {fmt_quality(q, r.std('quality', 'value'), group.metric)}"]
         if full is not None and r is not full:
             parts.append(f"{quality_delta(r, full, group.metric)} vs full")
+        if r.values("metrics", "test", "answer_accuracy"):
+            answers = r.mean("metrics", "test", "answer_accuracy"), r.std("metrics", "test", "answer_accuracy")
+            parts.append(f"answer accuracy {fmt_quality(*answers, 'answer_accuracy')}")
         trainable, total = r.mean("params", "trainable"), r.mean("params", "total")
         if trainable and total:
             parts.append(f"{100 * trainable / total:.3g}% trainable")
+        parts += [f"{name} perplexity {fmt_forgetting(r, name)}" for name in forgetting_corpora(group)]
         if t["ours"] and t["floor"]:
             parts.append(
                 f"step {step_ratio(group, r.label, 'ours', 'floor'):.2f}× floor"
