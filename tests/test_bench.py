@@ -13,7 +13,7 @@ import peftlab
 from peftlab.bench import Filters, load_suite, make_plan, packaged_suites
 from peftlab.bench.measure import FloorStep, TrainStep, alternate, tensor_bytes
 from peftlab.bench.peer import build_peer, peer_hooks, peer_note
-from peftlab.bench.report import Group, Row, method_table, paired_delta, pareto_front, standings
+from peftlab.bench.report import Group, Row, label_offsets, method_table, paired_delta, pareto_front, standings
 from peftlab.bench.suite import parse_suite
 from peftlab.errors import InputError
 from peftlab.run import RunOptions, build_model, prepare_data
@@ -460,6 +460,11 @@ def test_peer_quality_difference_pairs_the_seeds():
     assert paired_delta(ours, row("peft", {0: 0.79}), "accuracy") == "+1.0 pts"
     assert paired_delta(ours, row("peft", {0: 0.79, 2: 0.61}), "accuracy") == "+0.0 pts"
     assert paired_delta(ours, None, "accuracy") == "-"
+
+
+def test_labels_of_neighbouring_points_are_stacked():
+    points = [(2.44e6, 1.27, "lora"), (57_600, 1.53, "ia3"), (2.60e6, 1.27, "dora"), (2.7e6, 1.3, "x")]
+    assert label_offsets(points) == [(4, 4), (4, 4), (4, -6), (4, -16)]
 
 
 def test_decoder_tables_show_answer_accuracy_and_forgetting_per_corpus():

@@ -397,6 +397,17 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
 
 
+def label_offsets(points: list[tuple[float, float, str]]) -> list[tuple[int, int]]:
+    """Where each point's label goes (points of text from the point): above right, unless the point sits within a
+    tenth of a decade of trainable parameters of an already labelled one (LoRA and DoRA), then one line lower per
+    such neighbour, so the labels do not print over each other."""
+    offsets = []
+    for i, (x, _, _) in enumerate(points):
+        crowd = sum(abs(math.log10(x) - math.log10(x2)) < 0.1 for x2, _, _ in points[:i])
+        offsets.append((4, 4 - 10 * crowd))
+    return offsets
+
+
 def plot_quality(plt, group: Group, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     points = []
@@ -405,7 +416,8 @@ def plot_quality(plt, group: Group, path: Path) -> None:
         if x and y is not None:
             points.append((x, y, row.label))
             ax.errorbar(x, y, yerr=row.std("quality", "value") or 0, fmt="o", color="#4c72b0", capsize=3)
-            ax.annotate(row.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for (x, y, label), offset in zip(points, label_offsets(points), strict=True):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8)
     peers = []
     for row in group.ours():
         peer = group.peer(row.label)
