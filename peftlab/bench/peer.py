@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.hf_peft import EXPORTERS, HF_CONFIG, HF_WEIGHTS, export_hf, peft_kind
 from ..errors import InputError
+from ..methods.p_tuning import position_index
 from ..train.hooks import TrainingHooks
 
 # peftlab method -> the PEFT kind its export must be (``peft_kind``: peft_type, "LORA+DORA" for DoRA)
@@ -62,10 +63,7 @@ def peer_note(method: str, config=None, task_kind: str | None = None) -> str | N
             "prefix tuning through the MLP goes to PEFT as the prefixes it computes, which PEFT would train directly "
             "(projection = false gives a peer)"
         )
-    position = str(getattr(config, "position", "front"))
-    if position == "auto":
-        position = "front" if task_kind == "sft" else "after-first"
-    if method == "p_tuning" and position not in ("front", "0"):
+    if method == "p_tuning" and position_index(str(getattr(config, "position", "front")), task_kind == "sft") != 0:
         return (
             f"P-tuning at position {config.position!r} (after [CLS] on encoders) has no PEFT counterpart: PEFT puts "
             'the prompt in front (position = "front" gives a peer)'

@@ -521,12 +521,15 @@ def fmt_forgetting(row: Row, corpus: str) -> str:
     return f"{before:.1f} → {after:.1f} ({100 * (after / before - 1):+.1f}%)"
 
 
+def generation_metric(group: Group) -> str | None:
+    """The metric of generated replies shown beside the test metric (decoders: answer accuracy), if the runs have it."""
+    return "answer_accuracy" if any(r.values("metrics", "test", "answer_accuracy") for r in group.ours()) else None
+
+
 def method_table(group: Group) -> tuple[list[str], list[list[str]]]:
     has_rank = any(r.first.get("params", {}).get("delta_rank") for r in group.ours())
     corpora = forgetting_corpora(group)
-    extra_metric = (
-        "answer_accuracy" if any(r.values("metrics", "test", "answer_accuracy") for r in group.ours()) else None
-    )
+    extra_metric = generation_metric(group)
     header = ["method", f"{group.metric} (n)"]
     header += [extra_metric.replace("_", " ")] if extra_metric else []
     header += ["trainable", "% of model", "changed"]
@@ -617,6 +620,7 @@ def standings(group: Group) -> list[str]:
     lines = []
     full = group.row("full")
     full_t = None
+    extra_metric, corpora = generation_metric(group), forgetting_corpora(group)
     for r in group.ours():
         t = step_times(group, r.label)
         full_t = full_t or t["full"]
@@ -626,13 +630,13 @@ def standings(group: Group) -> list[str]:
         parts = [f"{group.metric} {fmt_quality(q, r.std('quality', 'value'), group.metric)}"]
         if full is not None and r is not full:
             parts.append(f"{quality_delta(r, full, group.metric)} vs full")
-        if r.values("metrics", "test", "answer_accuracy"):
-            answers = r.mean("metrics", "test", "answer_accuracy"), r.std("metrics", "test", "answer_accuracy")
-            parts.append(f"answer accuracy {fmt_quality(*answers, 'answer_accuracy')}")
+        if extra_metric and r.values("metrics", "test", extra_metric):
+            extra = r.mean("metrics", "test", extra_metric), r.std("metrics", "test", extra_metric)
+            parts.append(f"{extra_metric.replace('_', ' ')} {fmt_quality(*extra, extra_metric)}")
         trainable, total = r.mean("params", "trainable"), r.mean("params", "total")
         if trainable and total:
             parts.append(f"{100 * trainable / total:.3g}% trainable")
-        parts += [f"{name} perplexity {fmt_forgetting(r, name)}" for name in forgetting_corpora(group)]
+        parts += [f"{name} perplexity {fmt_forgetting(r, name)}" for name in corpora]
         if t["ours"] and t["floor"]:
             parts.append(
                 f"step {step_ratio(group, r.label, 'ours', 'floor'):.2f}× floor"

@@ -211,10 +211,10 @@ def make_plan(suite: Suite, out: Path, filters: Filters | None = None) -> Plan:
                 cells.append(Cell(g, v, seed, False, folder))
                 if v.has_peer(g.task.kind) and filters.peers:
                     cells.append(Cell(g, v, seed, True, folder / "peer"))
-    for v in variants:  # a peer the suite asked for by name (peer = true) that cannot be like-for-like
+    for v in (v for v in variants if v.entry.peer):  # a peer asked for by name (peer = true) that cannot be had
         for kind in dict.fromkeys(g.task.kind for g in groups):
             why_not = v.peer_note(kind)
-            if v.entry.peer and why_not:
+            if why_not:
                 notes.append(f"{v.label}: no peer column on {kind} tasks ({why_not})")
     return Plan(suite, out, groups, variants, cells, notes)
 

@@ -123,12 +123,17 @@ def is_decoder(model: nn.Module) -> bool:
     return bool(callable(can_generate) and can_generate())
 
 
-def insertion_index(model: nn.Module, position: str) -> int:
-    decoder = is_decoder(model)
+def position_index(position: str, decoder: bool) -> int:
+    """The token index a position names; ``auto`` is in front (0) on a decoder, after the first token (1) elsewhere."""
     if position == "auto":
         return 0 if decoder else 1
     index = {"front": 0, "after-first": 1}.get(position)
-    index = int(position) if index is None else index
+    return int(position) if index is None else index
+
+
+def insertion_index(model: nn.Module, position: str) -> int:
+    decoder = is_decoder(model)
+    index = position_index(position, decoder)
     if decoder and index != 0:
         raise InputError(
             f"position: {type(model).__name__} is a decoder and takes its prompt in front (generation pads prompts "

@@ -47,6 +47,10 @@ from .distributed import SINGLE, Distributed
 from .hooks import HookList, TrainContext, TrainingHooks
 from .regularise import regularisers
 
+# Random streams of a run besides the epochs' data orders (streams 0, 1, ...): see ``stream_seed`` in ``fit``.
+SAMPLING = -1  # the batches a hook draws before training (``TrainContext.batches``: the Fisher information)
+DROPOUT = -2  # the global torch RNG, seeded when training starts
+
 
 @dataclass
 class TrainSettings:
@@ -223,8 +227,13 @@ def fit(
         with autocast():
             return task.loss(model, batch)
 
+    def stream_seed(stream: int) -> int:
+        """One seed per random stream of the run: each epoch's data order (streams 0, 1, ...), the batches a hook
+        samples before training (SAMPLING) and dropout (DROPOUT), apart from each other for every run seed."""
+        return settings.seed * 100_003 + stream
+
     def sample_batches(examples: int, batch_size: int):
-        g = torch.Generator().manual_seed(settings.seed * 100_003 - 1)  # apart from every epoch's order
+        g = torch.Generator().manual_seed(stream_seed(SAMPLING))
         order = torch.randperm(len(train), generator=g)[:examples].tolist()
         for k in range(0, len(order), batch_size):
             yield train.batch(order[k : k + batch_size], device)
@@ -245,7 +254,7 @@ def fit(
     else:
         # Dropout draws from the global RNG: seed it here, so the masks depend on the seed alone, not on what built
         # the model (a PEFT peer built from the same start then retraces this run step for step).
-        torch.manual_seed(settings.seed * 100_003 - 2)
+        torch.manual_seed(stream_seed(DROPOUT))
         started = time.perf_counter()
         hooks.prepare(TrainContext(attachment, batch_loss, sample_batches, total, settings, device))
         state["prepare_seconds"] = time.perf_counter() - started
@@ -254,7 +263,7 @@ def fit(
 
     def epoch_order(epoch: int) -> list[int]:
         if epoch not in orders:
-            g = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed(stream_seed(epoch))
             orders.clear()
             orders[epoch] = torch.randperm(len(train), generator=g).tolist()
             if settings.group_by_length:
