@@ -6,8 +6,11 @@
 - merged equals unmerged, unmerge restores, and merge + unload leaves a plain model with the same outputs;
 - the counts agree with the tensors.
 
-A method whose defaults do not suit the tiny model may set smaller options in ``TINY_OPTIONS``.
+A method whose defaults do not suit the tiny model may set smaller options in ``TINY_OPTIONS``. The matrix runs on
+the CPU; ``PEFTLAB_TEST_DEVICE=cuda`` runs it on a GPU instead (model, batches, training, merge and loading there).
 """
+
+import os
 
 import pytest
 import torch
@@ -49,6 +52,7 @@ TINY_OPTIONS: dict[str, dict] = {
 MERGE_TOLERANCE: dict[str, float] = {}
 
 METHODS = [m.name for m in all_methods()]
+DEVICE = torch.device(os.environ.get("PEFTLAB_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +63,11 @@ def prepared(tiny_model_dir, tiny_csv):
 
 def fresh(prepared, seed=0):
     options, data = prepared
-    return build_model(options, data, seed).eval()
+    return build_model(options, data, seed).to(DEVICE).eval()
 
 
 def inputs(prepared):
-    batch = prepared[1].splits["test"].batch(range(8))
+    batch = prepared[1].splits["test"].batch(range(8), DEVICE)
     batch.pop("labels")
     return batch
 
@@ -96,7 +100,7 @@ def trained(prepared, method, tmp_path, steps=4):
         5e-3,
         tmp_path / "ckpt",
         lambda m, s: None,
-        torch.device("cpu"),
+        DEVICE,
         show_progress=False,
     )
     adapter.model.eval()

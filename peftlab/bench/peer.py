@@ -196,7 +196,8 @@ class PeftAdaLoraHooks(TrainingHooks):
         terms = []
         for name, p in self.factors:
             gram = p @ p.T if ".lora_A." in name else p.T @ p
-            terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype)))
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            terms.append(torch.linalg.matrix_norm(gram - eye))
         return self.config.orth_reg_weight * torch.stack(terms).mean()
 
     def after_backward(self, step: int) -> None:

@@ -67,7 +67,7 @@ def changed_parameters(attachment: Attachment) -> int:
         changed += int(torch.count_nonzero((weight + delta) != weight))
     state = attachment.state()
     for name, start in attachment.initial.items():
-        changed += int(torch.count_nonzero(state[name].detach() != start))
+        changed += int(torch.count_nonzero(state[name].detach() != start.to(state[name].device)))
     return changed
 
 
@@ -79,7 +79,7 @@ def delta_ranks(attachment: Attachment) -> dict[str, int]:
     heads = tuple(h + "." for h in attachment.trainable_modules)
     for name, start in attachment.initial.items():
         if start.ndim == 2 and not name.startswith(heads):
-            ranks[name] = _rank(state[name].detach() - start)
+            ranks[name] = _rank(state[name].detach() - start.to(state[name].device))
     return ranks
 
 
