@@ -4,6 +4,7 @@ quick suite end to end (cells, resume, report)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,16 @@ import peftlab
 from peftlab.bench import Filters, load_suite, make_plan, packaged_suites
 from peftlab.bench.measure import FloorStep, TrainStep, alternate, tensor_bytes
 from peftlab.bench.peer import build_peer, peer_hooks, peer_note
-from peftlab.bench.report import Group, Row, label_offsets, method_table, paired_delta, pareto_front, standings
+from peftlab.bench.report import (
+    Group,
+    Row,
+    label_offsets,
+    method_table,
+    paired_delta,
+    pareto_front,
+    standings,
+    write_report,
+)
 from peftlab.bench.suite import parse_suite
 from peftlab.errors import InputError
 from peftlab.run import RunOptions, build_model, prepare_data
@@ -381,6 +391,22 @@ def test_quick_report_has_tables_and_plots(quick):
     for name in pngs:
         assert f"report/{name}" in md
         assert (quick / "report" / name).stat().st_size < 200_000
+
+
+def test_groups_run_on_different_machines_say_where_they_ran(quick, tmp_path):
+    """A report over cells from two machines (MiniLM on the CPU, MPNet on a lent GPU, say) names each group's
+    machine, since speed and memory compare only within one; a report from one machine does not repeat it."""
+    bench = tmp_path / "bench"
+    shutil.copytree(quick, bench)
+    for path in (bench / "tiny-bert__ner").rglob("cell.json"):
+        cell = json.loads(path.read_text())
+        cell["machine"]["cuda"] = "NVIDIA H100 80GB HBM3"
+        path.write_text(json.dumps(cell))
+    md = write_report([bench], tmp_path / "r")[0].read_text()
+    sections = {part.split(" (")[0]: part for part in md.split("\n## ")[1:]}
+    assert "torch threads, NVIDIA H100 80GB HBM3; speed" in sections["tiny:bert / ner"]
+    assert "run on x86_64" in sections["tiny:bert / sentiment"] and "H100" not in sections["tiny:bert / sentiment"]
+    assert "run on" not in (quick / "report.md").read_text()
 
 
 def test_unfinished_cell_is_run_again_after_its_config_changed(tmp_path):

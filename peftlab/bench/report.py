@@ -657,6 +657,17 @@ def standings(group: Group) -> list[str]:
     return lines
 
 
+def describe_machine(cell: dict) -> str:
+    m = cell.get("machine") or {}
+    return f"{m.get('processor')}, {m.get('cpus')} CPUs, {m.get('torch_threads')} torch threads" + (
+        f", {m['cuda']}" if m.get("cuda") else ""
+    )
+
+
+def group_machines(group) -> list[str]:
+    return sorted({describe_machine(c) for r in group.rows.values() for c in r.cells})
+
+
 def environment(collected: Collected) -> list[str]:
     cells = [c for g in collected.groups for r in g.rows.values() for c in r.cells]
     if not cells:
@@ -664,11 +675,7 @@ def environment(collected: Collected) -> list[str]:
     versions, machines, commits = {}, set(), set()
     for c in cells:
         versions.update({k: v for k, v in (c.get("versions") or {}).items() if v})
-        m = c.get("machine") or {}
-        machines.add(
-            f"{m.get('processor')}, {m.get('cpus')} CPUs, {m.get('torch_threads')} torch threads"
-            + (f", {m['cuda']}" if m.get("cuda") else "")
-        )
+        machines.add(describe_machine(c))
         if c.get("git_commit"):
             commits.add(c["git_commit"][:10])
     return [
@@ -723,10 +730,13 @@ def write_report(
         for group in collected.groups:
             doc.p(f"**{group.title}** ({group.suite}; {group.budget}):")
             doc.items(standings(group))
+    several_machines = len({m for g in collected.groups for m in group_machines(g)}) > 1
     for group in collected.groups:
         doc.h(2, f"{group.title} ({group.suite})")
         batch = group.speed.get("batch") if group.speed else None
         facts = [f"budget {group.budget}" if group.budget else "", f"quality: test {group.metric}"]
+        if several_machines:  # say which rows came from which machine (speed is only comparable within one)
+            facts.append("run on " + " and ".join(group_machines(group)))
         if batch:
             facts.append(
                 f"speed and memory on one batch of {batch['examples']} examples × {batch['length']} tokens "
