@@ -1,6 +1,7 @@
 """AdaLoRA: the SVD-form equation, importance scores, the cubic budget and global pruning, the orthogonality
 penalty, exact resume, and parity with Hugging Face PEFT both ways."""
 
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -151,6 +152,31 @@ def test_orthogonality_penalty():
     assert hooks.penalty().item() < 1e-10
 
 
+def test_peft_form_of_the_penalty_is_what_peft_adds_to_the_loss():
+    """orth_form='peft': the same weights cost the same in peft's forward (loss with the penalty minus without)."""
+    ours = peftlab.attach(
+        tiny_classifier(), "adalora", init_r=3, target_r=1, targets=["query", "value"], orth_reg=0.25, orth_form="peft"
+    )
+    randomise(ours)
+    config = AdaLoraConfig(
+        init_r=3, target_modules=["query", "value"], total_step=10, orth_reg_weight=0.25, task_type="SEQ_CLS"
+    )
+    theirs = get_peft_model(tiny_classifier(), config)
+    theirs_params = dict(theirs.base_model.model.named_parameters())
+    with torch.no_grad():
+        for name, layer in ours.layers().items():
+            for k, p in layer.adapter_parameters().items():
+                theirs_params[f"{name}.{k}.default"].copy_(p)
+    labels = torch.zeros(TOKENS.shape[0], dtype=torch.long)
+    with_penalty = theirs(input_ids=TOKENS, labels=labels).loss
+    theirs.peft_config["default"].orth_reg_weight = 0.0
+    without = theirs(input_ids=TOKENS, labels=labels).loss
+    penalty = AdaLoraHooks(ours, ours.config).penalty()
+    torch.testing.assert_close(penalty, with_penalty - without, rtol=1e-5, atol=1e-6)
+    paper = AdaLoraHooks(ours, dataclasses.replace(ours.config, orth_form="paper"))
+    assert paper.penalty() > 2 * penalty  # the squared norms, summed per layer, weigh far more here
+
+
 # --- training ----------------------------------------------------------------------------------------------------
 
 
@@ -222,6 +248,7 @@ def test_a_resumed_run_is_exact(prepared, tmp_path):
         ({"init_r": 0}, "init_r: expected a positive integer"),
         ({"beta1": 1.0}, "beta1"),
         ({"orth_reg": -1.0}, "orth_reg"),
+        ({"orth_form": "frobenius"}, "orth_form"),
         ({"init_r": 40, "target_r": 2}, "init_r: rank 40 is larger than layer .* allows"),
     ],
 )

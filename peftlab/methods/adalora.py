@@ -29,7 +29,9 @@ singular values.
 
 Orthogonality. The loss gains gamma * mean over layers of (||P^T P - I||_F^2 + ||Q Q^T - I||_F^2), the paper's
 regulariser (its Eq. 4) with the squared Frobenius norm; averaging over layers keeps gamma independent of how many
-layers are adapted (peft and the authors' code average the unsquared norm over matrices instead).
+layers are adapted. ``orth_form="peft"`` takes the form of peft and the authors' code instead: gamma * the mean of
+the unsquared norms ||P^T P - I||_F and ||Q Q^T - I||_F over all 2L matrices, which near AdaLoRA's initialisation
+(small P, Q: each norm about sqrt(r)) is several times weaker for the same gamma; adapters imported from peft use it.
 
 Hugging Face PEFT conversion (``peft_type: "ADALORA"``) both ways: exported adapters hold only the kept triplets
 with a ``rank_pattern`` of which were kept, as peft writes them after training.
@@ -78,6 +80,13 @@ class AdaLoraConfig:
     beta1: float = field(default=0.85, metadata={"help": "smoothing of the sensitivity |w * grad|"})
     beta2: float = field(default=0.85, metadata={"help": "smoothing of the sensitivity's uncertainty"})
     orth_reg: float = field(default=0.1, metadata={"help": "gamma: weight of the orthogonality penalty on P and Q"})
+    orth_form: str = field(
+        default="paper",
+        metadata={
+            "help": "the penalty's form: 'paper' (squared Frobenius norms, mean over layers) or 'peft' (unsquared "
+            "norms, mean over the P and Q matrices, as Hugging Face PEFT computes it)"
+        },
+    )
 
     def __post_init__(self):
         require(isinstance(self.init_r, int) and self.init_r > 0, "init_r", "a positive integer", self.init_r)
@@ -95,6 +104,7 @@ class AdaLoraConfig:
         require(0 < self.beta1 < 1, "beta1", "a number in (0, 1)", self.beta1)
         require(0 < self.beta2 < 1, "beta2", "a number in (0, 1)", self.beta2)
         require(self.orth_reg >= 0, "orth_reg", "a number >= 0", self.orth_reg)
+        require(self.orth_form in ("paper", "peft"), "orth_form", "'paper' or 'peft'", self.orth_form)
 
 
 class AdaLoraLinear(AdapterLayer):
@@ -127,10 +137,10 @@ class AdaLoraLinear(AdapterLayer):
         """Which triplets are in use: those with a non-zero singular value, (r,) bool."""
         return self.lora_E.detach().reshape(-1) != 0
 
-    def orthogonality(self) -> torch.Tensor:
-        """||P^T P - I||_F^2 + ||Q Q^T - I||_F^2."""
+    def orthogonality(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """How far P and Q are from orthonormal: the residuals P^T P - I and Q Q^T - I, (r, r) each."""
         eye = torch.eye(self.r, dtype=self.lora_A.dtype, device=self.lora_A.device)
-        return ((self.lora_B.T @ self.lora_B - eye) ** 2).sum() + ((self.lora_A @ self.lora_A.T - eye) ** 2).sum()
+        return self.lora_B.T @ self.lora_B - eye, self.lora_A @ self.lora_A.T - eye
 
 
 def apply(model: nn.Module, config: AdaLoraConfig, protected: Sequence[str] = ()) -> list[str]:
@@ -248,7 +258,11 @@ class AdaLoraHooks(TrainingHooks):
     def penalty(self) -> torch.Tensor | None:
         if self.config.orth_reg == 0:
             return None
-        terms = torch.stack([layer.orthogonality() for layer in self.layers.values()])
+        residuals = [layer.orthogonality() for layer in self.layers.values()]
+        if self.config.orth_form == "peft":  # mean over the 2L matrices of ||residual||_F
+            terms = torch.stack([torch.linalg.matrix_norm(r) for pair in residuals for r in pair])
+        else:  # mean over the L layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2
+            terms = torch.stack([(p_res**2).sum() + (q_res**2).sum() for p_res, q_res in residuals])
         return self.config.orth_reg * terms.mean()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -357,6 +371,7 @@ def _import_adalora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor
         beta1=float(cfg.get("beta1", 0.85)),
         beta2=float(cfg.get("beta2", 0.85)),
         orth_reg=float(cfg.get("orth_reg_weight", 0.5)),
+        orth_form="peft",  # the weight was chosen for peft's form of the penalty
     )
     attachment = attach(model, "adalora", config, trainable_modules=heads)
     load_state(attachment, ours | rest, weights)
