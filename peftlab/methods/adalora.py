@@ -323,7 +323,7 @@ def _export_adalora(attachment: Attachment) -> tuple[dict, dict[str, torch.Tenso
         "deltaT": config.delta_t,
         "beta1": config.beta1,
         "beta2": config.beta2,
-        "orth_reg_weight": config.orth_reg,
+        "orth_reg_weight": config.orth_reg,  # peft applies it in its own form (ours with orth_form="peft")
         # PEFT requires a positive total_step that leaves a pruning phase; it only matters to PEFT's trainer.
         "total_step": tinit + tfinal + 1,
         "bias": "none",
