@@ -87,7 +87,8 @@ class TrainSettings:
         default=False,
         metadata={
             "help": "torch.compile the model for the training steps: fewer, fused kernels (on an H100 a MiniLM LoRA "
-            "step takes 0.68x the eager time; on CPUs it is slower)"
+            "step of a fixed shape takes 0.68x the eager time), after tens of seconds of compiling per new batch "
+            "shape; for long GPU runs, not CPUs"
         },
     )
 
