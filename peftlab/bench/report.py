@@ -664,22 +664,25 @@ def describe_machine(cell: dict) -> str:
     )
 
 
-def group_machines(group) -> list[str]:
+def group_machines(group: Group) -> list[str]:
     return sorted({describe_machine(c) for r in group.rows.values() for c in r.cells})
+
+
+def report_machines(collected: Collected) -> list[str]:
+    return sorted({m for g in collected.groups for m in group_machines(g)})
 
 
 def environment(collected: Collected) -> list[str]:
     cells = [c for g in collected.groups for r in g.rows.values() for c in r.cells]
     if not cells:
         return []
-    versions, machines, commits = {}, set(), set()
+    versions, commits = {}, set()
     for c in cells:
         versions.update({k: v for k, v in (c.get("versions") or {}).items() if v})
-        machines.add(describe_machine(c))
         if c.get("git_commit"):
             commits.add(c["git_commit"][:10])
     return [
-        "machine: " + "; ".join(sorted(machines)),
+        "machine: " + "; ".join(report_machines(collected)),
         "versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
         "peftlab commits: " + ", ".join(sorted(commits)),
     ]
@@ -730,7 +733,7 @@ def write_report(
         for group in collected.groups:
             doc.p(f"**{group.title}** ({group.suite}; {group.budget}):")
             doc.items(standings(group))
-    several_machines = len({m for g in collected.groups for m in group_machines(g)}) > 1
+    several_machines = len(report_machines(collected)) > 1
     for group in collected.groups:
         doc.h(2, f"{group.title} ({group.suite})")
         batch = group.speed.get("batch") if group.speed else None
