@@ -110,8 +110,8 @@ def test_smollm2_and_qwen_do_not_share_a_vocabulary():
     from peftlab.assets import ASSETS, is_pulled
     from peftlab.models import load_tokenizer, resolve_model
 
-    if not all(is_pulled(ASSETS[n]) for n in ("smollm2-135m", "qwen2.5-0.5b")):
-        pytest.skip("the decoder assets are not pulled here (qwen2.5-0.5b is a 478 MB download)")
-    toks = {n: load_tokenizer(resolve_model(n)) for n in ("smollm2-135m", "qwen2.5-0.5b")}
-    with pytest.raises(InputError, match=r"smollm2-135m and qwen2.5-0.5b do not share a vocabulary \(49152 vs"):
+    if not all(is_pulled(ASSETS[n]) for n in ("smollm2-135m", "qwen2.5-coder-0.5b")):
+        pytest.skip("the decoder assets are not pulled here (qwen2.5-coder-0.5b is a 478 MB download)")
+    toks = {n: load_tokenizer(resolve_model(n)) for n in ("smollm2-135m", "qwen2.5-coder-0.5b")}
+    with pytest.raises(InputError, match=r"smollm2-135m and qwen2.5-coder-0.5b do not share a vocabulary \(49152 vs"):
         check_shared_vocabulary(toks)

