@@ -8,6 +8,7 @@ folder and swapped in with two renames; ``read_folder`` finds the previous versi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -17,8 +18,13 @@ from pathlib import Path
 
 from .errors import InputError, PeftlabError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, which can only be read by setting it: done once, at the first write, and put back."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -38,7 +44,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -70,11 +76,11 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _ensure_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         for f in tmp.rglob("*"):  # files written by other libraries get ordinary permissions too
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_UMASK)
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~_umask())
         old = path.with_name(path.name + ".old")
         if path.exists():
             if old.exists():  # a stale copy from an earlier swap; the current folder is the good one

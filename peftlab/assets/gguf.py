@@ -9,29 +9,26 @@ dequantised fp32 weights are then the "pretrained" base. The end-of-turn token o
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import PeftlabError
+from ..process import scoped
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, end_of_turn: str | None = "<|im_end|>") -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own bar; peftlab shows a status line
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError:
         raise PeftlabError("assets: converting a GGUF model needs the 'gguf' package (pip install gguf)") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own bar (peftlab shows a status line); the settings are put back after.
+    with scoped({"TQDM_DISABLE": "1"}, transformers_quiet=True):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # The weights are plain fp32 tensors now; drop the "quantised with gguf" marker that blocks saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

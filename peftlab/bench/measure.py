@@ -28,7 +28,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import get_scheduler
 
 from ..train.hooks import TrainContext, TrainingHooks
 from ..train.loop import _param_groups, autocast_for  # the loop's own parameter groups: the same optimiser
@@ -99,6 +98,8 @@ class TrainStep:
         self.params = attachment.trainable_parameters()
         self.optimizer = torch.optim.AdamW(_param_groups(attachment, settings.weight_decay), lr=lr)
         schedule = settings.schedule if settings.schedule != "constant" else "constant_with_warmup"
+        from transformers import get_scheduler  # not at module level: its import sets TORCHINDUCTOR_CACHE_DIR
+
         self.scheduler = get_scheduler(
             schedule,
             self.optimizer,

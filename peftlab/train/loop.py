@@ -36,7 +36,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from transformers import get_scheduler
 
 from ..core.attach import Attachment
 from ..data.batches import Encoded, length_grouped
@@ -224,6 +223,8 @@ def fit(
     total = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(_param_groups(attachment, settings.weight_decay), lr=lr)
     schedule = settings.schedule if settings.schedule != "constant" else "constant_with_warmup"
+    from transformers import get_scheduler  # not at module level: its import sets TORCHINDUCTOR_CACHE_DIR
+
     scheduler = get_scheduler(
         schedule, optimizer, num_warmup_steps=round(settings.warmup * total), num_training_steps=total
     )

@@ -1,0 +1,64 @@
+"""What peftlab's own commands choose for their process, and nothing else.
+
+Importing peftlab changes no environment variable, logging level or global setting of the user's process: a
+notebook that imports it keeps its hub access, its warnings and its progress bars. Only ``peftlab`` commands (the
+CLI's ``main``) call ``quiet_libraries`` to keep their output to peftlab's own lines. A library function that
+needs a setting for a moment (converting a GGUF file without transformers' bar) takes it with ``scoped`` and puts
+it back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def quiet_libraries() -> None:
+    """For peftlab's commands: transformers, huggingface_hub and datasets print errors only and draw no bars of
+    their own (peftlab draws its own progress)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency; keep the CLI usable without it
+        return
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+@contextmanager
+def scoped(environ: dict[str, str] | None = None, transformers_quiet: bool = False) -> Iterator[None]:
+    """Set environment variables (and optionally silence transformers) for the duration of a block, then restore
+    exactly what was there before."""
+    environ = environ or {}
+    saved = {k: os.environ.get(k) for k in environ}
+    os.environ.update(environ)
+    restore_logging = None
+    if transformers_quiet:
+        from transformers.utils import logging as hf_logging
+
+        level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+        def restore_logging():
+            hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if restore_logging:
+            restore_logging()
