@@ -148,7 +148,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 def cmd_train(argv: list[str], show_progress: bool) -> int:
     from .methods import get_method
     from .report import print_results
-    from .run import RunOptions, load_run, run_training, split_config
+    from .run import RunOptions, load_run, run_training, split_config, without_command_line_only
     from .train.loop import TrainSettings
 
     pre = _Parser(prog="peftlab train", add_help=False)
@@ -167,6 +167,8 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
     elif known.config:
         file_values = read_config_file(known.config)
         source = known.config
+    # Running a model's own code, or unpickling its weights, takes the flag on this very command line.
+    file_values = without_command_line_only(file_values)
     method = get_method(known.method or file_values.get("method", RunOptions.method))
 
     parser = _Parser(prog="peftlab train", description="Fine-tune a pretrained model with one method.")
@@ -186,7 +188,7 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
         )
     cli = _cli_values(args, [RunOptions, TrainSettings, method.config])
     if known.resume:
-        extra = sorted(set(cli) - {"method"})
+        extra = sorted(set(cli) - {"method", "trust_remote_code", "allow_pickle"})
         if extra:
             raise InputError(f"--resume continues a run with its saved configuration; drop {_flag(extra[0])}")
         cli["out"] = str(known.resume)
@@ -252,7 +254,7 @@ def load_run_config(run: str, load_run) -> tuple[Path, dict]:
 
 def cmd_eval(argv: list[str], show_progress: bool) -> int:
     from .report import metrics_table
-    from .run import encode_file, make_task, pick_device, rebuild
+    from .run import encode_file, make_task, pick_device
     from .train.loop import autocast_for
 
     parser = _Parser(prog="peftlab eval", description="Evaluate a run's best adapter.")
@@ -267,9 +269,10 @@ def cmd_eval(argv: list[str], show_progress: bool) -> int:
         help="sft: also answer the first N test and held-out conversations by generation and score the replies",
     )
     parser.add_argument("--max-new-tokens", type=int, help="sft: longest generated reply (default: the run's)")
+    _model_code_arguments(parser)
     _proxy_arguments(parser)
     args = parser.parse_args(argv)
-    run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
+    run, options, settings, prepared, attachment = _rebuild(args, show_progress)
     device = pick_device(options.device)
     attachment.model.to(device)
     if args.generate is not None or args.proxy_base:
@@ -340,10 +343,9 @@ def cmd_merge(argv: list[str], show_progress: bool) -> int:
     parser = _Parser(prog="peftlab merge", description="Write the model with the adapter merged into its weights.")
     parser.add_argument("run", help="run folder")
     parser.add_argument("--out", required=True, help="folder for the merged Hugging Face model")
+    _model_code_arguments(parser)
     args = parser.parse_args(argv)
-    from .run import rebuild
-
-    run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
+    run, options, settings, prepared, attachment = _rebuild(args, show_progress)
     attachment.merge()
     model = attachment.unload()
     with atomic_folder(args.out) as tmp:
@@ -355,20 +357,16 @@ def cmd_merge(argv: list[str], show_progress: bool) -> int:
 
 def cmd_export(argv: list[str], show_progress: bool) -> int:
     from .core.hf_peft import export_hf
-    from .run import hf_task_type, rebuild
+    from .run import hf_task_type
 
     parser = _Parser(prog="peftlab export", description="Convert a run's adapter to another format.")
     parser.add_argument("run", help="run folder")
     parser.add_argument("--format", choices=["hf"], required=True, help="hf: Hugging Face PEFT")
     parser.add_argument("--out", required=True, help="output folder")
+    _model_code_arguments(parser)
     args = parser.parse_args(argv)
-    run, options, settings, prepared, attachment = rebuild(args.run, quiet=not show_progress)
-    export_hf(
-        attachment,
-        args.out,
-        base_model_name_or_path=str(prepared.model_path.resolve()),
-        task_type=hf_task_type(prepared),
-    )
+    run, options, settings, prepared, attachment = _rebuild(args, show_progress)
+    export_hf(attachment, args.out, base_model_name_or_path=prepared.model.reference, task_type=hf_task_type(prepared))
     print(f"wrote a Hugging Face PEFT adapter to {args.out}")
     return 0
 
@@ -420,16 +418,14 @@ def _decoder(args, show_progress: bool):
     from .models import load_causal_lm, load_tokenizer, resolve_model
 
     if args.run:
-        from .run import rebuild
-
-        run, options, _, prepared, attachment = rebuild(args.run, quiet=not show_progress)
+        run, options, _, prepared, attachment = _rebuild(args, show_progress)
         if prepared.kind != "sft":
             raise InputError(f"{run}: a {prepared.kind} run has no language-model head to generate with")
         return attachment.model, prepared.tokenizer, f"{run} ({attachment.method.name})"
     if not args.model:
         raise InputError("give a run folder, or --model (and optionally --adapter)")
-    path = resolve_model(args.model, quiet=not show_progress)
-    model = load_causal_lm(path, trust_remote_code=args.trust_remote_code)
+    path = resolve_model(args.model, quiet=not show_progress, allow_pickle=args.allow_pickle)
+    model = load_causal_lm(path, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     label = args.model
     if args.adapter:
         attachment = load_adapter(model, args.adapter)
@@ -446,8 +442,26 @@ def _decoder_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sampling")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trust-remote-code", action="store_true")
+    _model_code_arguments(parser)
     _proxy_arguments(parser)
+
+
+def _model_code_arguments(parser) -> None:
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="run code shipped with the model (never taken from the run)"
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a model whose only weights are pickle files (never taken from the run)",
+    )
+
+
+def _rebuild(args, show_progress: bool):
+    """A run folder's trained model, with the code and pickle switches of this command line only."""
+    from .run import rebuild
+
+    return rebuild(args.run, not show_progress, args.trust_remote_code, args.allow_pickle)
 
 
 def _proxy_arguments(parser) -> None:
@@ -1060,6 +1074,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(
                 f"unknown command {glob.command!r}{suggest(glob.command, COMMANDS)}; commands: {', '.join(COMMANDS)}"
             )
+        from .process import quiet_libraries
+
+        quiet_libraries()
         if glob.cache_dir:
             from .assets import set_cache_dir
 

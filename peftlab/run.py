@@ -34,12 +34,13 @@ from .data.classification import Columns, load_classification, read_examples
 from .data.conversations import read_conversations
 from .data.lm import LMEncoded, encode_conversations, replay_rows, text_sample, with_rows
 from .data.sft import load_sft, text_documents
+from .data.tables import HubData
 from .data.tagging import Sentence, encode_tagging, load_tagging, read_tagged
 from .errors import InputError, require
 from .evaluate.generation import generate, score
 from .fileio import read_json, remove_stale_temporaries, write_json
 from .methods import config_to_dict, get_method
-from .models import load_causal_lm, load_classifier, load_tagger, load_tokenizer, resolve_model
+from .models import ModelSource, find_model, load_causal_lm, load_classifier, load_tagger, load_tokenizer
 from .train.distributed import from_environment, shard_model
 from .train.lm_task import LanguageModelTask
 from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit, make_hooks
@@ -48,10 +49,29 @@ from .train.tag_task import TaggingTask
 
 @dataclass
 class RunOptions:
-    model: str = field(default="minilm", metadata={"help": "packaged model name or Hugging Face model folder"})
-    data: str = field(
-        default="rotten_tomatoes", metadata={"help": "packaged dataset name, data file (CSV/TSV/JSON/JSONL) or folder"}
+    model: str = field(
+        default="minilm", metadata={"help": "packaged model name, Hugging Face model folder or Hub ID (org/name)"}
     )
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub branch, tag or commit of --model (a run records the commit it used)"}
+    )
+    data: str = field(
+        default="rotten_tomatoes",
+        metadata={
+            "help": "packaged dataset name, data file (CSV/TSV/JSON/JSONL/Parquet/Arrow), folder (split files or "
+            "datasets' save_to_disk) or Hub dataset ID (org/name)"
+        },
+    )
+    data_config: str | None = field(default=None, metadata={"help": "configuration (subset) of a Hub dataset"})
+    data_revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit of --data"})
+    train_split: str | None = field(
+        default=None,
+        metadata={"help": "Hub or DatasetDict split to train on (default: train; a slice: train[:5000])"},
+    )
+    validation_split: str | None = field(
+        default=None, metadata={"help": "split for validation (default: validation, valid, dev or val; else carved)"}
+    )
+    test_split: str | None = field(default=None, metadata={"help": "split to test on (default: test; else carved)"})
     method: str = field(default="lora", metadata={"help": "fine-tuning method (see: peftlab methods)"})
     out: str | None = field(default=None, metadata={"help": "run folder (default: a new folder under runs/)"})
     text_column: str | None = field(default=None, metadata={"help": "column holding the text"})
@@ -63,7 +83,14 @@ class RunOptions:
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "where to train"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's)"})
     adapter: str | None = field(default=None, metadata={"help": "continue fine-tuning from this adapter folder"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow code shipped inside a model folder to run"})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "run code shipped with the model (only ever from this command line, never from a file)"},
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata={"help": "load a model whose only weights are pickle files (pytorch_model.bin); command line only"},
+    )
     task: Literal["classify", "tag", "sft"] = field(
         default="classify",
         metadata={"help": "classify: a label per text; tag: a tag per word (NER); sft: instruction/chat/text"},
@@ -170,21 +197,63 @@ def machine() -> dict[str, Any]:
     }
 
 
+# Options that only the command line can switch on, never a config file or a run folder's saved config.
+COMMAND_LINE_ONLY = ("trust_remote_code", "allow_pickle")
+
+
 @dataclass
 class Prepared:
     kind: str  # "classify", "tag" or "sft"
     data: Any  # ClassificationData, TaggingData or SFTData
     splits: dict[str, Any]  # split -> Encoded (classify), TagEncoded (tag) or LMEncoded (sft)
-    model_path: Path
+    model: ModelSource
     tokenizer: Any
 
     @property
     def labels(self) -> list[str] | None:
         return None if self.kind == "sft" else self.data.labels
 
+    @property
+    def model_path(self) -> Path:
+        return self.model.path
+
+
+def hub_data(options: RunOptions) -> HubData:
+    named = {"train": options.train_split, "validation": options.validation_split, "test": options.test_split}
+    return HubData(options.data_config, options.data_revision, {k: v for k, v in named.items() if v is not None})
+
+
+def recorded(options: RunOptions, prepared: Prepared) -> RunOptions:
+    """The options as a run folder records them, so that they mean the same from any folder and any day: the
+    model's Hub ID and the commit it came from (or its absolute folder), and absolute paths for local data."""
+
+    def absolute(name: str | None) -> str | None:
+        if not name or name in packaged_data_names() or not Path(name).expanduser().exists():
+            return name
+        return str(Path(name).expanduser().resolve())
+
+    return dataclasses.replace(
+        options,
+        model=prepared.model.name,
+        revision=prepared.model.revision,
+        data=absolute(options.data),
+        adapter=absolute(options.adapter),
+        replay_data=absolute(options.replay_data),
+        forgetting_data=[absolute(d) for d in options.forgetting_data],
+    )
+
+
+def packaged_data_names() -> set[str]:
+    from .data.classification import PACKAGED
+    from .data.sft import PACKAGED_SFT
+    from .data.tagging import PACKAGED_TAGGING
+
+    return set(PACKAGED) | set(PACKAGED_TAGGING) | set(PACKAGED_SFT)
+
 
 def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
-    model_path = resolve_model(options.model, quiet=quiet)
+    source = find_model(options.model, options.revision, quiet, options.allow_pickle, options.trust_remote_code)
+    model_path = source.path
     tokenizer = load_tokenizer(model_path, options.trust_remote_code)
     limit = max_positions(model_path, tokenizer)
     if limit is not None and options.max_length > limit:
@@ -193,24 +262,24 @@ def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
             f"(at most {limit}); longer texts are cut at max_length"
         )
     if options.task == "sft":
-        data = load_sft(options.data, options.split_seed, options.train_limit, options.eval_limit)
+        data = load_sft(options.data, options.split_seed, options.train_limit, options.eval_limit, hub_data(options))
         splits = {
             name: encode_conversations(tokenizer, convs, options.max_length, options.packing and name == "train")
             for name, convs in data.splits.items()
         }
         if options.replay_data:
             splits["train"] = add_replay(options, data, splits["train"], tokenizer)
-        return Prepared("sft", data, splits, model_path, tokenizer)
+        return Prepared("sft", data, splits, source, tokenizer)
     if options.task == "tag":
-        data = load_tagging(options.data, options.split_seed, options.train_limit, quiet=quiet)
+        data = load_tagging(options.data, options.split_seed, options.train_limit, quiet, hub_data(options))
         _limit_evaluation(data, options.eval_limit)
         splits = {name: encode_tagging(s, tokenizer, options.max_length) for name, s in data.splits.items()}
-        return Prepared("tag", data, splits, model_path, tokenizer)
+        return Prepared("tag", data, splits, source, tokenizer)
     columns = Columns(options.text_column, options.pair_column, options.label_column)
-    data = load_classification(options.data, columns, options.split_seed, options.train_limit, quiet=quiet)
+    data = load_classification(options.data, columns, options.split_seed, options.train_limit, quiet, hub_data(options))
     _limit_evaluation(data, options.eval_limit)
     splits = {name: encode(examples, tokenizer, options.max_length) for name, examples in data.splits.items()}
-    return Prepared("classify", data, splits, model_path, tokenizer)
+    return Prepared("classify", data, splits, source, tokenizer)
 
 
 def _limit_evaluation(data, limit: int | None) -> None:
@@ -278,15 +347,17 @@ def max_positions(model_path: Path, tokenizer) -> int | None:
 
 def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
     torch.manual_seed(settings_seed)  # the new head's initialisation, then the method's
+    trust, pickled = options.trust_remote_code, options.allow_pickle
     if prepared.kind == "sft":
-        return load_causal_lm(prepared.model_path, trust_remote_code=options.trust_remote_code)
+        return load_causal_lm(prepared.model_path, trust_remote_code=trust, allow_pickle=pickled)
     if prepared.kind == "tag":
-        return load_tagger(prepared.model_path, prepared.labels, trust_remote_code=options.trust_remote_code)
+        return load_tagger(prepared.model_path, prepared.labels, trust_remote_code=trust, allow_pickle=pickled)
     return load_classifier(
         prepared.model_path,
         prepared.data.labels,
-        trust_remote_code=options.trust_remote_code,
+        trust_remote_code=trust,
         pad_token_id=prepared.tokenizer.pad_token_id,
+        allow_pickle=pickled,
     )
 
 
@@ -363,7 +434,9 @@ def generation_metrics(
 
 
 def flat_config(options: RunOptions, settings: TrainSettings, method_config: Any) -> dict:
-    return {**dataclasses.asdict(options), **dataclasses.asdict(settings), **config_to_dict(method_config)}
+    """The run's configuration as config.json holds it (without the command-line-only switches)."""
+    run = {k: v for k, v in dataclasses.asdict(options).items() if k not in COMMAND_LINE_ONLY}
+    return {**run, **dataclasses.asdict(settings), **config_to_dict(method_config)}
 
 
 def run_training(
@@ -389,6 +462,7 @@ def run_training(
     if resume and dist.main:
         remove_stale_temporaries(out)
     prepared = prepare_data(options, quiet=not show_progress)
+    options = recorded(options, prepared)
     model = build_model(options, prepared, settings.seed)
     task = make_task(prepared)
     autocast = autocast_for(settings.precision, device)
@@ -528,9 +602,19 @@ def split_config(config: dict, source: str) -> tuple[RunOptions, TrainSettings, 
     return run, settings, method_config
 
 
-def rebuild(run: str | Path, quiet: bool = True) -> tuple[Path, RunOptions, TrainSettings, Prepared, Attachment]:
-    """The trained model of a run folder: same base, same data split, best adapter loaded."""
+def without_command_line_only(config: dict) -> dict:
+    """A config read from a file, less the switches only a command line may turn on (a saved config may have them:
+    run folders written before they were left out)."""
+    return {k: v for k, v in config.items() if k not in COMMAND_LINE_ONLY}
+
+
+def rebuild(
+    run: str | Path, quiet: bool = True, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> tuple[Path, RunOptions, TrainSettings, Prepared, Attachment]:
+    """The trained model of a run folder: same base, same data split, best adapter loaded. Code shipped with the
+    model runs, and pickle weights load, only when this call (the command line) says so, whatever the run saved."""
     run, config = load_run(run)
+    config = {**without_command_line_only(config), "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     options, settings, _ = split_config(config, str(run / "config.json"))
     prepared = prepare_data(options, quiet=quiet)
     model = build_model(options, prepared, settings.seed)

@@ -8,7 +8,8 @@ import peftlab
 
 PACKAGE = Path(peftlab.__file__).parent
 FORBIDDEN = {
-    r"\bpickle\b": "pickle",
+    # the pickle modules themselves (the --allow-pickle flag and its messages may name pickle files)
+    r"\b(import|from) (c?pickle|dill|cloudpickle)\b|\bpickle\.(loads?|Unpickler)\b": "pickle",
     r"torch\.load\(": "torch.load",
     r"\bjoblib\b": "joblib",
     r"allow_pickle\s*=\s*True": "numpy allow_pickle",

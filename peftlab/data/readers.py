@@ -1,4 +1,4 @@
-"""Reading records from the user's data files: CSV, TSV, JSON (a list of objects) and JSONL.
+"""Reading records from the user's data files: CSV, TSV, JSON (a list of objects), JSONL, Parquet and Arrow.
 
 Compressed files (``.gz``, ``.bz2``, ``.xz``) are read transparently. Every problem is an InputError that names
 the file and, where there is one, the line: a missing or empty file, binary content, text that is not UTF-8, a
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..errors import InputError
 
-FORMATS = (".csv", ".tsv", ".json", ".jsonl")
+TEXT_FORMATS = (".csv", ".tsv", ".json", ".jsonl")
+FORMATS = (*TEXT_FORMATS, ".parquet", ".arrow")  # the last two are read by peftlab.data.tables
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 Record = tuple[str, dict]  # (location such as "data.csv:12", row)
@@ -67,6 +68,10 @@ def read_text(path: Path) -> str:
 def read_records(path: str | Path) -> list[Record]:
     path = Path(path)
     fmt = data_format(path)
+    if fmt not in TEXT_FORMATS:
+        from .tables import read_table_file
+
+        return read_table_file(path)
     text = read_text(path)
     if fmt in (".csv", ".tsv"):
         records = _read_delimited(path, text, "," if fmt == ".csv" else "\t")

@@ -1,8 +1,9 @@
 """Supervised fine-tuning data for decoders: conversations split into train / validation / test.
 
-``load_sft(source)`` accepts a data file of instruction, chat or raw-text records (JSON, JSONL or .txt; see
-``peftlab.data.conversations``), a folder of ``train`` / ``validation`` / ``test`` files, or the name of a
-packaged SFT dataset registered in ``PACKAGED_SFT`` (a function returning the conversations, already split when the
+``load_sft(source)`` accepts a data file of instruction, chat or raw-text records (JSON, JSONL, Parquet, Arrow or
+.txt; see ``peftlab.data.conversations``), a folder of ``train`` / ``validation`` / ``test`` files, a folder written
+by ``datasets``, a Hugging Face Hub dataset ID (``tatsu-lab/alpaca``; see ``peftlab.data.sources``), or the name of
+a packaged SFT dataset registered in ``PACKAGED_SFT`` (a function returning the conversations, already split when the
 dataset defines held-out tasks):
 
 - ``instruct_mix``: the instruction mixture of ``peftlab.data.templates`` (several templated tasks, two held out);
@@ -23,10 +24,12 @@ from pathlib import Path
 
 from ..assets import locate
 from ..errors import InputError
-from .conversations import Conversation, read_conversations
-from .splits import assign_splits, split_files
+from .conversations import Conversation, conversation_from_record, read_conversations
+from .sources import read_source
+from .splits import assign_splits
+from .tables import HubData
 
-SFT_FORMATS = (".json", ".jsonl", ".txt")
+SFT_FORMATS = (".json", ".jsonl", ".txt", ".parquet", ".arrow")
 
 
 @dataclass
@@ -48,21 +51,25 @@ PACKAGED_SFT: dict[str, Callable[[int], SFTData]] = {}
 
 
 def load_sft(
-    source: str, split_seed: int = 0, train_limit: int | None = None, eval_limit: int | None = None
+    source: str,
+    split_seed: int = 0,
+    train_limit: int | None = None,
+    eval_limit: int | None = None,
+    hub: HubData | None = None,
 ) -> SFTData:
     notes: list[str] = []
     if source in PACKAGED_SFT:
         data = PACKAGED_SFT[source](split_seed)
     else:
-        path = Path(source)
-        if not path.exists():
-            known = ", ".join(PACKAGED_SFT) or "none yet"
-            raise InputError(
-                f"data: {source!r} is neither a packaged SFT dataset ({known}) nor an existing file or folder"
-            )
-        files = split_files(path, SFT_FORMATS) if path.is_dir() else {"all": path}
-        read = {split: read_conversations(file) for split, file in files.items()}
-        data = SFTData(path.stem if path.is_file() else path.name, assign_splits(read, split_seed, notes), notes)
+        name, read = read_source(
+            source,
+            hub or HubData(),
+            read_conversations,
+            lambda records: [conversation_from_record(row, where) for where, row in records],
+            SFT_FORMATS,
+            list(PACKAGED_SFT),
+        )
+        data = SFTData(name, assign_splits(read, split_seed, notes), notes)
     if train_limit is not None:
         data.splits["train"] = data.splits["train"][:train_limit]
         data.notes.append(f"training set limited to the first {train_limit} conversations of the shuffled split")

@@ -1,8 +1,10 @@
 """Sequence labelling (named entities and other BIO tagging): words with one tag each.
 
 Sources: the packaged ``wnut16`` (Twitter NER, 10 entity types), a CoNLL-style text file (``.conll``, ``.bio``,
-``.txt``: one ``word<TAB or space>tag`` per line, a blank line between sentences), a JSON/JSONL file of records
-with ``tokens`` and ``tags`` lists, or a folder of ``train`` / ``validation`` / ``test`` files of those kinds.
+``.txt``: one ``word<TAB or space>tag`` per line, a blank line between sentences), a JSON/JSONL, Parquet or Arrow
+file of records with ``tokens`` and ``tags`` (or ``ner_tags``, as Hugging Face datasets name them) lists, a folder
+of ``train`` / ``validation`` / ``test`` files of those kinds, a folder written by ``datasets`` or a Hub dataset ID.
+Tags stored as class indices (``ClassLabel``) are read as their names.
 
 Encoding: words are tokenised together (``is_split_into_words``); the first sub-word of each word carries the
 word's tag and the others get -100 (no loss, not scored), the usual convention. A sentence longer than
@@ -23,10 +25,14 @@ import torch
 
 from ..assets import locate
 from ..errors import InputError
-from .readers import read_records, read_text
-from .splits import assign_splits, split_files
+from .readers import Record, read_records, read_text
+from .sources import read_source
+from .splits import assign_splits
+from .tables import HubData
 
-TAG_FORMATS = (".conll", ".bio", ".txt", ".json", ".jsonl")
+TAG_FORMATS = (".conll", ".bio", ".txt", ".json", ".jsonl", ".parquet", ".arrow")
+RECORD_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".gz", ".bz2", ".xz")
+TAG_COLUMNS = ("tags", "ner_tags")
 
 
 @dataclass
@@ -68,12 +74,15 @@ def _read_conll(path: Path) -> list[tuple[str, list[str], list[str]]]:
     return sentences
 
 
-def _read_records(path: Path) -> list[tuple[str, list[str], list[str]]]:
+def _tagged_records(records: list[Record]) -> list[tuple[str, list[str], list[str]]]:
     out = []
-    for where, row in read_records(path):
-        words, tags = row.get("tokens"), row.get("tags")
+    for where, row in records:
+        words = row.get("tokens")
+        tags = next((row[c] for c in TAG_COLUMNS if c in row), None)
         if not isinstance(words, list) or not isinstance(tags, list):
-            raise InputError(f"{where}: expected 'tokens' and 'tags' lists")
+            raise InputError(
+                f"{where}: expected 'tokens' and 'tags' (or 'ner_tags') lists; found {', '.join(map(str, row))}"
+            )
         if len(words) != len(tags) or not words:
             raise InputError(
                 f"{where}: 'tokens' and 'tags' must be non-empty and of equal length ({len(words)} and {len(tags)})"
@@ -86,8 +95,8 @@ def _read_records(path: Path) -> list[tuple[str, list[str], list[str]]]:
 
 def read_tagged(path: Path) -> list[tuple[str, list[str], list[str]]]:
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in (".json", ".jsonl", ".gz", ".bz2", ".xz") and ".conll" not in suffixes:
-        return _read_records(path)
+    if suffixes and suffixes[-1] in RECORD_SUFFIXES and ".conll" not in suffixes:
+        return _tagged_records(read_records(path))
     return _read_conll(path)
 
 
@@ -122,20 +131,23 @@ def _wnut16(folder: Path) -> list[tuple[str, list[str], list[str]]]:
 PACKAGED_TAGGING = {"wnut16": _wnut16}
 
 
-def load_tagging(source: str, split_seed: int = 0, train_limit: int | None = None, quiet: bool = False) -> TaggingData:
+def load_tagging(
+    source: str,
+    split_seed: int = 0,
+    train_limit: int | None = None,
+    quiet: bool = False,
+    hub: HubData | None = None,
+) -> TaggingData:
     notes: list[str] = []
     if source in PACKAGED_TAGGING:
-        read = {"all": PACKAGED_TAGGING[source](locate(source, quiet=quiet))}
+        name, read = source, {"all": PACKAGED_TAGGING[source](locate(source, quiet=quiet))}
     else:
-        path = Path(source)
-        if not path.exists():
-            raise InputError(
-                f"data: {source!r} is neither a packaged tagging dataset ({', '.join(PACKAGED_TAGGING)}) "
-                "nor an existing file or folder"
-            )
-        files = split_files(path, TAG_FORMATS) if path.is_dir() else {"all": path}
-        read = {split: read_tagged(file) for split, file in files.items()}
+        name, read = read_source(
+            source, hub or HubData(), read_tagged, _tagged_records, TAG_FORMATS, list(PACKAGED_TAGGING)
+        )
     splits = assign_splits(read, split_seed, notes)
+    if not splits["train"]:
+        raise InputError(f"{name}: the training split has no sentences")
     if train_limit is not None:
         splits["train"] = splits["train"][:train_limit]
         notes.append(f"training set limited to the first {train_limit} sentences of the shuffled split")
@@ -146,7 +158,7 @@ def load_tagging(source: str, split_seed: int = 0, train_limit: int | None = Non
         _check_tags(splits[split], set(labels))
     index = {t: i for i, t in enumerate(labels)}
     data = {k: [Sentence(words, [index[t] for t in tags]) for _, words, tags in v] for k, v in splits.items()}
-    return TaggingData(source if source in PACKAGED_TAGGING else Path(source).stem, labels, data, notes)
+    return TaggingData(name, labels, data, notes)
 
 
 @dataclass
