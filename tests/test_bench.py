@@ -29,6 +29,7 @@ from peftlab.errors import InputError
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.hooks import TrainingHooks
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+from tests.conftest import skip_if_peft_prefix_tuning_fails_on_bert
 
 MINIMAL = {
     "name": "t",
@@ -249,7 +250,9 @@ def test_peer_starts_and_trains_like_ours(prepared, method, options, tmp_path):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     ours.model.train()
     peer.model.train()
-    torch.testing.assert_close(peer.model(**inputs).logits, ours.model(**inputs).logits, rtol=0, atol=1e-6)
+    with skip_if_peft_prefix_tuning_fails_on_bert():
+        peer_logits = peer.model(**inputs).logits
+    torch.testing.assert_close(peer_logits, ours.model(**inputs).logits, rtol=0, atol=1e-6)
     assert peer.trainable_count() == ours.trainable_count()
     ours_step, peer_step = step_for(ours), step_for(peer)
     for _ in range(3):

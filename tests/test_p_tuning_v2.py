@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from peftlab.models import load_classifier, load_tagger
 from peftlab.run import rebuild
+from tests.conftest import skip_if_peft_prefix_tuning_fails_on_bert
 from tests.test_tagging import toy_sentences, write_conll
 
 FAST = ["--method", "p_tuning_v2", "--num-virtual-tokens", "4", "--epochs", "3", "--batch-size", "16",
@@ -57,6 +58,8 @@ def test_exports_to_peft_with_the_same_outputs(runs, cli, tmp_path, tiny_model_d
     theirs = PeftModel.from_pretrained(load(tiny_model_dir, prepared.labels), tmp_path / "hf").eval()
     with torch.no_grad():
         expected = adapter.model.eval()(**inputs).logits
-        torch.testing.assert_close(theirs(**inputs).logits, expected, rtol=0, atol=1e-5)
+        with skip_if_peft_prefix_tuning_fails_on_bert():
+            got = theirs(**inputs).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     if task == "tag":
         assert expected.shape[:2] == inputs["input_ids"].shape  # a tag for every token

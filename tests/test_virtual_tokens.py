@@ -1,7 +1,10 @@
 """Virtual tokens (soft prompts): inserting the embeddings of real tokens must equal inserting the tokens."""
 
+import inspect
+
 import pytest
 import torch
+from transformers import DynamicCache
 
 from peftlab.core.virtual_tokens import insert_virtual_tokens
 from tests.conftest import tiny_classifier
@@ -55,3 +58,18 @@ def test_llama_generation_with_virtual_tokens_equals_generation_after_the_real_t
     for use_cache in (True, False):
         out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=use_cache)
         assert torch.equal(out, expected), use_cache
+
+
+def test_llama_decoding_from_a_cache_equals_one_pass_over_the_real_tokens():
+    """Step-by-step decoding inserts the virtual tokens once, under whichever keyword the cache comes: the old
+    ``past_key_values`` or ``cache`` (the name transformers 5.24 gave it, which ``generate`` passes from then on)."""
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    expected = model(torch.cat([PROMPT.expand(2, -1), ids], 1)).logits[:, 3:]
+    insert_virtual_tokens(model, provider_from(model, PROMPT), 3, trim_outputs=True)
+    keywords = {"past_key_values"} | ({"cache"} & set(inspect.signature(model.forward).parameters))
+    for keyword in sorted(keywords):
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :4], use_cache=True, **{keyword: cache}).logits]
+        steps += [model(ids[:, t : t + 1], use_cache=True, **{keyword: cache}).logits for t in (4, 5)]
+        torch.testing.assert_close(torch.cat(steps, 1), expected, rtol=0, atol=1e-5, msg=keyword)

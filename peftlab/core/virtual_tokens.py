@@ -5,8 +5,9 @@ A forward pre-hook on the task model (``BertForSequenceClassification``, ``Llama
 front of everything; 1: after the first token, e.g. BERT's [CLS]). Everything aligned with the tokens is widened to
 match: ``attention_mask`` (the virtual tokens are always visible), ``token_type_ids`` (segment 0),
 ``position_ids`` and ``cache_position`` (the real tokens move m places on), and language-model ``labels`` (-100,
-no loss on virtual tokens). With a KV cache, only the first forward pass inserts the vectors; later passes
-(generation) only shift positions and widen the mask, since the cache holds the virtual tokens already.
+no loss on virtual tokens). With a KV cache (passed as ``cache`` or ``past_key_values``, see ``core.kv_cache``),
+only the first forward pass inserts the vectors; later passes (generation) only shift positions and widen the mask,
+since the cache holds the virtual tokens already.
 
 With ``trim_outputs`` a forward hook also takes the m virtual positions back out of the token-level outputs
 (``logits``, ``last_hidden_state``, ``hidden_states``) of a pass that inserted them, so a token classifier's or a
@@ -26,14 +27,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .kv_cache import cache_length
+
 Provider = Callable[[int], torch.Tensor]
-
-
-def _cache_length(kwargs: dict) -> int:
-    cache = kwargs.get("past_key_values")
-    if cache is None or not hasattr(cache, "get_seq_length"):
-        return 0
-    return int(cache.get_seq_length())
 
 
 def _insert(tensor: torch.Tensor, block: torch.Tensor, at: int) -> torch.Tensor:
@@ -73,7 +69,7 @@ def insert_virtual_tokens(
         if embeds is None:
             embeds = embed(ids)  # (B, T, hidden)
         batch = embeds.shape[0]
-        continuing = _cache_length(kwargs) > 0  # the cache already holds the virtual tokens
+        continuing = cache_length(kwargs) > 0  # the cache already holds the virtual tokens
         where = at if continuing else min(at, embeds.shape[1])  # an input shorter than ``at`` gets them at its end
         inserted["width"], inserted["at"] = 0, where
         if not continuing:

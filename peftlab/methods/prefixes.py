@@ -43,6 +43,7 @@ from torch.utils.hooks import RemovableHandle
 from ..core import hf_peft
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.attention import attention_modules, extend_keys_values, remove_extension, restore
+from ..core.kv_cache import cache_length
 from ..errors import InputError
 
 
@@ -156,11 +157,6 @@ def attach_prefixes(
     return [m.name for m in found]
 
 
-def _cache_length(kwargs: dict) -> int:
-    cache = kwargs.get("past_key_values")
-    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-
-
 def shift_positions(model: nn.Module, count: int) -> RemovableHandle:
     """A forward pre-hook that moves the real tokens' position ids ``count`` places on (creating them when the
     caller gave none: 0, 1, ... after the cached length, or padding_idx + 1, ... for a table with a padding index)."""
@@ -186,7 +182,7 @@ def shift_positions(model: nn.Module, count: int) -> RemovableHandle:
             tokens = kwargs.get("input_ids")
             tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
             batch, length = tokens.shape[:2]
-            start = first + _cache_length(kwargs)
+            start = first + cache_length(kwargs)
             if table is not None and start + length + count > table.num_embeddings:
                 raise InputError(
                     f"num_virtual_tokens: {length} tokens after a prefix of {count} need {start + length + count} "
