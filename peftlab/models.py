@@ -16,7 +16,6 @@ is refused unless ``allow_pickle`` is asked for, and code shipped with a model r
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from .assets import ALIASES, ASSETS, locate
+from .core.hf_peft import hub_id_of_folder
 from .errors import InputError, suggest
 
 MODEL_NAMES = [name for name, a in ASSETS.items() if a.kind == "model"]
@@ -39,7 +39,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # chat templates. Other formats and copies (ONNX, OpenVINO, the original checkpoints) stay on the hub.
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 HUB_SKIPPED = ["onnx/*", "openvino/*", "original/*", "coreml/*", "*consolidated*", "*.gguf", "*.msgpack", "*.h5"]
-_HUB_CACHE_FOLDER = re.compile(r"^models--(?P<org>[^/]+?)--(?P<name>[^/]+)$")
 
 
 class HubModelMissing(InputError):
@@ -71,16 +70,6 @@ def looks_like_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
-
-
-def hub_id_of_folder(path: Path) -> str | None:
-    """``org/name`` for a snapshot folder inside a Hugging Face cache (``models--org--name/snapshots/<commit>``)."""
-    parts = path.resolve().parts
-    if len(parts) >= 3 and parts[-2] == "snapshots":
-        match = _HUB_CACHE_FOLDER.match(parts[-3])
-        if match:
-            return f"{match['org']}/{match['name']}"
-    return None
 
 
 def find_model(

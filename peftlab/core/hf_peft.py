@@ -85,10 +85,28 @@ def peft_kind(cfg: dict) -> str:
     return f"{kind}+DORA" if kind == "LORA" and cfg.get("use_dora") else kind
 
 
+def hub_id_of_folder(path: str | Path) -> str | None:
+    """``org/name`` for a snapshot folder inside a Hugging Face cache (``models--org--name/snapshots/<commit>``)."""
+    parts = Path(path).expanduser().resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
+def base_reference(model: nn.Module) -> str | None:
+    """What the model was loaded from, as PEFT names a base: its Hub ID (also when it was read from the Hugging
+    Face cache), else the folder as given to ``from_pretrained``."""
+    name = getattr(model, "name_or_path", None) or None
+    if name and Path(name).is_dir():
+        return hub_id_of_folder(name) or str(Path(name).resolve())
+    return name
+
+
 def export_hf(
     attachment: Attachment, out: str | Path, base_model_name_or_path: str | None = None, task_type: str | None = None
 ) -> Path:
-    """Write ``attachment`` as a Hugging Face PEFT adapter folder (for the methods PEFT also has)."""
+    """Write ``attachment`` as a Hugging Face PEFT adapter folder (for the methods PEFT also has). The base is named
+    as given, else as the model says it was loaded (``base_reference``)."""
     exporter = EXPORTERS.get(attachment.method.name)
     if exporter is None:
         raise InputError(
@@ -101,7 +119,7 @@ def export_hf(
     prefix = "" if fields.get("peft_type") in FULL_KEY_KINDS else PREFIX
     hf_config = {
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": base_model_name_or_path or base_reference(attachment.model),
         **fields,
         "inference_mode": True,
     }

@@ -212,15 +212,24 @@ def load_classification(
         examples = [Example(text, index[label]) for text, label in pairs]
         data = ClassificationData(source, labels, assign_splits({"all": examples}, split_seed, notes), notes)
     else:
+        declared: list[list[str]] = []  # class names in the order a dataset declares them (ClassLabel)
+
+        def rows_of(records: list[Record], where: str) -> list[tuple[str, str | None, str, str]]:
+            if not records:
+                return []
+            found = _resolve_columns(records, columns, where)
+            declared.append(getattr(records, "classes", {}).get(found.label))
+            return _rows(records, found)
+
         name, read = read_source(
             source,
             hub or HubData(),
-            lambda file: _table_rows(read_records(file), columns, str(file)),
-            lambda records: _table_rows(records, columns, records[0][0].rsplit(" row ", 1)[0] if records else source),
+            lambda file: rows_of(read_records(file), str(file)),
+            lambda records: rows_of(records, records[0][0].rsplit(" row ", 1)[0] if records else source),
             FORMATS,
             list(PACKAGED),
         )
-        data = _from_rows(name, read, split_seed, notes)
+        data = _from_rows(name, read, split_seed, notes, next((d for d in declared if d), None))
     if train_limit is not None:
         data.splits["train"] = data.splits["train"][:train_limit]
         notes.append(f"training set limited to the first {train_limit} examples of the shuffled split")
@@ -232,15 +241,14 @@ def load_classification(
     return data
 
 
-def _table_rows(records: list[Record], columns: Columns, source: str) -> list[tuple[str, str | None, str, str]]:
-    return _rows(records, _resolve_columns(records, columns, source)) if records else []
-
-
-def _from_rows(name: str, read: dict[str, list], split_seed: int, notes: list[str]) -> ClassificationData:
+def _from_rows(
+    name: str, read: dict[str, list], split_seed: int, notes: list[str], declared: list[str] | None
+) -> ClassificationData:
     rows_by_split = assign_splits(read, split_seed, notes)
     if not rows_by_split["train"]:
         raise InputError(f"{name}: the training split has no examples")
-    labels = _label_order({label for _, _, label, _ in rows_by_split["train"]})
+    seen = {label for _, _, label, _ in rows_by_split["train"]}
+    labels = list(declared) if declared and seen <= set(declared) else _label_order(seen)
     index = {name: i for i, name in enumerate(labels)}
     splits = {}
     for split in SPLITS:

@@ -25,6 +25,15 @@ Record = tuple[str, dict]
 TABLE_FORMATS = (".parquet", ".arrow")
 
 
+class Rows(list):
+    """A table's records, plus the class names its ClassLabel columns declare, in their order (column -> names),
+    so a classifier's label ids can follow the dataset's own."""
+
+    def __init__(self, records: list[Record], classes: dict[str, list[str]]):
+        super().__init__(records)
+        self.classes = classes
+
+
 class HubDatasetMissing(InputError):
     """The Hub has no such dataset, or it cannot be reached and the cache does not hold it."""
 
@@ -56,23 +65,27 @@ def _class_namer(feature) -> Callable[[Any], Any] | None:
     return None
 
 
-def table_records(table, features, where: str) -> list[Record]:
+def table_records(table, features, where: str) -> Rows:
     """``(location, row)`` per row of a pyarrow table; ``features`` (datasets.Features or None) name the classes."""
-    namers = {}
+    from datasets import ClassLabel
+
+    namers, classes = {}, {}
     for column, feature in (features or {}).items():
         namer = _class_namer(feature)
         if namer:
             namers[column] = namer
+        if isinstance(feature, ClassLabel):
+            classes[column] = list(feature.names)
     records = []
     for i, row in enumerate(table.to_pylist()):
         for column, namer in namers.items():
             if column in row:
                 row[column] = namer(row[column])
         records.append((f"{where} row {i}", row))
-    return records
+    return Rows(records, classes)
 
 
-def dataset_records(dataset, where: str) -> list[Record]:
+def dataset_records(dataset, where: str) -> Rows:
     """``(location, row)`` per row of a ``datasets.Dataset``."""
     return table_records(dataset.data.table, dataset.features, where)
 
@@ -89,7 +102,7 @@ def _features_of(schema):
 # --- files -----------------------------------------------------------------------------------------------------
 
 
-def read_table_file(path: Path) -> list[Record]:
+def read_table_file(path: Path) -> Rows:
     """The rows of a Parquet or Arrow (IPC stream or file) table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
