@@ -433,3 +433,37 @@ def test_smollm2_by_its_hub_id_tunes_on_an_instruction_dataset_offline(tmp_path)
     assert results["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     losses = [h["train_loss"] for h in results["history"]]
     assert len(losses) == 2 and losses[1] < losses[0]  # the second epoch fits the answers better
+
+
+def test_dolly_and_prompt_completion_records_become_conversations(tmp_path):
+    rows = [
+        {"instruction": "Name the capital.", "context": "France", "response": "Paris"},
+        {"prompt": "2 + 2 =", "completion": "4"},
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello"}],
+        },
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows * 4) + "\n")
+    seen = {tuple((m["role"], m["content"]) for m in c.messages) for c in load_sft(str(path)).splits["train"]}
+    assert seen == {
+        (("user", "Name the capital.\n\nFrance"), ("assistant", "Paris")),
+        (("user", "2 + 2 ="), ("assistant", "4")),
+        (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello")),
+    }
+    path.write_text(json.dumps({"prompt": "2 + 2 =", "completion": ["4"]}) + "\n")
+    with pytest.raises(InputError, match=r"mixed.jsonl:1: 'prompt' and 'completion' must both be text or both lists"):
+        load_sft(str(path))
+
+
+def test_the_python_export_names_the_base_the_model_was_loaded_from(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    import peftlab
+
+    snapshot = put_repo(tmp_path / "hub", "tiny-org/tiny-bert", folder_files(tiny_model_dir))
+    for folder, base in ((snapshot, "tiny-org/tiny-bert"), (tiny_model_dir, str(tiny_model_dir.resolve()))):
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=2)
+        out = peftlab.export_hf(peftlab.attach(model, "lora", r=2, targets=["query"]), tmp_path / f"out-{len(base)}")
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == base

@@ -4,7 +4,9 @@ A ``Conversation`` is a list of messages ``{"role": "system" | "user" | "assista
 falls on the assistant messages only. Accepted records (JSON or JSONL; a ``.txt`` file is raw text):
 
 - instruction data: ``instruction`` (+ optional ``input``) and ``output`` -> user: instruction [+ blank line +
-  input], assistant: output (the Alpaca / FLAN shape);
+  input], assistant: output (the Alpaca / FLAN shape; Dolly's ``context`` and ``response`` are read the same way);
+- prompt-completion data: ``prompt`` and ``completion``, as text or as lists of ``{role, content}`` messages (the
+  shape TRL trains on);
 - chat data: ``messages`` (a list of ``{role, content}``) or ShareGPT-style ``conversations`` (a list of
   ``{from: human|gpt|system, value}``);
 - raw text for continued pre-training: a record with only ``text`` (or a ``.txt`` file, one document per blank-line
@@ -83,6 +85,17 @@ def _messages(raw: object, where: str, key: str) -> list[dict[str, str]]:
     return out
 
 
+def _prompt_completion(prompt: object, completion: object, where: str, task: str, answers: list) -> Conversation:
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not prompt.strip() or not completion.strip():
+            raise InputError(f"{where}: 'prompt' and 'completion' must not be empty")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return Conversation(messages, task=task, answers=answers)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return Conversation(_messages(prompt + completion, where, "prompt"), task=task, answers=answers)
+    raise InputError(f"{where}: 'prompt' and 'completion' must both be text or both lists of messages")
+
+
 def conversation_from_record(row: dict, where: str) -> Conversation:
     task = str(row.get("task", ""))
     answers = row.get("answers") or []
@@ -92,13 +105,17 @@ def conversation_from_record(row: dict, where: str) -> Conversation:
         return Conversation(_messages(row["messages"], where, "messages"), task=task, answers=answers)
     if "conversations" in row:
         return Conversation(_messages(row["conversations"], where, "conversations"), task=task, answers=answers)
-    if "instruction" in row or "output" in row:
+    if "prompt" in row and "completion" in row:
+        return _prompt_completion(row["prompt"], row["completion"], where, task, answers)
+    if "instruction" in row or "output" in row or "response" in row:
+        answer_key = "output" if "output" in row or "response" not in row else "response"
+        input_key = "input" if "input" in row or "context" not in row else "context"
         instruction = _string(row.get("instruction"), where, "instruction")
-        output = _string(row.get("output"), where, "output")
-        extra = row.get("input") or ""
-        prompt = instruction if not extra else f"{instruction}\n\n{_string(extra, where, 'input')}"
+        output = _string(row.get(answer_key), where, answer_key)
+        extra = row.get(input_key) or ""
+        prompt = instruction if not extra else f"{instruction}\n\n{_string(extra, where, input_key)}"
         if not prompt.strip() or not output.strip():
-            raise InputError(f"{where}: 'instruction' and 'output' must not be empty")
+            raise InputError(f"{where}: 'instruction' and {answer_key!r} must not be empty")
         return Conversation(
             [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}], task=task, answers=answers
         )
@@ -108,7 +125,7 @@ def conversation_from_record(row: dict, where: str) -> Conversation:
             raise InputError(f"{where}: 'text' is empty")
         return Conversation(text=text, task=task)
     raise InputError(
-        f"{where}: expected 'messages', 'conversations', 'instruction'/'output' or 'text'; "
+        f"{where}: expected 'messages', 'conversations', 'instruction'/'output', 'prompt'/'completion' or 'text'; "
         f"found {', '.join(map(str, row)) or 'no fields'}"
     )
 
