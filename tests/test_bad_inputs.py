@@ -132,9 +132,21 @@ CASES = [
     ),
     (
         "unknown data format",
+        lambda w: ["--data", data_file(w, "data.xlsx", b"PK")],
+        2,
+        ["data.xlsx", "unknown data format '.xlsx'"],
+    ),
+    (
+        "truncated parquet file",
         lambda w: ["--data", data_file(w, "data.parquet", b"PAR1")],
         2,
-        ["data.parquet", "unknown data format '.parquet'"],
+        ["data.parquet", "cannot read the Parquet file"],
+    ),
+    (
+        "arrow file that is not arrow",
+        lambda w: ["--data", data_file(w, "data.arrow", b"text,label\nhello,pos\n")],
+        2,
+        ["data.arrow", "cannot read the Arrow file"],
     ),
     (
         "test label unseen in training",

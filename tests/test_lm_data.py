@@ -109,7 +109,10 @@ def test_records_of_every_shape(tmp_path):
         ({"conversations": [{"from": "alien", "value": "x"}]}, "from='alien'"),
         ({"instruction": "do it", "output": 3}, "'output' must be text"),
         ({"instruction": " ", "output": "x"}, "must not be empty"),
-        ({"question": "x"}, "expected 'messages', 'conversations', 'instruction'/'output', 'prompt'/'completion' or 'text'"),
+        (
+            {"question": "x"},
+            "expected 'messages', 'conversations', 'instruction'/'output', 'prompt'/'completion' or 'text'",
+        ),
     ],
 )
 def test_bad_records_name_the_line(tmp_path, row, message):

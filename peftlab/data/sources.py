@@ -36,7 +36,21 @@ def looks_like_hub_dataset(source: str) -> bool:
 
 
 # A name ending like a data file is a file the user meant, never a Hub ID.
-SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".arrow", ".txt", ".conll", ".gz", ".bz2", ".xz")
+SUFFIXES = (
+    ".csv",
+    ".tsv",
+    ".json",
+    ".jsonl",
+    ".parquet",
+    ".arrow",
+    ".txt",
+    ".conll",
+    ".bio",
+    ".gz",
+    ".bz2",
+    ".xz",
+    ".xlsx",
+)
 
 
 def read_source(
