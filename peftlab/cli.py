@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, PeftlabError, suggest
+from .fileio import check_output, check_output_file, write_text
 from .report import make_console
 
 
@@ -342,10 +343,13 @@ def cmd_merge(argv: list[str], show_progress: bool) -> int:
 
     parser = _Parser(prog="peftlab merge", description="Write the model with the adapter merged into its weights.")
     parser.add_argument("run", help="run folder")
-    parser.add_argument("--out", required=True, help="folder for the merged Hugging Face model")
+    parser.add_argument("--out", required=True, help="folder for the merged Hugging Face model (new or empty)")
+    _overwrite_argument(parser)
     _model_code_arguments(parser)
     args = parser.parse_args(argv)
+    check_output(args.out, [args.run], args.overwrite)
     run, options, settings, prepared, attachment = _rebuild(args, show_progress)
+    check_output(args.out, [run, prepared.model_path], args.overwrite)
     attachment.merge()
     model = attachment.unload()
     with atomic_folder(args.out) as tmp:
@@ -362,10 +366,13 @@ def cmd_export(argv: list[str], show_progress: bool) -> int:
     parser = _Parser(prog="peftlab export", description="Convert a run's adapter to another format.")
     parser.add_argument("run", help="run folder")
     parser.add_argument("--format", choices=["hf"], required=True, help="hf: Hugging Face PEFT")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (new or empty)")
+    _overwrite_argument(parser)
     _model_code_arguments(parser)
     args = parser.parse_args(argv)
+    check_output(args.out, [args.run], args.overwrite)
     run, options, settings, prepared, attachment = _rebuild(args, show_progress)
+    check_output(args.out, [run, prepared.model_path], args.overwrite)
     export_hf(attachment, args.out, base_model_name_or_path=prepared.model.reference, task_type=hf_task_type(prepared))
     print(f"wrote a Hugging Face PEFT adapter to {args.out}")
     return 0
@@ -383,16 +390,19 @@ def cmd_import(argv: list[str], show_progress: bool) -> int:
         "format (for peftlab.load_adapter or peftlab train --adapter).",
     )
     parser.add_argument("adapter", help="folder with adapter_config.json and adapter_model.safetensors")
-    parser.add_argument("--out", required=True, help="output adapter folder")
+    parser.add_argument("--out", required=True, help="output adapter folder (new or empty)")
     parser.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--labels", help="comma-separated class names of the head (default: LABEL_0, ...)")
+    _overwrite_argument(parser)
     args = parser.parse_args(argv)
+    check_output(args.out, [args.adapter], args.overwrite)
     src = Path(args.adapter)
     cfg = read_json(src / HF_CONFIG, "PEFT adapter config")
     model_name = args.model or cfg.get("base_model_name_or_path")
     if not model_name:
         raise InputError(f"{src / HF_CONFIG}: no base_model_name_or_path; give the base with --model")
     path = resolve_model(model_name, quiet=not show_progress)
+    check_output(args.out, [args.adapter, path], args.overwrite)
     if args.labels:
         labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     else:
@@ -444,6 +454,12 @@ def _decoder_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     _model_code_arguments(parser)
     _proxy_arguments(parser)
+
+
+def _overwrite_argument(parser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (never one of the command's inputs)"
+    )
 
 
 def _model_code_arguments(parser) -> None:
@@ -653,11 +669,14 @@ def cmd_baseline(argv: list[str], show_progress: bool) -> int:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="seed of the demonstrations' choice")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--out", help="also write the results to this JSON file")
+    parser.add_argument("--out", help="also write the results to this JSON file (a new file)")
+    _overwrite_argument(parser)
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     if any(k < 0 for k in args.shots) or args.limit <= 0:
         raise InputError("peftlab baseline: --shots must be >= 0 and --limit positive")
+    if args.out:
+        check_output_file(args.out, args.overwrite)
     path = resolve_model(args.model, quiet=not show_progress)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
     model = load_causal_lm(path, trust_remote_code=args.trust_remote_code)
@@ -887,7 +906,8 @@ def cmd_compose(argv: list[str], show_progress: bool) -> int:
     m.add_argument("adapters", nargs="+", help="LoRA adapter folders or run folders (same base body)")
     m.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: all 1)")
     m.add_argument("--rank", type=int, required=True, help="rank of the merged adapter")
-    m.add_argument("--out", required=True, help="folder for the merged adapter")
+    m.add_argument("--out", required=True, help="folder for the merged adapter (new or empty)")
+    _overwrite_argument(m)
     m.add_argument(
         "--head",
         default=None,
@@ -907,7 +927,8 @@ def cmd_compose(argv: list[str], show_progress: bool) -> int:
     h.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds: one draw of k examples each")
     h.add_argument("--test-limit", type=int, default=1000, help="score on the first N test examples")
     h.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
-    h.add_argument("--out", help="also write the results to this JSON file")
+    h.add_argument("--out", help="also write the results to this JSON file (a new file)")
+    _overwrite_argument(h)
     b = sub.add_parser("bench", help="mixed-batch throughput against Hugging Face PEFT's adapter_names path")
     b.add_argument("--model", default="minilm")
     b.add_argument("--adapters", type=int, default=8)
@@ -916,7 +937,8 @@ def cmd_compose(argv: list[str], show_progress: bool) -> int:
     b.add_argument("--length", type=int, default=64)
     b.add_argument("--repeats", type=int, default=10)
     b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    b.add_argument("--out", help="also write the results to this JSON file")
+    b.add_argument("--out", help="also write the results to this JSON file (a new file)")
+    _overwrite_argument(b)
     args = parser.parse_args(argv)
     return {"merge": _compose_merge, "lorahub": _compose_lorahub, "bench": _compose_bench}[args.action](
         args, show_progress
@@ -928,6 +950,7 @@ def _compose_merge(args, show_progress: bool) -> int:
     from .compose.merge import merge_loras, merged_attachment
     from .models import load_classifier, resolve_model
 
+    check_output(args.out, args.adapters, args.overwrite)
     modules = read_library(args.adapters)
     weights = args.weights if args.weights is not None else [1.0] * len(modules)
     merged = merge_loras(modules, weights, args.rank)
@@ -951,7 +974,9 @@ def _compose_merge(args, show_progress: bool) -> int:
     labels = source.labels
     if not labels:
         raise InputError(f"{source.folder}: the adapter records no classification labels")
-    model = load_classifier(resolve_model(model_name, quiet=not show_progress), labels)
+    path = resolve_model(model_name, quiet=not show_progress)
+    check_output(args.out, [*args.adapters, path], args.overwrite)
+    model = load_classifier(path, labels)
     attachment = merged_attachment(model, modules, merged, head)
     report = {
         "sources": {m.name: str(m.folder) for m in modules},
@@ -981,6 +1006,8 @@ def _compose_merge(args, show_progress: bool) -> int:
 def _compose_lorahub(args, show_progress: bool) -> int:
     from .compose.lorahub import compare
 
+    if args.out:
+        check_output_file(args.out, args.overwrite)
     results = compare(
         args.adapters,
         args.data,
@@ -996,7 +1023,7 @@ def _compose_lorahub(args, show_progress: bool) -> int:
     )
     text = json.dumps(results, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        write_text(args.out, text + "\n")
     print(text)
     return 0
 
@@ -1004,6 +1031,8 @@ def _compose_lorahub(args, show_progress: bool) -> int:
 def _compose_bench(args, show_progress: bool) -> int:
     import torch
 
+    if args.out:
+        check_output_file(args.out, args.overwrite)
     from .compose.bench import benchmark
     from .models import load_classifier, resolve_model
 
@@ -1021,7 +1050,7 @@ def _compose_bench(args, show_progress: bool) -> int:
     results["model"] = args.model
     text = json.dumps(results, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        write_text(args.out, text + "\n")
     print(text)
     return 0
 

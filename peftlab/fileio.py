@@ -12,9 +12,13 @@ import functools
 import json
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from .errors import InputError, PeftlabError
 
@@ -53,6 +57,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     except OSError as e:
         raise _write_error(path, e) from None
+    except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error
+        raise _write_error(path, OSError(str(e).splitlines()[0])) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -92,8 +98,113 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         raise _write_error(path, e) from None
+    except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error
+        raise _write_error(path, OSError(str(e).splitlines()[0])) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output(
+    out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), overwrite: bool = False, flag: str = "--out"
+) -> Path:
+    """The output folder of a command, or a one-line refusal: peftlab writes only into a folder that does not exist
+    or is empty, replaces a non-empty one only with ``--overwrite``, and never one that is, holds or lies inside one
+    of the command's inputs (its run, adapter or model folders), the current folder or a folder above it."""
+    if not str(out).strip():
+        raise InputError(f"{flag}: expected a folder name, got an empty string")
+    path = Path(out).expanduser()
+    where = path.resolve()
+    here = Path.cwd().resolve()
+    if where == here or where in here.parents or where == Path.home().resolve():
+        raise InputError(f"{flag} {out}: is the current folder, one above it or the home folder; name a new folder")
+    for source in inputs:
+        src = Path(source).expanduser().resolve()
+        if where == src or where in src.parents or src in where.parents:
+            relation = "is" if where == src else "holds" if where in src.parents else "lies inside"
+            raise InputError(f"{flag} {out}: {relation} this command's input {source}; name a new folder")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise InputError(f"{flag} {out}: exists and is not a folder; name a new folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise InputError(
+            f"{flag} {out}: already exists and is not empty; name a new folder, or add --overwrite to replace it"
+        )
+    return path
+
+
+def check_output_file(out: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Path:
+    """An output file that does not exist yet (or may be replaced, with ``--overwrite``), else a one-line refusal."""
+    if not str(out).strip():
+        raise InputError(f"{flag}: expected a file name, got an empty string")
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise InputError(f"{flag} {out}: is a folder; name a file")
+    if path.exists() and not overwrite:
+        raise InputError(f"{flag} {out}: already exists; name a new file, or add --overwrite to replace it")
+    return path
+
+
+LOCK_FILE = ".peftlab.lock"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, report: Callable[[str], None] = print) -> Iterator[Path]:
+    """Hold ``folder/.peftlab.lock`` while a process writes into ``folder`` (created if missing): a second process
+    is refused in one line naming the first. A lock left by a process that no longer runs on this machine is
+    reported through ``report`` and taken over, so a killed run resumes. On exit the lock goes, and so does the
+    folder if this call created it and it stayed empty."""
+    folder = Path(folder)
+    created = not folder.exists()
+    _ensure_parent(folder / LOCK_FILE)
+    lock = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            pid, host = holder.get("pid"), holder.get("host")
+            if host == me["host"] and isinstance(pid, int) and not _process_alive(pid):
+                report(f"note: {folder}: removed a stale lock of process {pid} (no longer running)")
+                lock.unlink(missing_ok=True)
+                continue
+            if not holder:  # being written this instant, or unreadable: treat as held
+                holder = {"pid": "?", "host": "?", "since": "?"}
+            raise InputError(
+                f"{folder}: process {holder.get('pid')} on {holder.get('host')} has been writing into this folder "
+                f"since {holder.get('since')}; wait for it, or choose another --out (if that process is gone, "
+                f"delete {lock})"
+            ) from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield lock
+    finally:
+        if _lock_holder(lock).get("pid") == me["pid"]:
+            lock.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+
+
+def _lock_holder(lock: Path) -> dict:
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def _write_error(path: Path, e: OSError) -> PeftlabError:
@@ -153,6 +264,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise InputError(f"{path}: {what} is JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: {what} must hold a JSON object, found {type(obj).__name__}")
     return obj

@@ -44,7 +44,7 @@ pip install --upgrade pip
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
 # torch stays the build installed above in both modes (an upgrade would pull a CUDA build of several GB).
 keep_torch=$(mktemp)
-"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
+"$VENV/bin/python" -W ignore -c "import torch; print('torch==' + torch.__version__)" 2>/dev/null > "$keep_torch"
 if [ "$LATEST" = 1 ]; then
     pip install -c "$keep_torch" --upgrade --upgrade-strategy eager -e ".[dev]"
 else
