@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -37,6 +38,9 @@ MODEL_NAMES = [name for name, a in ASSETS.items() if a.kind == "model"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a model needs from a Hub repository: config, safetensors weights (and their index), tokenizer files and
 # chat templates. Other formats and copies (ONNX, OpenVINO, the original checkpoints) stay on the hub.
+# What a model folder that does not hold what its config says raises inside transformers: a missing file, a
+# truncated or corrupt safetensors file, weights whose shapes disagree with the config.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 HUB_SKIPPED = ["onnx/*", "openvino/*", "original/*", "coreml/*", "*consolidated*", "*.gguf", "*.msgpack", "*.h5"]
 
@@ -262,7 +266,7 @@ def load_classifier(
             trust_remote_code=trust_remote_code,
             use_safetensors=safetensors_only(allow_pickle),
         )
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
     return model
 
@@ -270,7 +274,10 @@ def load_classifier(
 def load_tagger(path: Path, labels: Sequence[str], trust_remote_code: bool = False, allow_pickle: bool = False):
     """A token classifier (sequence labelling) on the pretrained body; its head is new and trains with the method."""
     check_remote_code(path, trust_remote_code)
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the model config ({str(e).splitlines()[0]})") from None
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {name: i for i, name in enumerate(labels)}
@@ -281,7 +288,7 @@ def load_tagger(path: Path, labels: Sequence[str], trust_remote_code: bool = Fal
             trust_remote_code=trust_remote_code,
             use_safetensors=safetensors_only(allow_pickle),
         )
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise InputError(f"{path}: cannot load a token classifier ({str(e).splitlines()[0]})") from None
 
 
@@ -294,7 +301,7 @@ def load_causal_lm(
         return AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=safetensors_only(allow_pickle)
         )
-    except (OSError, ValueError) as e:
+    except LOAD_ERRORS as e:
         raise InputError(f"{path}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
 
 

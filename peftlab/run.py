@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,13 +39,15 @@ from .data.tables import HubData
 from .data.tagging import Sentence, encode_tagging, load_tagging, read_tagged
 from .errors import InputError, require
 from .evaluate.generation import generate, score
-from .fileio import read_json, remove_stale_temporaries, write_json
+from .fileio import LOCK_FILE, folder_lock, read_folder, read_json, remove_stale_temporaries, write_json
 from .methods import config_to_dict, get_method
 from .models import ModelSource, find_model, load_causal_lm, load_classifier, load_tagger, load_tokenizer
 from .train.distributed import from_environment, shard_model
 from .train.lm_task import LanguageModelTask
 from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit, make_hooks
 from .train.tag_task import TaggingTask
+
+MAX_THREADS = 1024  # far beyond any CPU; more makes tokenizers' thread pools fail outright
 
 
 @dataclass
@@ -133,7 +136,8 @@ class RunOptions:
         require(self.eval_generate >= 0, "eval_generate", "an integer >= 0", self.eval_generate)
         require(self.max_new_tokens > 0, "max_new_tokens", "a positive integer", self.max_new_tokens)
         require(self.train_limit is None or self.train_limit > 0, "train_limit", "a positive integer", self.train_limit)
-        require(self.threads is None or self.threads > 0, "threads", "a positive integer", self.threads)
+        require(self.threads is None or 0 < self.threads <= MAX_THREADS, "threads", f"1 to {MAX_THREADS}", self.threads)
+        require(0 <= self.split_seed < 2**63, "split_seed", "an integer >= 0 within 64 bits", self.split_seed)
 
 
 def pick_device(name: str) -> torch.device:
@@ -453,129 +457,134 @@ def run_training(
     out = Path(options.out) if options.out else default_out(options)
     if dist.enabled and not options.out:
         out = Path(dist.broadcast(str(out)))  # one folder for every process
-    if not resume and out.exists() and any(out.iterdir()):
-        raise InputError(
-            f"{out}: run folder already exists and is not empty (continue it with --resume {out}, "
-            "or choose another --out)"
-        )
-    dist.barrier()  # every process checked the folder before rank 0 writes into it
-    if resume and dist.main:
-        remove_stale_temporaries(out)
-    prepared = prepare_data(options, quiet=not show_progress)
-    options = recorded(options, prepared)
-    model = build_model(options, prepared, settings.seed)
-    task = make_task(prepared)
-    autocast = autocast_for(settings.precision, device)
-    general = forgetting_samples(options, prepared)
-    if general:  # the pretrained model, before any method is attached
-        model.to(device)
-        before = {n: task.evaluate(model, e, settings.eval_batch_size, device, autocast) for n, e in general.items()}
-    if options.adapter:
-        attachment = load_adapter(model, options.adapter)
-        if attachment.method.name != method.name:
+    # One process trains into a folder at a time; a lock left by a killed run is reported and taken over.
+    lock = folder_lock(out, report=lambda note: print(note, file=sys.stderr)) if dist.main else nullcontext()
+    with lock:
+        if not resume and out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
             raise InputError(
-                f"adapter: {options.adapter} holds a {attachment.method.name!r} adapter, "
-                f"but --method is {method.name!r}"
+                f"{out}: run folder already exists and is not empty (continue it with --resume {out}, "
+                "or choose another --out)"
             )
-    else:
-        attachment = attach(model, method, method_config)
-    model.to(device)
-    if options.fsdp:
-        shard_model(model)
-        dist = dataclasses.replace(dist, sharded=True)
-    lr = settings.lr if settings.lr is not None else method.lr
-    if dist.main:
-        write_json(out / "config.json", flat_config(options, settings, attachment.config))
-    meta = task_meta(options, prepared)
+        dist.barrier()  # every process checked the folder before rank 0 writes into it
+        if resume and dist.main:
+            remove_stale_temporaries(out)
+        prepared = prepare_data(options, quiet=not show_progress)
+        options = recorded(options, prepared)
+        model = build_model(options, prepared, settings.seed)
+        task = make_task(prepared)
+        autocast = autocast_for(settings.precision, device)
+        general = forgetting_samples(options, prepared)
+        if general:  # the pretrained model, before any method is attached
+            model.to(device)
+            before = {
+                n: task.evaluate(model, e, settings.eval_batch_size, device, autocast) for n, e in general.items()
+            }
+        if options.adapter:
+            attachment = load_adapter(model, options.adapter)
+            if attachment.method.name != method.name:
+                raise InputError(
+                    f"adapter: {options.adapter} holds a {attachment.method.name!r} adapter, "
+                    f"but --method is {method.name!r}"
+                )
+        else:
+            attachment = attach(model, method, method_config)
+        model.to(device)
+        if options.fsdp:
+            shard_model(model)
+            dist = dataclasses.replace(dist, sharded=True)
+        lr = settings.lr if settings.lr is not None else method.lr
+        if dist.main:
+            write_json(out / "config.json", flat_config(options, settings, attachment.config))
+        meta = task_meta(options, prepared)
 
-    def save_best(metrics: dict, step: int) -> None:
-        if dist.main or dist.sharded:  # sharded tensors are gathered by every process; rank 0 writes
-            attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step}, write=dist.main)
+        def save_best(metrics: dict, step: int) -> None:
+            if dist.main or dist.sharded:  # sharded tensors are gathered by every process; rank 0 writes
+                attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step}, write=dist.main)
 
-    hooks = make_hooks(attachment, settings)
-    result = fit(
-        attachment,
-        task,
-        prepared.splits["train"],
-        prepared.splits["validation"],
-        settings,
-        lr,
-        out / "checkpoint",
-        save_best,
-        device,
-        resume=resume,
-        show_progress=show_progress,
-        hooks=hooks,
-        dist=dist,
-    )
-    dist.barrier()  # rank 0 has written the best adapter; every process loads it
-    # A method trained through a reparameterisation takes the form its adapter file holds (prefix tuning's MLP
-    # computed into the prefixes); "trainable" still counts what the optimiser updated.
-    trained = attachment.trainable_count()
-    folded = attachment.fold()
-    load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
-    evaluation = dist.for_evaluation
-    forgetting = {}
-    if general:
-        after = {
-            n: task.evaluate(model, e, settings.eval_batch_size, device, autocast, evaluation)
-            for n, e in general.items()
-        }
-        forgetting = forgetting_report(before, after)
-    test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast, evaluation)
-    generating = dist.main or dist.sharded  # under FSDP every process must take part in every forward pass
-    generated = generation_metrics(options, prepared, model, settings.eval_batch_size) if generating else {}
-    test.update({k: v for k, v in generated.pop("test", {}).items()})
-    method_report = hooks.report(
-        lambda: task.evaluate(
-            model, prepared.splits["validation"], settings.eval_batch_size, device, autocast, evaluation
+        hooks = make_hooks(attachment, settings)
+        result = fit(
+            attachment,
+            task,
+            prepared.splits["train"],
+            prepared.splits["validation"],
+            settings,
+            lr,
+            out / "checkpoint",
+            save_best,
+            device,
+            resume=resume,
+            show_progress=show_progress,
+            hooks=hooks,
+            dist=dist,
         )
-    )
-    accounted = attachment
-    if dist.sharded:  # count on a whole (unsharded) copy: the base plus the adapter rank 0 wrote
-        accounted = load_adapter(build_model(options, prepared, settings.seed), out / "adapter")
-    counts = parameter_counts(accounted)
-    if folded:
-        counts["trainable"] = trained
-    ranks = delta_ranks(accounted)
-    if ranks:
-        counts["delta_rank"] = rank_summary(ranks)
-    memory, memory_source = peak_memory()
-    results = {
-        "method": method.name,
-        "model": options.model,
-        "data": options.data,
-        "seed": settings.seed,
-        "metrics": {"validation": result.best, "test": test, **generated},
-        "params": counts,
-        **({"forgetting": forgetting} if forgetting else {}),
-        "method_report": method_report,
-        "adapter_bytes": folder_bytes(out / "adapter"),
-        "peak_memory_bytes": memory,
-        "peak_memory_source": memory_source,
-        "train_seconds": result.train_seconds,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "examples_per_second": result.examples / max(result.train_seconds, 1e-9),
-        "tokens_per_second": result.tokens / max(result.train_seconds, 1e-9),
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "lr": lr,
-        "data_sizes": prepared.data.sizes(),
-        "labels": prepared.labels,
-        "truncated": {k: v.truncated for k, v in prepared.splits.items()},
-        "notes": prepared.data.notes,
-        "history": result.history,
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "machine": machine(),
-        "device": str(device),
-        "run_dir": str(out),
-        "processes": dist.world,
-    }
-    if dist.main:
-        write_json(out / "results.json", results)
-    dist.barrier()
-    return results
+        dist.barrier()  # rank 0 has written the best adapter; every process loads it
+        # A method trained through a reparameterisation takes the form its adapter file holds (prefix tuning's MLP
+        # computed into the prefixes); "trainable" still counts what the optimiser updated.
+        trained = attachment.trainable_count()
+        folded = attachment.fold()
+        load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
+        evaluation = dist.for_evaluation
+        forgetting = {}
+        if general:
+            after = {
+                n: task.evaluate(model, e, settings.eval_batch_size, device, autocast, evaluation)
+                for n, e in general.items()
+            }
+            forgetting = forgetting_report(before, after)
+        test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast, evaluation)
+        generating = dist.main or dist.sharded  # under FSDP every process must take part in every forward pass
+        generated = generation_metrics(options, prepared, model, settings.eval_batch_size) if generating else {}
+        test.update({k: v for k, v in generated.pop("test", {}).items()})
+        method_report = hooks.report(
+            lambda: task.evaluate(
+                model, prepared.splits["validation"], settings.eval_batch_size, device, autocast, evaluation
+            )
+        )
+        accounted = attachment
+        if dist.sharded:  # count on a whole (unsharded) copy: the base plus the adapter rank 0 wrote
+            accounted = load_adapter(build_model(options, prepared, settings.seed), out / "adapter")
+        counts = parameter_counts(accounted)
+        if folded:
+            counts["trainable"] = trained
+        ranks = delta_ranks(accounted)
+        if ranks:
+            counts["delta_rank"] = rank_summary(ranks)
+        memory, memory_source = peak_memory()
+        results = {
+            "method": method.name,
+            "model": options.model,
+            "data": options.data,
+            "seed": settings.seed,
+            "metrics": {"validation": result.best, "test": test, **generated},
+            "params": counts,
+            **({"forgetting": forgetting} if forgetting else {}),
+            "method_report": method_report,
+            "adapter_bytes": folder_bytes(out / "adapter"),
+            "peak_memory_bytes": memory,
+            "peak_memory_source": memory_source,
+            "train_seconds": result.train_seconds,
+            "wall_seconds": time.perf_counter() - wall_start,
+            "examples_per_second": result.examples / max(result.train_seconds, 1e-9),
+            "tokens_per_second": result.tokens / max(result.train_seconds, 1e-9),
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "lr": lr,
+            "data_sizes": prepared.data.sizes(),
+            "labels": prepared.labels,
+            "truncated": {k: v.truncated for k, v in prepared.splits.items()},
+            "notes": prepared.data.notes,
+            "history": result.history,
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "machine": machine(),
+            "device": str(device),
+            "run_dir": str(out),
+            "processes": dist.world,
+        }
+        if dist.main:
+            write_json(out / "results.json", results)
+        dist.barrier()
+        return results
 
 
 def load_run(run: str | Path) -> tuple[Path, dict]:
@@ -583,7 +592,8 @@ def load_run(run: str | Path) -> tuple[Path, dict]:
     if not run.is_dir():
         raise InputError(f"{run}: run folder not found")
     config = read_json(run / "config.json", "run config")
-    if not (run / "adapter" / CONFIG_FILE).exists():
+    adapter = read_folder(run / "adapter")  # also the previous version, if a crash fell between a save's renames
+    if adapter is None or not (adapter / CONFIG_FILE).exists():
         raise InputError(f"{run}: the run has no adapter yet (did it finish its first epoch?)")
     return run, config
 

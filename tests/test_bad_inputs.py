@@ -270,7 +270,155 @@ CASES = [
     ),
     ("cuda without a GPU", lambda w: ["--device", "cuda"], 2, ["device: 'cuda' was asked for but no CUDA device"]),
     ("resume without a run", lambda w: ["--resume", w["root"] / "never-ran"], 2, ["never-ran: no run to resume"]),
+    # --- reliability II: metadata, state and values a user can hand us --------------------------------------------
+    (
+        "adapter method null",
+        lambda w: ["--adapter", _edit_meta(copy_adapter(w, "method-null"), method=None)],
+        2,
+        ["adapter.json: field 'method' must be a method name, found None"],
+    ),
+    (
+        "adapter config a list",
+        lambda w: ["--adapter", _edit_meta(copy_adapter(w, "config-list"), config=[1, 2])],
+        2,
+        ["adapter.json: field 'config' must be an object of the method's options"],
+    ),
+    (
+        "adapter base a string",
+        lambda w: ["--adapter", _edit_meta(copy_adapter(w, "base-str"), base="bert")],
+        2,
+        ["adapter.json: field 'base' must be an object describing the base model"],
+    ),
+    (
+        "format_version a string",
+        lambda w: ["--adapter", _edit_meta(copy_adapter(w, "version-str"), format_version="1")],
+        2,
+        ["format_version must be a positive integer, found '1'"],
+    ),
+    (
+        "format_version true",
+        lambda w: ["--adapter", _edit_meta(copy_adapter(w, "version-bool"), format_version=True)],
+        2,
+        ["format_version must be a positive integer, found True"],
+    ),
+    (
+        "format_version negative",
+        lambda w: ["--adapter", _edit_meta(copy_adapter(w, "version-neg"), format_version=-1)],
+        2,
+        ["format_version must be a positive integer, found -1"],
+    ),
+    (
+        "adapter tensor NaN",
+        lambda w: ["--adapter", _edit_tensors(copy_adapter(w, "nan"), lambda t: t.fill_(float("nan")))],
+        2,
+        ["adapter.safetensors: tensor", "holds NaN or infinite values"],
+    ),
+    (
+        "adapter tensor integer",
+        lambda w: ["--adapter", _edit_tensors(copy_adapter(w, "int"), lambda t: t.to(torch.int32))],
+        2,
+        ["adapter.safetensors: tensor", "torch.int32, expected floating-point values"],
+    ),
+    (
+        "adapter tensor complex",
+        lambda w: ["--adapter", _edit_tensors(copy_adapter(w, "complex"), lambda t: t.to(torch.complex64))],
+        2,
+        ["adapter.safetensors: tensor", "torch.complex64, expected floating-point values"],
+    ),
+    ("alpha infinite", lambda w: ["--alpha", "inf"], 2, ["--alpha: expected a finite number, got 'inf'"]),
+    ("threads absurd", lambda w: ["--threads", "100000"], 2, ["threads: expected 1 to 1024, got 100000"]),
+    ("seed beyond 64 bits", lambda w: ["--seed", str(2**70)], 2, ["--seed: expected an integer that fits in 64 bits"]),
+    ("seed beyond the streams", lambda w: ["--seed", str(2**50)], 2, ["seed: expected an integer from 0 to 2^40 - 1"]),
+    (
+        "data too small to split",
+        lambda w: ["--data", write_csv(w["root"] / "three.csv", [("good", "pos"), ("bad", "neg"), ("fine", "pos")])],
+        2,
+        ["three.csv: too few examples to split (2 train, 0 validation, 1 test)", "validation split is empty"],
+    ),
+    ("data from a pipe", lambda w: ["--data", _fifo(w)], 2, ["pipe.csv: is not a regular file"]),
+    (
+        "JSON nested too deeply",
+        lambda w: ["--data", data_file(w, "deep.json", "[" * 100_000 + "]" * 100_000)],
+        2,
+        ["deep.json: JSON nested too deeply"],
+    ),
+    (
+        "lone surrogate escape",
+        lambda w: ["--data", data_file(w, "surrogate.jsonl", '{"text": "bad \\ud800 text", "label": "pos"}\n')],
+        2,
+        ["surrogate.jsonl:1: invalid Unicode escape"],
+    ),
+    (
+        "model config disagrees with its weights",
+        lambda w: ["--model", _resized_model(w)],
+        2,
+        ["resized-model: cannot load the model"],
+    ),
+    (
+        "resume state missing a key",
+        lambda w: ["--resume", _edit_state(w, "no-step", lambda m: m.pop("step"))],
+        2,
+        ["trainer.json: missing field 'step'"],
+    ),
+    (
+        "resume state of the wrong type",
+        lambda w: ["--resume", _edit_state(w, "step-text", lambda m: m.update(step="three"))],
+        2,
+        ["trainer.json: field 'step' holds 'three', of the wrong type"],
+    ),
+    (
+        "resume state for another model",
+        lambda w: ["--resume", _edit_state(w, "wrong-groups", lambda m: m["optimizer"].update(param_groups=[]))],
+        2,
+        ["the checkpoint does not fit this run"],
+    ),
 ]
+
+
+def _edit_meta(folder: Path, **fields) -> Path:
+    meta = json.loads((folder / "adapter.json").read_text())
+    (folder / "adapter.json").write_text(json.dumps(meta | fields))
+    return folder
+
+
+def _edit_tensors(folder: Path, change) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "adapter.safetensors")
+    first = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    tensors[first] = change(tensors[first].clone())
+    save_file(tensors, folder / "adapter.safetensors")
+    return folder
+
+
+def _fifo(world) -> Path:
+    path = world["root"] / "pipe.csv"
+    if not path.exists():
+        os.mkfifo(path)
+    return path
+
+
+def _resized_model(world) -> Path:
+    folder = world["root"] / "resized-model"
+    folder.mkdir(exist_ok=True)
+    for f in world["model"].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"hidden_size": config["hidden_size"] * 2}))
+    return folder
+
+
+def _edit_state(world, name: str, change) -> Path:
+    """A copy of the trained run whose checkpoint's trainer state has been changed."""
+    import shutil
+
+    run = world["root"] / name
+    if not run.exists():
+        shutil.copytree(world["run"], run)
+        state = json.loads((run / "checkpoint" / "trainer.json").read_text())
+        change(state)
+        (run / "checkpoint" / "trainer.json").write_text(json.dumps(state))
+    return run
 
 
 def _split_folder(world) -> Path:
@@ -385,4 +533,24 @@ def test_a_diverging_run_stops_with_a_message_and_keeps_the_last_good_checkpoint
 
 
 def test_the_matrix_has_at_least_thirty_cases():
-    assert len(CASES) + 4 >= 30
+    assert len(CASES) + 4 >= 60
+
+
+def test_whole_number_labels_written_as_floats_are_one_class(tmp_path):
+    from peftlab.data.classification import load_classification
+
+    rows = [(text, "1" if label == "pos" else "0") for text, label in sentences(40)]
+    rows = [(text, label + ".0" if i % 2 else label) for i, (text, label) in enumerate(rows)]  # pandas' 1.0 beside 1
+    data = load_classification(str(write_csv(tmp_path / "mixed.csv", rows)))
+    assert data.labels == ["0", "1"]
+
+
+def test_eval_and_merge_recover_an_adapter_whose_save_was_interrupted(world, cli, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    (run / "adapter").rename(run / "adapter.old")  # a crash between the two renames of a save leaves only this
+    code, _, err = cli("eval", run)
+    assert code == 0, err
+    assert cli("merge", run, "--out", tmp_path / "merged")[0] == 0

@@ -350,15 +350,42 @@ def read_adapter_meta(path: str | Path) -> tuple[Path, dict]:
             raise InputError(f"{folder}: this is a Hugging Face PEFT adapter; load it with peftlab.import_hf")
         raise InputError(f"{source}: not a peftlab adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InputError(f"{source}: format_version must be a positive integer, found {version!r}")
+    if version > FORMAT_VERSION:
         raise InputError(
             f"{source}: format_version {version!r} is newer than this peftlab reads (up to {FORMAT_VERSION}); "
             "upgrade peftlab"
         )
-    for key in ("method", "config", "targets", "trainable_modules", "base"):
+    for key, kind, what in META_FIELDS:
         if key not in meta:
             raise InputError(f"{source}: missing field {key!r}")
+        value = meta[key]
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+            raise InputError(f"{source}: field {key!r} must be {what}, found {value!r:.60}")
+    parameters = meta["base"].get("parameters", {})
+    if not isinstance(parameters, dict) or not all(
+        isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in v)
+        for v in parameters.values()
+    ):
+        raise InputError(f"{source}: field 'base.parameters' must map parameter names to shapes (lists of integers)")
+    if not isinstance(meta["base"].get("fingerprint", ""), str):
+        raise InputError(f"{source}: field 'base.fingerprint' must be text")
     return folder, meta
+
+
+def _is_shape(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)
+
+
+# The adapter metadata's required fields: name, JSON type, and what the error says is expected.
+META_FIELDS = (
+    ("method", str, "a method name"),
+    ("config", dict, "an object of the method's options"),
+    ("targets", list, "a list of module names"),
+    ("trainable_modules", list, "a list of module names"),
+    ("base", dict, "an object describing the base model"),
+)
 
 
 def check_base(model: nn.Module, meta: dict, source: Path) -> None:
@@ -426,6 +453,8 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
                 raise InputError(f"{source}: sparse tensor {k!r} has inconsistent indices and values")
         elif tuple(tensors[k].shape) != tuple(p.shape) and k not in grown:
             raise InputError(f"{source}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(p.shape)}")
+        saved = tensors[f"{k}::values"] if k in sparse else tensors[k]
+        _check_values(saved, p, k, source)
     for key, (layer, bname) in grown.items():
         setattr(layer, bname, getattr(layer, bname).new_zeros(tensors[key].shape))
     if grown:
@@ -442,6 +471,14 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
                 p.copy_(shard_like(tensors[k], p))
     for layer in attachment.layers().values():
         layer.on_loaded()
+
+
+def _check_values(saved: torch.Tensor, target: torch.Tensor, name: str, source: Path) -> None:
+    """A saved tensor must be of the target's kind (real floating point for float weights) and finite."""
+    if target.is_floating_point() and (not saved.is_floating_point() or saved.is_complex()):
+        raise InputError(f"{source}: tensor {name!r} is {saved.dtype}, expected floating-point values")
+    if saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+        raise InputError(f"{source}: tensor {name!r} holds NaN or infinite values")
 
 
 def _grown_buffers(attachment: Attachment, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[AdapterLayer, str]]:

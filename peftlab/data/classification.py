@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..assets import locate
 from ..errors import InputError
 from .readers import FORMATS, Record, read_records
 from .sources import read_source
-from .splits import SPLITS, assign_splits
+from .splits import SPLITS, assign_splits, require_splits
 from .tables import HubData
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "content", "review", "document", "question")
@@ -177,7 +178,12 @@ def _label(value: object, where: str, column: str) -> str:
     text = str(value).strip()
     if not text:
         raise InputError(f"{where}: label column {column!r} is empty")
+    if WHOLE_NUMBER.fullmatch(text):  # "1.0" beside "1" (a spreadsheet's or pandas' float column) is class 1
+        text = str(int(float(text)))
     return text
+
+
+WHOLE_NUMBER = re.compile(r"[+-]?\d+\.0*")
 
 
 def _rows(records: list[Record], columns: Columns) -> list[tuple[str, str | None, str, str]]:
@@ -229,7 +235,7 @@ def load_classification(
             FORMATS,
             list(PACKAGED),
         )
-        data = _from_rows(name, read, split_seed, notes, next((d for d in declared if d), None))
+        data = _from_rows(name, read, split_seed, notes, next((d for d in declared if d), None), source)
     if train_limit is not None:
         data.splits["train"] = data.splits["train"][:train_limit]
         notes.append(f"training set limited to the first {train_limit} examples of the shuffled split")
@@ -242,11 +248,10 @@ def load_classification(
 
 
 def _from_rows(
-    name: str, read: dict[str, list], split_seed: int, notes: list[str], declared: list[str] | None
+    name: str, read: dict[str, list], split_seed: int, notes: list[str], declared: list[str] | None, source: str
 ) -> ClassificationData:
     rows_by_split = assign_splits(read, split_seed, notes)
-    if not rows_by_split["train"]:
-        raise InputError(f"{name}: the training split has no examples")
+    require_splits(rows_by_split, source)
     seen = {label for _, _, label, _ in rows_by_split["train"]}
     labels = list(declared) if declared and seen <= set(declared) else _label_order(seen)
     index = {name: i for i, name in enumerate(labels)}

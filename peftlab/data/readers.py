@@ -44,6 +44,8 @@ def read_text(path: Path) -> str:
         raise InputError(f"{path}: data file not found")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected a data file")
+    if not path.is_file():
+        raise InputError(f"{path}: is not a regular file (a device, pipe or socket); expected a data file")
     opener = _OPENERS.get(path.suffix.lower())
     try:
         if opener:
@@ -122,9 +124,11 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = _checked_json(json.loads(line))
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        except _JSON_TROUBLE as e:
+            raise InputError(f"{path}:{number}: {_json_trouble(e)}") from None
         if not isinstance(obj, dict):
             raise InputError(f"{path}:{number}: expected a JSON object per line, found {type(obj).__name__}")
         records.append((f"{path}:{number}", obj))
@@ -133,9 +137,11 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
 
 def _read_json(path: Path, text: str) -> list[Record]:
     try:
-        obj = json.loads(text)
+        obj = _checked_json(json.loads(text))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except _JSON_TROUBLE as e:
+        raise InputError(f"{path}: {_json_trouble(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -146,3 +152,19 @@ def _read_json(path: Path, text: str) -> list[Record]:
             raise InputError(f"{path}: item {i} is {type(item).__name__}, expected an object")
         records.append((f"{path} item {i}", item))
     return records
+
+
+_JSON_TROUBLE = (RecursionError, UnicodeEncodeError)
+
+
+def _checked_json(obj: object) -> object:
+    """JSON that Python parsed but the rest cannot use: nesting deep enough to exhaust the stack, or a ``\\ud800``
+    escape that decodes to half a character (a lone surrogate), which tokenizers cannot take."""
+    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    return obj
+
+
+def _json_trouble(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "JSON nested too deeply"
+    return "invalid Unicode escape (a lone surrogate such as \\ud800); expected whole characters"

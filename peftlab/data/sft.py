@@ -26,7 +26,7 @@ from ..assets import locate
 from ..errors import InputError
 from .conversations import Conversation, conversation_from_record, read_conversations
 from .sources import read_source
-from .splits import assign_splits
+from .splits import assign_splits, require_splits
 from .tables import HubData
 
 SFT_FORMATS = (".json", ".jsonl", ".txt", ".parquet", ".arrow")
@@ -70,6 +70,7 @@ def load_sft(
             list(PACKAGED_SFT),
         )
         data = SFTData(name, assign_splits(read, split_seed, notes), notes)
+        require_splits(data.splits, source)
     if train_limit is not None:
         data.splits["train"] = data.splits["train"][:train_limit]
         data.notes.append(f"training set limited to the first {train_limit} conversations of the shuffled split")

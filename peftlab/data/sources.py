@@ -64,7 +64,7 @@ def read_source(
     """``(name, {split or "all": items})`` of a local file or folder or a Hub dataset. ``packaged`` are the
     task's packaged dataset names, for the error when ``source`` is none of these."""
     path = Path(source).expanduser()
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a file (a pipe or device is refused by the reader, by name)
         if hub.splits:
             raise InputError(f"{path}: one file has no named splits; drop --train-split and its kin")
         return path.stem, {"all": read_file(path)}

@@ -72,3 +72,15 @@ def assign_splits(items_by_source: dict[str, list], split_seed: int, notes: list
         splits["test"], splits["train"] = cut(splits["train"], (0.1, 0.9))
         notes.append(f"test carved from train (10%, split_seed={split_seed})")
     return splits
+
+
+def require_splits(splits: dict[str, list], source: str) -> None:
+    """Every split must hold something to train, select and test on; say which does not and why."""
+    sizes = {name: len(items) for name, items in splits.items()}
+    empty = [name for name in SPLITS if not sizes.get(name)]
+    if empty:
+        counts = ", ".join(f"{sizes.get(name, 0)} {name}" for name in SPLITS)
+        raise InputError(
+            f"{source}: too few examples to split ({counts}): the {empty[0]} split is empty; give at least 10 "
+            "examples, or train / validation / test files"
+        )

@@ -27,7 +27,7 @@ from ..assets import locate
 from ..errors import InputError
 from .readers import Record, read_records, read_text
 from .sources import read_source
-from .splits import assign_splits
+from .splits import assign_splits, require_splits
 from .tables import HubData
 
 TAG_FORMATS = (".conll", ".bio", ".txt", ".json", ".jsonl", ".parquet", ".arrow")
@@ -146,8 +146,7 @@ def load_tagging(
             source, hub or HubData(), read_tagged, _tagged_records, TAG_FORMATS, list(PACKAGED_TAGGING)
         )
     splits = assign_splits(read, split_seed, notes)
-    if not splits["train"]:
-        raise InputError(f"{name}: the training split has no sentences")
+    require_splits(splits, source)
     if train_limit is not None:
         splits["train"] = splits["train"][:train_limit]
         notes.append(f"training set limited to the first {train_limit} sentences of the shuffled split")

@@ -21,6 +21,7 @@ reparameterisation; training checkpoints keep the unfolded state for an exact re
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -133,6 +134,10 @@ def coerce(value: Any, annotation: Any, field: str) -> Any:
             ) from None
         if annotation is int and isinstance(value, float) and value != number:
             raise InputError(f"{field}: expected an integer, got {value!r}")
+        if annotation is float and not math.isfinite(number):
+            raise InputError(f"{field}: expected a finite number, got {value!r}")
+        if annotation is int and not -(2**63) <= number < 2**63:
+            raise InputError(f"{field}: expected an integer that fits in 64 bits, got {value!r}")
         return number
     if annotation is str:
         if not isinstance(value, (str, int, float)):

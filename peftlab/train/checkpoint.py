@@ -80,7 +80,50 @@ def load_checkpoint(
     if folder is None:
         raise InputError(f"{path}: no checkpoint to resume from")
     meta = read_json(folder / TRAINER, "checkpoint state")
+    _check_trainer_state(meta, folder / TRAINER)
     tensors = read_tensors(folder / STATE)
+    try:
+        return _restore(folder, meta, tensors, attachment, optimizer, scheduler, hooks)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise InputError(
+            f"{folder}: the checkpoint does not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "it was damaged or comes from another run"
+        ) from None
+
+
+# What the trainer state must hold, with its JSON type (an int where a number is stored as a float is accepted).
+TRAINER_FIELDS = {
+    "step": int,
+    "train_seconds": (int, float),
+    "examples": int,
+    "tokens": int,
+    "best_step": int,
+    "history": list,
+    "loss_sum": (int, float),
+    "loss_count": int,
+    "optimizer": dict,
+    "scheduler": dict,
+}
+
+
+def _check_trainer_state(meta: dict, source: Path) -> None:
+    for key, kind in TRAINER_FIELDS.items():
+        if key not in meta:
+            raise InputError(f"{source}: missing field {key!r}")
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise InputError(f"{source}: field {key!r} holds {value!r:.60}, of the wrong type")
+        if kind is int and value < 0:
+            raise InputError(f"{source}: field {key!r} holds {value!r}, expected a count >= 0")
+    if meta.get("best") is not None and not isinstance(meta["best"], dict):
+        raise InputError(f"{source}: field 'best' must be an object of metrics or null")
+    if not isinstance(meta["optimizer"].get("scalars"), dict) or not isinstance(
+        meta["optimizer"].get("param_groups"), list
+    ):
+        raise InputError(f"{source}: field 'optimizer' must hold 'scalars' (an object) and 'param_groups' (a list)")
+
+
+def _restore(folder: Path, meta: dict, tensors: dict, attachment, optimizer, scheduler, hooks) -> dict:
     model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     load_state(attachment, model, folder / STATE)
     if hooks is not None:

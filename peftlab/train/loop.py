@@ -105,6 +105,8 @@ class TrainSettings:
         require(self.l2sp >= 0 and math.isfinite(self.l2sp), "l2sp", "a number >= 0", self.l2sp)
         require(self.ewc >= 0 and math.isfinite(self.ewc), "ewc", "a number >= 0", self.ewc)
         require(self.ewc_examples > 0, "ewc_examples", "a positive integer", self.ewc_examples)
+        # seeds are combined into per-stream seeds (seed * 100_003 + stream) that must stay within 64 bits
+        require(0 <= self.seed < 2**40, "seed", "an integer from 0 to 2^40 - 1", self.seed)
 
 
 @dataclass
