@@ -554,3 +554,15 @@ def test_eval_and_merge_recover_an_adapter_whose_save_was_interrupted(world, cli
     code, _, err = cli("eval", run)
     assert code == 0, err
     assert cli("merge", run, "--out", tmp_path / "merged")[0] == 0
+
+
+@pytest.mark.parametrize("field, value", [("r", None), ("lora_alpha", "sixteen"), ("lora_dropout", [0.1])])
+def test_a_peft_adapter_config_field_of_the_wrong_type_is_one_line(world, cli, tmp_path, field, value):
+    exported = tmp_path / "hf"
+    assert cli("export", world["run"], "--format", "hf", "--out", exported)[0] == 0
+    config = json.loads((exported / "adapter_config.json").read_text())
+    (exported / "adapter_config.json").write_text(json.dumps(config | {field: value}))
+    code, _, err = cli("import", exported, "--out", tmp_path / "ours", "--model", world["model"], "--labels", "neg,pos")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "adapter_config.json" in err and "internal error" not in err
+    assert not (tmp_path / "ours").exists()

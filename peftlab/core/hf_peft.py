@@ -153,7 +153,13 @@ def import_hf(model: nn.Module, path: str | Path) -> Attachment:
     tensors = attaching.read_tensors(weights)
     if kind not in FULL_KEY_KINDS:
         tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
-    return importer(model, cfg, tensors, weights)
+    try:
+        return importer(model, cfg, tensors, weights)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of the wrong type, e.g. "r": null
+        raise InputError(
+            f"{cfg_path}: a field holds a value of the wrong type for a {kind} adapter "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no detail'})"
+        ) from None
 
 
 def head_tensors(attachment: Attachment) -> dict[str, torch.Tensor]:
