@@ -38,14 +38,19 @@ def data_format(path: Path) -> str:
     return fmt
 
 
-def read_text(path: Path) -> str:
-    """The file's text, decoded as UTF-8 (a leading BOM is dropped), or a one-line error saying why not."""
+def require_data_file(path: Path) -> None:
+    """A regular file that exists, else a one-line error (a pipe or device would be read until memory runs out)."""
     if not path.exists():
         raise InputError(f"{path}: data file not found")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected a data file")
     if not path.is_file():
         raise InputError(f"{path}: is not a regular file (a device, pipe or socket); expected a data file")
+
+
+def read_text(path: Path) -> str:
+    """The file's text, decoded as UTF-8 (a leading BOM is dropped), or a one-line error saying why not."""
+    require_data_file(path)
     opener = _OPENERS.get(path.suffix.lower())
     try:
         if opener:

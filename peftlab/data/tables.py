@@ -107,10 +107,9 @@ def read_table_file(path: Path) -> Rows:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not path.exists():
-        raise InputError(f"{path}: data file not found")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, expected a data file")
+    from .readers import require_data_file
+
+    require_data_file(path)
     kind = "Parquet" if path.suffix.lower() == ".parquet" else "Arrow"
     try:
         table = pq.read_table(path) if kind == "Parquet" else _read_arrow(path, pa)
