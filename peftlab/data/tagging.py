@@ -146,7 +146,6 @@ def load_tagging(
             source, hub or HubData(), read_tagged, _tagged_records, TAG_FORMATS, list(PACKAGED_TAGGING)
         )
     splits = assign_splits(read, split_seed, notes)
-    require_splits(splits, source)
     if train_limit is not None:
         splits["train"] = splits["train"][:train_limit]
         notes.append(f"training set limited to the first {train_limit} sentences of the shuffled split")
@@ -155,6 +154,7 @@ def load_tagging(
     labels = ["O"] + sorted(names - {"O"}, key=lambda t: (t[2:], t[0]))
     for split in ("validation", "test"):
         _check_tags(splits[split], set(labels))
+    require_splits(splits, source)  # after the tags: a wrong tag is the more useful message
     index = {t: i for i, t in enumerate(labels)}
     data = {k: [Sentence(words, [index[t] for t in tags]) for _, words, tags in v] for k, v in splits.items()}
     return TaggingData(name, labels, data, notes)
