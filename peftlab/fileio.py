@@ -55,10 +55,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         raise _write_error(path, e) from None
-    except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error
-        raise _write_error(path, OSError(str(e).splitlines()[0])) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -96,10 +94,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         raise _write_error(path, e) from None
-    except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error
-        raise _write_error(path, OSError(str(e).splitlines()[0])) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -207,10 +203,15 @@ def _lock_holder(lock: Path) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def _write_error(path: Path, e: OSError) -> PeftlabError:
+# A failed write: the OS's error, or safetensors' own for the same causes (a full disk) while it writes a file.
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def _write_error(path: Path, e: Exception) -> PeftlabError:
     """A failed write (disk full, read-only file system...) as one line naming the file; nothing half-written
     stays, because the temporary file or folder is removed by the caller's ``finally``."""
-    return PeftlabError(f"{path}: could not be written ({e.strerror or e}); nothing was left half-written")
+    reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    return PeftlabError(f"{path}: could not be written ({reason}); nothing was left half-written")
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:

@@ -31,16 +31,16 @@ from transformers import (
 )
 
 from .assets import ALIASES, ASSETS, locate
-from .core.hf_peft import hub_id_of_folder
+from .core.hub import first_line, hub_cache, hub_id_of_folder, looks_like_hub_id, offline_reason
 from .errors import InputError, suggest
 
 MODEL_NAMES = [name for name, a in ASSETS.items() if a.kind == "model"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# What a model needs from a Hub repository: config, safetensors weights (and their index), tokenizer files and
-# chat templates. Other formats and copies (ONNX, OpenVINO, the original checkpoints) stay on the hub.
 # What a model folder that does not hold what its config says raises inside transformers: a missing file, a
 # truncated or corrupt safetensors file, weights whose shapes disagree with the config.
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+# What a model needs from a Hub repository: config, safetensors weights (and their index), tokenizer files and
+# chat templates. Other formats and copies (ONNX, OpenVINO, the original checkpoints) stay on the hub.
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 HUB_SKIPPED = ["onnx/*", "openvino/*", "original/*", "coreml/*", "*consolidated*", "*.gguf", "*.msgpack", "*.h5"]
 
@@ -62,18 +62,6 @@ class ModelSource:
     def reference(self) -> str:
         """What a PEFT adapter names as ``base_model_name_or_path``: the Hub ID, else the absolute folder."""
         return self.hub_id or str(self.path.resolve())
-
-
-def looks_like_hub_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def find_model(
@@ -190,23 +178,6 @@ def hub_files(repo_id: str, revision: str) -> list[str]:
         return HfApi().list_repo_files(repo_id, revision=revision)
     except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
         return []
-
-
-def hub_cache() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
-def offline_reason() -> str:
-    from huggingface_hub import constants
-
-    return "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "no connection"
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_remote_code(path: Path, trust_remote_code: bool) -> None:

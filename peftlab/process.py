@@ -10,26 +10,26 @@ it back.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
 def quiet_libraries() -> None:
-    """For peftlab's commands: transformers, huggingface_hub and datasets print errors only and draw no bars of
-    their own (peftlab draws its own progress)."""
+    """For peftlab's commands: transformers and datasets print errors only and draw no bars of their own (peftlab
+    draws its own progress). huggingface_hub keeps its download bars, with rate and ETA (``--no-progress`` turns
+    them off per download). datasets is not imported for this: its variables are read when it is first imported."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from huggingface_hub.utils import disable_progress_bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    disable_progress_bars()
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency; keep the CLI usable without it
-        return
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets = sys.modules.get("datasets")
+    if datasets is not None:  # already imported (peftlab's main called from Python): set it directly
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
 
 
 @contextmanager

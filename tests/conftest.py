@@ -6,6 +6,7 @@ The tiny models keep the suite fast; tests marked ``real`` use the packaged Mini
 from __future__ import annotations
 
 import csv
+import hashlib
 import inspect
 import random
 from collections.abc import Iterator
@@ -48,6 +49,23 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label"))
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def train_tiny_run(model_dir: Path, data: Path, out: Path, *options) -> Path:
+    """A short run trained through the CLI in-process (``options`` as on the command line): a run folder for the
+    tests of the commands that read one."""
+    from peftlab.cli import main
+
+    args = ["--no-progress", "train", "--model", model_dir, "--data", data, "--out", out, *options]
+    assert main([str(a) for a in args]) == 0
+    return out
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path) with the SHA-256 of its bytes: to show nothing was touched."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")

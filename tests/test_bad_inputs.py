@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import BertModel
 
-from tests.conftest import sentences, tiny_config, write_csv
+from tests.conftest import sentences, tiny_config, train_tiny_run, write_csv
 
 FAST = ["--epochs", "1", "--batch-size", "16", "--max-length", "32"]
 
@@ -24,28 +24,9 @@ FAST = ["--epochs", "1", "--batch-size", "16", "--max-length", "32"]
 @pytest.fixture(scope="module")
 def world(tiny_model_dir, tiny_csv, tmp_path_factory):
     """A trained adapter, a second base model, and a folder of broken inputs."""
-    from peftlab.cli import main
 
     root = tmp_path_factory.mktemp("bad")
-    run = root / "good-run"
-    assert (
-        main(
-            [
-                "--no-progress",
-                "train",
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(tiny_csv),
-                "--out",
-                str(run),
-                "--r",
-                "2",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    run = train_tiny_run(tiny_model_dir, tiny_csv, root / "good-run", "--r", "2", *FAST)
     other = root / "other-model"
     other.mkdir()
     for f in tiny_model_dir.iterdir():

@@ -6,7 +6,6 @@ internal error), and nothing outside the run folder is touched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftlab.cli import main
+
+from .conftest import file_hashes, train_tiny_run
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
@@ -29,13 +30,9 @@ STATE_KEYS = ["step", "train_seconds", "examples", "tokens", "best", "best_step"
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tiny_csv, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fuzz") / "run"
-    args = ["--model", str(tiny_model_dir), "--data", str(tiny_csv), "--out", str(folder)]
-    assert main(["--no-progress", "train", *args, "--max-steps", "2", "--batch-size", "8", "--max-length", "32"]) == 0
-    return folder
-
-
-def fingerprint(folder: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return train_tiny_run(
+        tiny_model_dir, tiny_csv, folder, "--max-steps", "2", "--batch-size", "8", "--max-length", "32"
+    )
 
 
 def one_line_or_success(capsys, argv: list[str]) -> None:
@@ -53,9 +50,9 @@ def test_any_adapter_metadata_field_is_loaded_or_refused_in_one_line(run, tmp_pa
     meta = json.loads((copy / "adapter" / "adapter.json").read_text())
     meta[key] = value
     (copy / "adapter" / "adapter.json").write_text(json.dumps(meta))
-    outside = fingerprint(run)
+    outside = file_hashes(run)
     one_line_or_success(capsys, ["eval", str(copy)])
-    assert fingerprint(run) == outside
+    assert file_hashes(run) == outside
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -70,6 +67,6 @@ def test_any_resume_state_is_resumed_or_refused_in_one_line(run, tmp_path_factor
     else:
         state[key] = value
     state_file.write_text(json.dumps(state, allow_nan=True))
-    outside = fingerprint(run)
+    outside = file_hashes(run)
     one_line_or_success(capsys, ["train", "--resume", str(copy)])
-    assert fingerprint(run) == outside
+    assert file_hashes(run) == outside

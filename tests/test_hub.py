@@ -16,12 +16,13 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
+from peftlab.core.hub import looks_like_hub_id
 from peftlab.data.classification import load_classification
 from peftlab.data.sft import load_sft
 from peftlab.data.tables import HubData
 from peftlab.data.tagging import load_tagging
 from peftlab.errors import InputError
-from peftlab.models import find_model, looks_like_hub_id
+from peftlab.models import find_model
 
 from .conftest import sentences
 from .hub_cache import COMMIT, folder_files, offline_env, peftlab, put_repo

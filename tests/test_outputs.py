@@ -3,7 +3,6 @@ command's own inputs), and one process at a time trains into a run folder."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,40 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.cli import main
 from peftlab.fileio import LOCK_FILE
 
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` with the SHA-256 of its bytes."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
-    }
-
+from .conftest import file_hashes, train_tiny_run
 
 SHORT = ["--max-steps", "4", "--batch-size", "16", "--max-length", "32", "--eval-batch-size", "64"]
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tiny_csv, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "run"
-    assert (
-        main(
-            [
-                "--no-progress",
-                "train",
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(tiny_csv),
-                "--out",
-                str(run),
-                *SHORT,
-            ]
-        )
-        == 0
-    )
-    return run
+    return train_tiny_run(tiny_model_dir, tiny_csv, tmp_path_factory.mktemp("runs") / "run", *SHORT)
 
 
 @pytest.mark.parametrize(
@@ -62,11 +37,11 @@ def trained(tiny_model_dir, tiny_csv, tmp_path_factory) -> Path:
     ids=["export-over-run", "export-into-run", "merge-over-run", "merge-above-run", "import-over-input", "compose"],
 )
 def test_no_command_writes_over_or_into_its_own_input(trained, cli, command):
-    before = snapshot(trained)
+    before = file_hashes(trained)
     code, _, err = cli(*[part.format(run=trained) for part in command])
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "this command's input" in err, err
-    assert snapshot(trained) == before
+    assert file_hashes(trained) == before
 
 
 def test_a_non_empty_out_is_refused_and_replaced_only_with_overwrite(trained, cli, tmp_path):

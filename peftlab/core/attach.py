@@ -364,10 +364,7 @@ def read_adapter_meta(path: str | Path) -> tuple[Path, dict]:
         if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
             raise InputError(f"{source}: field {key!r} must be {what}, found {value!r:.60}")
     parameters = meta["base"].get("parameters", {})
-    if not isinstance(parameters, dict) or not all(
-        isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in v)
-        for v in parameters.values()
-    ):
+    if not isinstance(parameters, dict) or not all(_is_shape(v) for v in parameters.values()):
         raise InputError(f"{source}: field 'base.parameters' must map parameter names to shapes (lists of integers)")
     if not isinstance(meta["base"].get("fingerprint", ""), str):
         raise InputError(f"{source}: field 'base.fingerprint' must be text")
@@ -375,7 +372,7 @@ def read_adapter_meta(path: str | Path) -> tuple[Path, dict]:
 
 
 def _is_shape(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)
+    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in value)
 
 
 # The adapter metadata's required fields: name, JSON type, and what the error says is expected.

@@ -49,6 +49,7 @@ from ..methods.registry import get_method
 # The module, not its names: a method's own file registers its converters here while attach.py is still loading
 # (attach imports the methods package, which imports every method file).
 from . import attach as attaching
+from .hub import hub_id_of_folder
 
 if TYPE_CHECKING:
     from .attach import Attachment
@@ -83,14 +84,6 @@ FULL_KEY_KINDS: set[str] = set()
 def peft_kind(cfg: dict) -> str:
     kind = str(cfg.get("peft_type"))
     return f"{kind}+DORA" if kind == "LORA" and cfg.get("use_dora") else kind
-
-
-def hub_id_of_folder(path: str | Path) -> str | None:
-    """``org/name`` for a snapshot folder inside a Hugging Face cache (``models--org--name/snapshots/<commit>``)."""
-    parts = Path(path).expanduser().resolve().parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3].removeprefix("models--").replace("--", "/", 1)
-    return None
 
 
 def base_reference(model: nn.Module) -> str | None:

@@ -139,7 +139,7 @@ def _find_column(
 
 
 def _resolve_columns(records: list[Record], columns: Columns, source: str) -> Columns:
-    names = list(records[0][1].keys()) if records else []
+    names = list(records[0][1].keys())
     text = _find_column(columns.text, TEXT_COLUMNS, names, "text", "--text-column", source)
     label = _find_column(columns.label, LABEL_COLUMNS, names, "label", "--label-column", source)
     pair = _find_column(
@@ -231,7 +231,7 @@ def load_classification(
             source,
             hub or HubData(),
             lambda file: rows_of(read_records(file), str(file)),
-            lambda records: rows_of(records, records[0][0].rsplit(" row ", 1)[0] if records else source),
+            lambda records: rows_of(records, getattr(records, "source", source)),
             FORMATS,
             list(PACKAGED),
         )

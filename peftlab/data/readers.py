@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import lzma
+import re
 from pathlib import Path
 
 from ..errors import InputError
@@ -129,7 +130,7 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
         if not line.strip():
             continue
         try:
-            obj = _checked_json(json.loads(line))
+            obj = _checked_json(json.loads(line), line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})") from None
         except _JSON_TROUBLE as e:
@@ -142,7 +143,7 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
 
 def _read_json(path: Path, text: str) -> list[Record]:
     try:
-        obj = _checked_json(json.loads(text))
+        obj = _checked_json(json.loads(text), text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     except _JSON_TROUBLE as e:
@@ -162,10 +163,15 @@ def _read_json(path: Path, text: str) -> list[Record]:
 _JSON_TROUBLE = (RecursionError, UnicodeEncodeError)
 
 
-def _checked_json(obj: object) -> object:
-    """JSON that Python parsed but the rest cannot use: nesting deep enough to exhaust the stack, or a ``\\ud800``
-    escape that decodes to half a character (a lone surrogate), which tokenizers cannot take."""
-    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _checked_json(obj: object, raw: str) -> object:
+    """JSON that Python parsed but the rest cannot use: a ``\\ud800`` escape that decodes to half a character (a
+    lone surrogate), which tokenizers cannot take. (Nesting deep enough to exhaust the stack fails in json.loads.)
+    Only text holding a surrogate escape is checked, so ordinary data pays nothing."""
+    if _SURROGATE_ESCAPE.search(raw):
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a lone surrogate raises UnicodeEncodeError
     return obj
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from ..core.hub import looks_like_hub_id
 from ..errors import InputError, suggest
 from .splits import split_files
 from .tables import HubData, HubDatasetMissing, Record, is_saved_dataset, read_hub_dataset, read_saved_dataset
@@ -24,15 +25,7 @@ Item = TypeVar("Item")
 
 
 def looks_like_hub_dataset(source: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix.lower() in SUFFIXES:
-        return False
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        return False
-    return True
+    return Path(source).suffix.lower() not in SUFFIXES and looks_like_hub_id(source)
 
 
 # A name ending like a data file is a file the user meant, never a Hub ID.

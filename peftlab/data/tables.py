@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.hub import first_line, hub_cache, offline_reason
 from ..errors import InputError
 from .splits import SPLIT_STEMS
 
@@ -26,11 +27,12 @@ TABLE_FORMATS = (".parquet", ".arrow")
 
 
 class Rows(list):
-    """A table's records, plus the class names its ClassLabel columns declare, in their order (column -> names),
-    so a classifier's label ids can follow the dataset's own."""
+    """A table's records, plus where they come from and the class names its ClassLabel columns declare, in their
+    order (column -> names), so a classifier's label ids can follow the dataset's own."""
 
-    def __init__(self, records: list[Record], classes: dict[str, list[str]]):
+    def __init__(self, records: list[Record], source: str, classes: dict[str, list[str]]):
         super().__init__(records)
+        self.source = source
         self.classes = classes
 
 
@@ -82,7 +84,7 @@ def table_records(table, features, where: str) -> Rows:
             if column in row:
                 row[column] = namer(row[column])
         records.append((f"{where} row {i}", row))
-    return Rows(records, classes)
+    return Rows(records, where, classes)
 
 
 def dataset_records(dataset, where: str) -> Rows:
@@ -114,7 +116,7 @@ def read_table_file(path: Path) -> Rows:
     try:
         table = pq.read_table(path) if kind == "Parquet" else _read_arrow(path, pa)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read the {kind} file ({_first_line(e)})") from None
+        raise InputError(f"{path}: cannot read the {kind} file ({first_line(e)})") from None
     records = table_records(table, _features_of(table.schema), str(path))
     if not records:
         raise InputError(f"{path}: data file has no rows")
@@ -145,7 +147,7 @@ def read_saved_dataset(folder: Path, hub: HubData) -> dict[str, list[Record]]:
     try:
         saved = load_from_disk(str(folder))
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{folder}: cannot read the saved dataset ({_first_line(e)})") from None
+        raise InputError(f"{folder}: cannot read the saved dataset ({first_line(e)})") from None
     if isinstance(saved, Dataset):
         if hub.splits:
             raise InputError(f"{folder}: holds one dataset without splits; drop --train-split and its kin")
@@ -204,33 +206,27 @@ def _load_hub(repo_id: str, hub: HubData, source: str, split: str | None = None)
             folder = _cached_snapshot(repo_id, hub.revision)
             return load_dataset(str(folder), hub.config, split=split)
     except DatasetNotFoundError as e:
-        raise HubDatasetMissing(_first_line(e)) from None
+        raise HubDatasetMissing(first_line(e)) from None
     except InputError:
         raise
     except (ValueError, FileNotFoundError, KeyError) as e:
         hint = "; choose one with --data-config" if "config" in str(e).lower() else ""
-        raise InputError(f"data: {source}: {_first_line(e)}{hint}") from None
+        raise InputError(f"data: {source}: {first_line(e)}{hint}") from None
     except (ConnectionError, OSError) as e:
-        raise InputError(f"data: cannot fetch {source} from the Hugging Face Hub ({_first_line(e)})") from None
+        raise InputError(f"data: cannot fetch {source} from the Hugging Face Hub ({first_line(e)})") from None
 
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
     """The dataset's files in the Hugging Face hub cache, for when the hub cannot be reached."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True))
     except LocalEntryNotFoundError:
-        reason = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "no connection"
         at = f" at revision {revision!r}" if revision else ""
         raise HubDatasetMissing(
-            f"dataset {repo_id!r}{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
-            f"cannot be reached ({reason}); download it once where the hub is reachable "
+            f"dataset {repo_id!r}{at} is not in the Hugging Face cache ({hub_cache()}) and the hub "
+            f"cannot be reached ({offline_reason()}); download it once where the hub is reachable "
             f"(hf download --repo-type dataset {repo_id})"
         ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
