@@ -120,6 +120,9 @@ def check_output(
             raise InputError(f"{flag} {out}: {relation} this command's input {source}; name a new folder")
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise InputError(f"{flag} {out}: exists and is not a folder; name a new folder")
+    aside = path.with_name(path.name + ".old")
+    if aside.exists():  # atomic_folder moves the old version there while it swaps, and deletes it after
+        raise InputError(f"{flag} {out}: {aside} exists, and peftlab uses that name while writing {out}; move it")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise InputError(
             f"{flag} {out}: already exists and is not empty; name a new folder, or add --overwrite to replace it"

@@ -126,3 +126,12 @@ def test_two_trainings_started_into_one_folder_never_mix(tiny_model_dir, tiny_cs
         first.wait()
     assert second.returncode == 2 and "has been writing into this folder" in second.stderr, second.stderr
     assert json.loads((run / "config.json").read_text())["seed"] == 0
+
+
+def test_a_folder_beside_out_named_like_the_swap_copy_is_never_deleted(trained, cli, tmp_path):
+    mine = tmp_path / "merged.old"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    code, _, err = cli("merge", trained, "--out", tmp_path / "merged")
+    assert code == 2 and err.count("\n") == 1 and "merged.old exists" in err, err
+    assert (mine / "notes.txt").read_text() == "mine" and not (tmp_path / "merged").exists()
