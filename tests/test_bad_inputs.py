@@ -547,3 +547,19 @@ def test_a_peft_adapter_config_field_of_the_wrong_type_is_one_line(world, cli, t
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "adapter_config.json" in err and "internal error" not in err
     assert not (tmp_path / "ours").exists()
+
+
+def test_a_full_disk_inside_safetensors_is_one_line_and_leaves_no_adapter(world, cli, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import peftlab.core.attach as attach
+
+    def no_space(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(attach, "save_file", no_space)
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--model", world["model"], "--data", world["data"], "--out", out, *FAST)
+    assert code == 1 and err.count("\n") == 1, err
+    assert "adapter: could not be written (Error while serializing: IoError(No space left on device))" in err
+    assert not (out / "adapter").exists() and not list(out.glob(".adapter.*.tmp"))
