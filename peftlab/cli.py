@@ -91,7 +91,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 def _cli_values(namespace: argparse.Namespace, classes: list[type]) -> dict[str, Any]:
     """Explicitly given flags, converted to their fields' types (errors name the flag)."""
-    from .methods.registry import coerce
+    from .core.registry import coerce
 
     hints: dict[str, Any] = {}
     for cls in classes:

@@ -25,9 +25,9 @@ from peftlab.bench.report import (
     write_report,
 )
 from peftlab.bench.suite import parse_suite
+from peftlab.core.hooks import TrainingHooks
 from peftlab.errors import InputError
 from peftlab.run import RunOptions, build_model, prepare_data
-from peftlab.train.hooks import TrainingHooks
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit
 from tests.conftest import skip_if_peft_prefix_tuning_fails_on_bert
 

@@ -4,9 +4,9 @@ import torch
 
 import peftlab
 from peftlab.core.attach import WEIGHTS_FILE, read_tensors
-from peftlab.methods.registry import Method
+from peftlab.core.hooks import TrainingHooks, empirical_fisher
+from peftlab.core.registry import Method
 from peftlab.run import RunOptions, build_model, prepare_data
-from peftlab.train.hooks import TrainingHooks, empirical_fisher
 from tests.short_fit import run_fit as short_fit
 
 DENSE = "bert.encoder.layer.0.output.dense.weight"

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import peftlab
+from peftlab.core.hooks import TrainContext
 from peftlab.run import RunOptions, build_model, prepare_data
-from peftlab.train.hooks import TrainContext
 from peftlab.train.loop import ClassificationTask, TrainSettings, make_hooks
 from peftlab.train.regularise import EWC, L2SP, pretrained_parameters
 from tests.conftest import tiny_classifier

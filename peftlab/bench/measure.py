@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..train.hooks import TrainContext, TrainingHooks
+from ..core.hooks import TrainContext, TrainingHooks
 from ..train.loop import _param_groups, autocast_for  # the loop's own parameter groups: the same optimiser
 
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "method_state", "activations")

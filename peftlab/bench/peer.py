@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..core.hf_peft import EXPORTERS, HF_CONFIG, HF_WEIGHTS, export_hf, peft_kind
+from ..core.hooks import TrainingHooks
 from ..errors import InputError
 from ..methods.p_tuning import position_index
-from ..train.hooks import TrainingHooks
 
 # peftlab method -> the PEFT kind its export must be (``peft_kind``: peft_type, "LORA+DORA" for DoRA)
 PEERS = {

@@ -31,10 +31,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..core.attach import attach
+from ..core.hooks import TrainingHooks
 from ..errors import InputError
 from ..fileio import read_json, remove_stale_temporaries, write_json, write_text
 from ..methods import Method, all_methods, config_from_dict, config_to_dict, get_method
-from ..train.hooks import TrainingHooks
 from . import assets
 from .measure import FloorStep, TrainStep, alternate
 from .peer import build_peer, peer_bytes, peer_hooks, peer_note

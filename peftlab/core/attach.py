@@ -39,6 +39,7 @@ from .. import __version__
 from ..errors import InputError, PeftlabError
 from ..fileio import atomic_folder, read_folder, read_json
 from .adapter import AdapterLayer, adapter_layers, replace_module
+from .registry import Method, config_from_dict, config_to_dict, get_method
 
 FORMAT = "peftlab-adapter"
 FORMAT_VERSION = 1
@@ -501,8 +502,3 @@ def load_adapter(model: nn.Module, path: str | Path) -> Attachment:
         raise InputError(f"{source}: the config selects other modules than the adapter was saved with")
     load_state(attachment, read_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
     return attachment
-
-
-# Imported last: importing the method registry imports every method module, and a method module may import the
-# core while it registers (a TrainingHooks subclass, a Hugging Face PEFT converter); by now this module is complete.
-from ..methods import Method, config_from_dict, config_to_dict, get_method  # noqa: E402

@@ -43,15 +43,15 @@ from torch import nn
 
 from ..errors import InputError
 from ..fileio import atomic_folder, read_json
-from ..methods.lora import LoraConfig
-from ..methods.registry import get_method
 
 # The module, not its names: a method's own file registers its converters here while attach.py is still loading
 # (attach imports the methods package, which imports every method file).
 from . import attach as attaching
 from .hub import hub_id_of_folder
+from .registry import get_method
 
 if TYPE_CHECKING:
+    from ..methods.lora import LoraConfig
     from .attach import Attachment
 
 PREFIX = "base_model.model."

@@ -1,5 +1,6 @@
 """Every fine-tuning method, one file each; importing this package registers them all."""
 
+from ..core.registry import Method, all_methods, config_from_dict, config_to_dict, get_method, register
 from . import (  # noqa: F401  (registration side effect)
     adalora,
     adapter_fusion,
@@ -26,6 +27,5 @@ from . import (  # noqa: F401  (registration side effect)
     relora,
     unipelt,
 )
-from .registry import Method, all_methods, config_from_dict, config_to_dict, get_method, register
 
 __all__ = ["Method", "all_methods", "config_from_dict", "config_to_dict", "get_method", "register"]

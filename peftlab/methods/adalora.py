@@ -51,10 +51,10 @@ from torch import nn
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.attach import Attachment, attach, load_state
 from ..core.hf_peft import EXPORTERS, HF_CONFIG, IMPORTERS, UNSUPPORTED, head_modules, head_tensors, split_lora_tensors
+from ..core.hooks import TrainContext, TrainingHooks
+from ..core.registry import Method, register
 from ..core.targets import find_targets
 from ..errors import InputError, require
-from ..train.hooks import TrainContext, TrainingHooks
-from .registry import Method, register
 
 
 @dataclass

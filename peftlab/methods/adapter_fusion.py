@@ -39,6 +39,7 @@ from torch import nn
 
 from ..core import attach as attaching
 from ..core.adapter import replace_module
+from ..core.registry import Method, register
 from ..errors import InputError, require
 from ..fileio import read_json
 from .bottleneck import (
@@ -52,7 +53,6 @@ from .bottleneck import (
     find_sites,
     finish,
 )
-from .registry import Method, register
 
 FUSABLE = ("pfeiffer", "houlsby")
 MEMBER = re.compile(r"^([^:]+):([a-z_]+):(\d+):([a-z]+)$")

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core.registry import Method, register
 from ..core.targets import _closest, matches
 from ..errors import InputError, require
-from .registry import Method, register
 
 
 @dataclass

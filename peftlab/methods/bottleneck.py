@@ -56,9 +56,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterLayer, replace_module
+from ..core.hooks import StepRandom, TrainingHooks
 from ..core.targets import find_targets
 from ..errors import InputError, PeftlabError, require
-from ..train.hooks import StepRandom, TrainingHooks
 
 AUTO = "auto"
 DEFAULT_REDUCTION = 16

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core.registry import Method, register
 from ..errors import require
-from .registry import Method, register
 
 
 @dataclass

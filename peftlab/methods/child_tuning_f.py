@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core.registry import Method, register
 from ..errors import require
-from .registry import Method, register
 
 
 @dataclass

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import hf_peft
+from ..core.registry import Method, register
 from ..errors import PeftlabError
 from . import lora
-from .registry import Method, register
 
 
 @dataclass

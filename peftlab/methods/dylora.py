@@ -30,10 +30,10 @@ from torch import nn
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.attach import Attachment
 from ..core.hf_peft import EXPORTERS, head_tensors
+from ..core.hooks import StepRandom, TrainingHooks
+from ..core.registry import Method, register
 from ..core.targets import find_targets
 from ..errors import InputError, PeftlabError, require
-from ..train.hooks import StepRandom, TrainingHooks
-from .registry import Method, register
 
 
 @dataclass

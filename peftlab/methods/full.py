@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .registry import Method, register
+from ..core.registry import Method, register
 
 
 @dataclass

@@ -22,7 +22,7 @@ import time
 import torch
 
 from ..core.attach import Attachment
-from ..train.hooks import StepRandom, TrainContext, TrainingHooks
+from ..core.hooks import StepRandom, TrainContext, TrainingHooks
 from ..train.regularise import measured_fisher, pretrained_parameters
 
 

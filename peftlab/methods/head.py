@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..core.registry import Method, register
 from ..errors import InputError
-from .registry import Method, register
 
 
 @dataclass

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..core.registry import Method, register
 from .bottleneck import AdapterDropHooks, BottleneckConfig, apply_sequential
-from .registry import Method, register
 
 
 @dataclass

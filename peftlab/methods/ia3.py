@@ -35,9 +35,9 @@ from torch import nn
 from ..core import attach as attaching
 from ..core import hf_peft
 from ..core.adapter import AdapterLayer, replace_module
+from ..core.registry import Method, register
 from ..core.targets import find_targets
 from ..errors import InputError, PeftlabError, require
-from .registry import Method, register
 
 AUTO, NONE = "auto", "none"
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core.registry import Method, register
 from ..errors import InputError, require
-from .registry import Method, register
 
 
 @dataclass

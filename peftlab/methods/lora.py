@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterLayer, replace_module
+from ..core.registry import Method, register
 from ..core.targets import find_targets, matches
 from ..errors import InputError, require
-from .registry import Method, register
 
 
 @dataclass

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.registry import Method, register
 from ..errors import require
 from .bottleneck import AUTO, Activation
 from .parallel import ParallelConfig
@@ -42,7 +43,6 @@ from .parallel import apply as apply_parallel
 from .prefix_tuning import PrefixTuningConfig
 from .prefix_tuning import apply as apply_prefixes
 from .prefixes import fold_hybrid
-from .registry import Method, register
 
 # The paper's adapter is half as wide as the model (512 units in 1024-wide BART-large).
 DEFAULT_REDUCTION = 2.0

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..core import hf_peft
+from ..core.registry import Method, register
 from ..errors import InputError, require
 from .prompt_tuning import (
     attach_soft_prompt,
@@ -50,7 +51,6 @@ from .prompt_tuning import (
     peft_prompt_fields,
     the_soft_prompt,
 )
-from .registry import Method, register
 
 POSITIONS = ("auto", "front", "after-first")
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..core import hf_peft
+from ..core.registry import Method, register
 from ..errors import require
 from .prefixes import attach_prefixes, export_prefixes
-from .registry import Method, register
 
 
 @dataclass

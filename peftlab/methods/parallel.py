@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core.registry import Method, register
 from ..errors import require
 from .bottleneck import AdapterDropHooks, BottleneckConfig, apply_parallel
-from .registry import Method, register
 
 
 @dataclass

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..core import hf_peft
+from ..core.registry import Method, register
 from ..errors import require
 from .prefixes import attach_prefixes, export_prefixes, fold_prefixes, import_prefixes
-from .registry import Method, register
 
 
 @dataclass

@@ -41,9 +41,9 @@ from torch import nn
 
 from ..core import hf_peft
 from ..core.adapter import AdapterLayer, replace_module
+from ..core.registry import Method, register
 from ..core.virtual_tokens import insert_virtual_tokens
 from ..errors import InputError, require
-from .registry import Method, register
 
 
 @dataclass

@@ -41,11 +41,11 @@ from torch import nn
 
 from ..core.adapter import replace_module
 from ..core.hf_peft import EXPORTERS
+from ..core.hooks import TrainingHooks
+from ..core.registry import Method, register
 from ..errors import InputError, PeftlabError, require
 from ..quant.nf4 import ABSMAX_BLOCK_SIZE, NF4_BLOCK_SIZE, NF4Linear
-from ..train.hooks import TrainingHooks
 from .lora import LoraConfig, LoraLinear, select_layers
-from .registry import Method, register
 
 MergeInto = Literal["dequantized", "requantized"]
 

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterLayer, replace_module
+from ..core.hooks import TrainContext, TrainingHooks
+from ..core.registry import Method, register
 from ..core.targets import find_targets
 from ..errors import InputError, require
-from ..train.hooks import TrainContext, TrainingHooks
-from .registry import Method, register
 
 
 @dataclass

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.registry import Method, register
 from ..core.targets import find_targets
 from ..errors import InputError, require
 from .bottleneck import AUTO, Activation, BottleneckConfig, SequentialAdapter, apply_sequential
@@ -57,7 +58,6 @@ from .lora import LoraConfig, LoraLinear
 from .lora import apply as apply_lora
 from .prefix_tuning import PrefixTuningConfig
 from .prefixes import PrefixAttention, attach_prefixes, fold_hybrid
-from .registry import Method, register
 
 # Query and value projections per architecture family ("auto"): the first family whose names all exist wins.
 LORA_LAYOUTS: dict[str, list[str]] = {

@@ -4,7 +4,7 @@ AdamW (no weight decay on biases and norms) with linear warmup then linear or co
 accumulation, gradient clipping, an optional bf16 autocast, evaluation at the end of every epoch, the best
 validation state kept as the run's adapter, and a checkpoint every ``checkpoint_every`` steps and at each epoch end.
 
-Methods act inside the loop through ``TrainingHooks`` (``peftlab.train.hooks``); the regularisers toward the
+Methods act inside the loop through ``TrainingHooks`` (``peftlab.core.hooks``); the regularisers toward the
 pretrained weights (``--l2sp``, ``--ewc``: ``peftlab.train.regularise``) are hooks too, run after the method's own.
 Static masks on base parameters are enforced here: masked-out gradients are zeroed and masked-out entries restored
 after every step.
@@ -38,12 +38,12 @@ from rich.progress import (
 )
 
 from ..core.attach import Attachment
+from ..core.hooks import HookList, TrainContext, TrainingHooks
 from ..data.batches import Encoded, length_grouped
 from ..errors import PeftlabError, require
 from ..evaluate.metrics import classification_metrics
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import SINGLE, Distributed
-from .hooks import HookList, TrainContext, TrainingHooks
 from .regularise import regularisers
 
 # Random streams of a run besides the epochs' data orders (streams 0, 1, ...): see ``stream_seed`` in ``fit``.

@@ -16,7 +16,7 @@ out, and so are parameters a method adds (LoRA's factors): they start at their o
 
       Omega(theta) = lambda * sum_i F_i * (theta_i - theta_0_i)^2          (--ewc LAMBDA, --ewc-examples N)
 
-  with F the diagonal empirical Fisher information at theta_0 (``peftlab.train.hooks.empirical_fisher``: the mean
+  with F the diagonal empirical Fisher information at theta_0 (``peftlab.core.hooks.empirical_fisher``: the mean
   squared per-example gradient of the log-likelihood). Where F comes from, honestly: EWC's Fisher should measure
   the *old* task, the one not to forget. peftlab has only the new task's data, so F here is the empirical Fisher of
   the new task's loss at theta_0 (with the freshly initialised head), over ``--ewc-examples`` training examples
@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from ..core.attach import Attachment
+from ..core.hooks import TrainContext, TrainingHooks, empirical_fisher
 from ..errors import InputError, PeftlabError
-from .hooks import TrainContext, TrainingHooks, empirical_fisher
 
 
 def pretrained_parameters(attachment: Attachment) -> dict[str, nn.Parameter]:

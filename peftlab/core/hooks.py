@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-if TYPE_CHECKING:  # only for annotations: method files import this module while attach.py is still loading
+if TYPE_CHECKING:
     from ..core.attach import Attachment
 
 

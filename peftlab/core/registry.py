@@ -8,7 +8,7 @@ learning rate, whether it merges into the base weights).
 adapter layers (their parameters train) and/or unfreezes base parameters the method trains itself, and returns
 the names of the modules it adapted. ``protected`` names the task head, which a method must not adapt. A method
 that acts during training (gradient masks, pruning schedules, periodic merges) also gives ``hooks``, a factory
-``hooks(attachment, config) -> TrainingHooks`` (see ``peftlab.train.hooks``).
+``hooks(attachment, config) -> TrainingHooks`` (see ``peftlab.core.hooks``).
 
 A method that trains through a reparameterisation it does not need afterwards (prefix tuning's MLP, P-tuning's
 prompt encoder) gives ``fold``: ``fold(attachment) -> (config, tensors) | None`` returns the config of the
@@ -45,7 +45,7 @@ class Method:
     mergeable: bool
     # Whether a freshly attached method leaves the model's outputs unchanged (soft prompts do not).
     identity_at_init: bool = True
-    # Factory of the method's training hooks (peftlab.train.hooks.TrainingHooks), or None for plain training.
+    # Factory of the method's training hooks (peftlab.core.hooks.TrainingHooks), or None for plain training.
     hooks: Callable[[Any, Any], Any] | None = None
     # The adapter as saved, without a training-only reparameterisation: (config, layer tensors), or None.
     fold: Callable[[Any], tuple[Any, dict] | None] | None = None
