@@ -8,15 +8,17 @@ adapter.merge()                      # zero extra latency
 model = adapter.unload()             # a plain model again
 """
 
-__version__ = "0.1.0"
+from .core.accounting import changed_parameters, delta_ranks, parameter_counts
+from .core.attach import Attachment, attach, load_adapter
+from .core.hf_peft import export_hf, import_hf
+from .errors import InputError, PeftlabError
 
-from .core.accounting import changed_parameters, delta_ranks, parameter_counts  # noqa: E402
-from .core.attach import Attachment, attach, load_adapter  # noqa: E402
-from .core.hf_peft import export_hf, import_hf  # noqa: E402
-from .errors import InputError, PeftlabError  # noqa: E402
-from .methods import all_methods, get_method  # noqa: E402
+# Importing the methods package registers every method (core's registry is filled here, not by core itself).
+from .methods import all_methods, get_method
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "Attachment",
     "InputError",
     "PeftlabError",

@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import torch
 
-from . import __version__
 from .core.accounting import delta_ranks, folder_bytes, parameter_counts, rank_summary
 from .core.attach import CONFIG_FILE, WEIGHTS_FILE, Attachment, attach, load_adapter, load_state, read_tensors
 from .data.batches import encode
@@ -46,6 +45,7 @@ from .train.distributed import from_environment, shard_model
 from .train.lm_task import LanguageModelTask
 from .train.loop import ClassificationTask, TrainSettings, autocast_for, fit, make_hooks
 from .train.tag_task import TaggingTask
+from .version import __version__
 
 MAX_THREADS = 1024  # far beyond any CPU; more makes tokenizers' thread pools fail outright
 

@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.core.hooks import TrainContext
+from peftlab.core.hooks import TrainContext, pretrained_parameters
 from peftlab.methods.gradient_masks import top_share_masks
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.loop import ClassificationTask, TrainSettings, make_hooks
-from peftlab.train.regularise import pretrained_parameters
 from tests.conftest import tiny_classifier
 from tests.short_fit import run_fit
 

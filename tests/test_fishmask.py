@@ -7,9 +7,9 @@ import torch
 
 import peftlab
 from peftlab.core.attach import WEIGHTS_FILE, read_tensors
+from peftlab.core.hooks import pretrained_parameters
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit
-from peftlab.train.regularise import pretrained_parameters
 from tests.short_fit import run_fit
 
 HEAD = ("classifier.weight", "classifier.bias")

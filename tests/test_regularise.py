@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.core.hooks import TrainContext
+from peftlab.core.hooks import TrainContext, pretrained_parameters
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.loop import ClassificationTask, TrainSettings, make_hooks
-from peftlab.train.regularise import EWC, L2SP, pretrained_parameters
+from peftlab.train.regularise import EWC, L2SP
 from tests.conftest import tiny_classifier
 from tests.short_fit import run_fit
 

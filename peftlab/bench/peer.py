@@ -12,9 +12,10 @@ What PEFT's own training code would add is added here too: AdaLoRA's ``update_an
 (with that step's gradients, as PEFT asks) and its orthogonality penalty (PEFT adds it inside ``forward`` only
 when the model computes the loss from ``labels``; peftlab's tasks compute the loss from the logits).
 
-The methods with a PEFT counterpart and the PEFT kind their export must have are listed in ``PEERS``; a method
-whose exporter writes another kind (DyLoRA's export is a plain LoRA) has no peer. QLoRA's peer would need
-bitsandbytes' 4-bit CUDA kernels and is left out.
+A method has a peer when PEFT has it: its registry entry converts it to a PEFT kind that is imported back as the
+same method (``peer_kind``). A method whose export is another method's kind (DyLoRA and QLoRA write a plain LoRA,
+P-tuning v2 writes prefix tuning's prefixes) has none; QLoRA's peer would also need bitsandbytes' 4-bit CUDA
+kernels.
 """
 
 from __future__ import annotations
@@ -25,21 +26,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.hf_peft import EXPORTERS, HF_CONFIG, HF_WEIGHTS, export_hf, peft_kind
+from ..core.hf_peft import HF_CONFIG, HF_WEIGHTS, export_hf, peft_kind
 from ..core.hooks import TrainingHooks
+from ..core.registry import get_method, peft_importer
 from ..errors import InputError
+from ..methods.lora import INITIAL_PRODUCT_INITS
 from ..methods.p_tuning import position_index
 
-# peftlab method -> the PEFT kind its export must be (``peft_kind``: peft_type, "LORA+DORA" for DoRA)
-PEERS = {
-    "lora": "LORA",
-    "dora": "LORA+DORA",
-    "ia3": "IA3",
-    "adalora": "ADALORA",
-    "prompt_tuning": "PROMPT_TUNING",
-    "prefix_tuning": "PREFIX_TUNING",
-    "p_tuning": "P_TUNING",
-}
+
+def peer_kind(method: str) -> str | None:
+    """The PEFT kind of ``method``'s peer (``peft_kind``: peft_type, "LORA+DORA" for DoRA), or None when PEFT has no
+    such method: the method converts to a kind PEFT imports back as this same method."""
+    peft = get_method(method).peft
+    if peft is None or peft_importer(peft.kind) is not get_method(method):
+        return None
+    return peft.kind
+
+
 TASK_TYPES = {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "sft": "CAUSAL_LM"}
 
 
@@ -49,11 +52,9 @@ def peer_note(method: str, config=None, task_kind: str | None = None) -> str | N
     ``task_kind`` matters for P-tuning at position ``auto``: in front on a decoder ("sft"), a peer; after [CLS] on an
     encoder, none. Without a kind the encoder reading is taken (the stricter one).
     """
-    if method not in PEERS:
+    if peer_kind(method) is None:
         return f"Hugging Face PEFT has no {method!r}"
-    if method not in EXPORTERS:
-        return f"{method!r} has no Hugging Face PEFT exporter yet"
-    if getattr(config, "init", None) in ("pissa", "milora"):
+    if getattr(config, "init", None) in INITIAL_PRODUCT_INITS:
         return (
             f"a {config.init} adapter is written for PEFT as a plain LoRA of rank 2r, which would train other "
             "parameters (PEFT's own PiSSA rewrites the base weights instead)"
@@ -113,7 +114,7 @@ def build_peer(attachment, fresh_model: nn.Module, kind: str, folder: Path, tota
     of the same base, head included)."""
     from peft import PeftModel
 
-    expected = PEERS[attachment.method.name]
+    expected = peer_kind(attachment.method.name)
     export_hf(attachment, folder, task_type=TASK_TYPES[kind])
     config_path = folder / HF_CONFIG
     config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -15,7 +15,6 @@ heads), so a 3-class tweet adapter and a 2-class review adapter of the same Mini
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from ..core import attach as attaching
 from ..errors import InputError
 from ..methods import config_from_dict
 from ..methods.adapter_fusion import adapter_folder, body_signature
-from ..methods.lora import LoraConfig
+from ..methods.lora import LoraConfig, lora_scaling, plain_factors
 
 COMPOSABLE = ("lora",)
 
@@ -72,12 +71,10 @@ def read_lora(path: str | Path, name: str | None = None) -> LoraModule:
         except KeyError:
             raise InputError(f"{folder}: no LoRA factors for adapted module {module!r}") from None
         r, alpha = config.rank_and_alpha(module)
-        scaling = alpha / math.sqrt(r) if config.rslora else alpha / r  # LoraLinear's scaling
-        down, up = A, B
-        if f"{module}.lora_A0" in tensors:  # PiSSA / MiLoRA: the frozen initial product is subtracted
-            down = torch.cat([A, tensors[f"{module}.lora_A0"].float()])  # (2r, in)
-            up = torch.cat([B, -tensors[f"{module}.lora_B0"].float()], dim=1)  # (out, 2r)
-        factors[module] = (down, up * scaling)
+        # PiSSA / MiLoRA subtract a frozen initial product: the update B A - B0 A0 is one plain product of rank 2r.
+        A0, B0 = (tensors.get(f"{module}.lora_{x}0") for x in "AB")
+        down, up = plain_factors(A, B, A0 if A0 is None else A0.float(), B0 if B0 is None else B0.float())
+        factors[module] = (down, up * lora_scaling(r, alpha, config.rslora))
     heads = tuple(h + "." for h in meta["trainable_modules"])
     head = {k: v for k, v in tensors.items() if k.startswith(heads)}
     return LoraModule(name or default_name(folder), folder, meta, factors, head)

@@ -35,9 +35,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
 from ..errors import InputError, PeftlabError
 from ..fileio import atomic_folder, read_folder, read_json
+from ..version import __version__
 from .adapter import AdapterLayer, adapter_layers, replace_module
 from .registry import Method, config_from_dict, config_to_dict, get_method
 

@@ -18,10 +18,11 @@ pass and keeps masked-out entries at their pretrained values after every optimis
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from ..core.attach import Attachment
@@ -145,3 +146,27 @@ def empirical_fisher(
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return {k: v / max(seen, 1) for k, v in fisher.items()}
+
+
+def pretrained_parameters(attachment: Attachment) -> dict[str, nn.Parameter]:
+    """The pretrained parameters that train, by base name: trainable base parameters outside the task head."""
+    heads = tuple(f"{h}." for h in attachment.trainable_modules)
+    state = attachment.state()
+    return {name: state[name] for name in attachment.initial if not name.startswith(heads)}
+
+
+def measured_fisher(
+    ctx: TrainContext, params: dict[str, torch.Tensor], examples: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``empirical_fisher`` one example at a time, and how many examples it saw (the training set may be smaller
+    than ``examples``)."""
+    seen = 0
+
+    def counted(n: int, batch_size: int):
+        nonlocal seen
+        for batch in ctx.batches(n, batch_size):
+            seen += len(batch["labels"])
+            yield batch
+
+    fisher = empirical_fisher(replace(ctx, batches=counted), params, examples=examples)
+    return fisher, seen

@@ -16,6 +16,9 @@ equivalent adapter without the reparameterisation and its adapter layers' tensor
 that adapter's ``state()`` keys them), computed from the current parameters; None when there is nothing to fold.
 ``Attachment.save`` writes that folded form, so ``load_adapter`` rebuilds the adapter without the
 reparameterisation; training checkpoints keep the unfolded state for an exact resume.
+
+A method with a Hugging Face PEFT counterpart gives ``peft``, a ``PeftFormat``: the PEFT kind it converts to and its
+own converters; ``peftlab.core.hf_peft`` only dispatches to them.
 """
 
 from __future__ import annotations
@@ -26,11 +29,37 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ..errors import InputError, suggest
+
+if TYPE_CHECKING:
+    from .attach import Attachment
+    from .hooks import TrainingHooks
+
+# exporter(attachment) -> (PEFT config fields, tensors: keyed without "base_model.model." unless full_keys)
+PeftExporter = Callable[["Attachment"], tuple[dict, dict[str, torch.Tensor]]]
+# importer(model, PEFT config, tensors as the exporter keys them, weights file) -> Attachment
+PeftImporter = Callable[[nn.Module, dict, dict[str, torch.Tensor], Path], "Attachment"]
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """How a method converts to and from the Hugging Face PEFT format."""
+
+    # PEFT's kind: its ``peft_type``, or "LORA+DORA" for a LoRA config with ``use_dora``.
+    kind: str
+    export: PeftExporter
+    # The importer of adapters of this kind; None when the method only exports (QLoRA and DyLoRA write plain LoRA).
+    load: PeftImporter | None = None
+    # Whether the converters read and write complete key names (PEFT's prompt-learning kinds keep the prompt as a
+    # top-level ``prompt_embeddings`` and the task head under ``base_model.``) instead of keys without
+    # the ``base_model.model.`` prefix.
+    full_keys: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,9 +75,11 @@ class Method:
     # Whether a freshly attached method leaves the model's outputs unchanged (soft prompts do not).
     identity_at_init: bool = True
     # Factory of the method's training hooks (peftlab.core.hooks.TrainingHooks), or None for plain training.
-    hooks: Callable[[Any, Any], Any] | None = None
+    hooks: Callable[[Attachment, Any], TrainingHooks] | None = None
     # The adapter as saved, without a training-only reparameterisation: (config, layer tensors), or None.
-    fold: Callable[[Any], tuple[Any, dict] | None] | None = None
+    fold: Callable[[Attachment], tuple[Any, dict] | None] | None = None
+    # The method's conversion to and from the Hugging Face PEFT format, or None when PEFT cannot hold it.
+    peft: PeftFormat | None = None
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -71,6 +102,11 @@ def get_method(name: str) -> Method:
 
 def all_methods() -> list[Method]:
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def peft_importer(kind: str) -> Method | None:
+    """The method that imports PEFT adapters of ``kind``, or None."""
+    return next((m for m in all_methods() if m.peft and m.peft.load and m.peft.kind == kind), None)
 
 
 def config_fields(config_class: type) -> dict[str, dataclasses.Field]:

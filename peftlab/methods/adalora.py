@@ -50,11 +50,12 @@ from torch import nn
 
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.attach import Attachment, attach, load_state
-from ..core.hf_peft import EXPORTERS, HF_CONFIG, IMPORTERS, UNSUPPORTED, head_modules, head_tensors, split_lora_tensors
+from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
 from ..core.hooks import TrainContext, TrainingHooks
-from ..core.registry import Method, register
+from ..core.registry import Method, PeftFormat, register
 from ..core.targets import find_targets
 from ..errors import InputError, require
+from .lora import UNSUPPORTED, split_lora_tensors
 
 
 @dataclass
@@ -378,9 +379,6 @@ def _import_adalora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor
     return attachment
 
 
-EXPORTERS["adalora"] = _export_adalora
-IMPORTERS["ADALORA"] = _import_adalora
-
 METHOD = register(
     Method(
         name="adalora",
@@ -392,5 +390,6 @@ METHOD = register(
         lr=1e-3,
         mergeable=True,
         hooks=AdaLoraHooks,
+        peft=PeftFormat("ADALORA", export=_export_adalora, load=_import_adalora),
     )
 )

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import hf_peft
-from ..core.registry import Method, register
+from ..core.registry import Method, PeftFormat, register
 from ..errors import PeftlabError
 from . import lora
 
@@ -108,6 +107,20 @@ def apply(model: nn.Module, config: DoraConfig, protected: Sequence[str] = ()) -
     return lora.apply(model, config, protected, layer_class=DoraLinear)
 
 
+# --- Hugging Face PEFT: a LoRA adapter with use_dora and <module>.lora_magnitude_vector, shape (out,) -------------
+
+
+def export_dora(attachment) -> tuple[dict, dict[str, torch.Tensor]]:
+    fields, tensors = lora.export_lora(attachment)
+    for name, layer in attachment.layers().items():
+        tensors[f"{name}.lora_magnitude_vector"] = layer.magnitude
+    return {**fields, "use_dora": True}, tensors
+
+
+def import_dora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], weights):
+    return lora.import_lora(model, cfg, tensors, weights, method="dora", extra={"magnitude_vector": "magnitude"})
+
+
 METHOD = register(
     Method(
         name="dora",
@@ -118,23 +131,6 @@ METHOD = register(
         paper="Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)",
         lr=1e-3,
         mergeable=True,
+        peft=PeftFormat("LORA+DORA", export=export_dora, load=import_dora),
     )
 )
-
-
-# --- Hugging Face PEFT: a LoRA adapter with use_dora and <module>.lora_magnitude_vector, shape (out,) -------------
-
-
-def export_dora(attachment) -> tuple[dict, dict[str, torch.Tensor]]:
-    fields, tensors = hf_peft.export_lora(attachment)
-    for name, layer in attachment.layers().items():
-        tensors[f"{name}.lora_magnitude_vector"] = layer.magnitude
-    return {**fields, "use_dora": True}, tensors
-
-
-def import_dora(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], weights):
-    return hf_peft.import_lora(model, cfg, tensors, weights, method="dora", extra={"magnitude_vector": "magnitude"})
-
-
-hf_peft.EXPORTERS["dora"] = export_dora
-hf_peft.IMPORTERS["LORA+DORA"] = import_dora

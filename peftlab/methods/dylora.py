@@ -29,9 +29,9 @@ from torch import nn
 
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.attach import Attachment
-from ..core.hf_peft import EXPORTERS, head_tensors
+from ..core.hf_peft import head_tensors
 from ..core.hooks import StepRandom, TrainingHooks
-from ..core.registry import Method, register
+from ..core.registry import Method, PeftFormat, register
 from ..core.targets import find_targets
 from ..errors import InputError, PeftlabError, require
 
@@ -216,8 +216,6 @@ def _export_dylora(attachment: Attachment) -> tuple[dict, dict[str, torch.Tensor
     return fields, tensors
 
 
-EXPORTERS["dylora"] = _export_dylora
-
 METHOD = register(
     Method(
         name="dylora",
@@ -229,5 +227,6 @@ METHOD = register(
         lr=1e-3,
         mergeable=True,
         hooks=DyLoraHooks,
+        peft=PeftFormat("LORA", export=_export_dylora),  # a plain LoRA at the serving rank; imported as ``lora``
     )
 )

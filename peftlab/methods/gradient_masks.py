@@ -9,7 +9,7 @@
   the parameters sparse. An adapter loaded to be trained further brings its mask along, and keeps it.
 
 The task head is never masked: it is new and trains in full. Parameters are found through the attachment
-(``peftlab.train.regularise.pretrained_parameters``), never by name.
+(``peftlab.core.hooks.pretrained_parameters``), never by name.
 
 The method files import this module inside their hook factories, not at the top: ``peftlab.train`` imports the
 method registry, so a method module cannot import it while the registry is being built.
@@ -22,8 +22,7 @@ import time
 import torch
 
 from ..core.attach import Attachment
-from ..core.hooks import StepRandom, TrainContext, TrainingHooks
-from ..train.regularise import measured_fisher, pretrained_parameters
+from ..core.hooks import StepRandom, TrainContext, TrainingHooks, measured_fisher, pretrained_parameters
 
 
 class BernoulliGradientMask(TrainingHooks):

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ..core import attach as attaching
-from ..core import hf_peft
 from ..core.adapter import AdapterLayer, replace_module
-from ..core.registry import Method, register
+from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
+from ..core.registry import Method, PeftFormat, register
 from ..core.targets import find_targets
 from ..errors import InputError, PeftlabError, require
 
@@ -168,21 +168,6 @@ def apply(model: nn.Module, config: Ia3Config, protected: Sequence[str] = ()) ->
     return sorted(outputs + inputs, key=order.__getitem__)
 
 
-METHOD = register(
-    Method(
-        name="ia3",
-        config=Ia3Config,
-        apply=apply,
-        family="reparameterised",
-        summary="learned vectors rescale keys, values and the feed-forward activation; merges into the weights",
-        paper="Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context "
-        "Learning ((IA)^3, arXiv:2205.05638)",
-        lr=3e-3,
-        mergeable=True,
-    )
-)
-
-
 # --- Hugging Face PEFT: peft_type "IA3", <module>.ia3_l of shape (out, 1), or (1, in) for feedforward_modules -------
 
 
@@ -193,7 +178,7 @@ def export_ia3(attachment) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors[f"{name}.ia3_l"] = layer.weight_scale()
         if layer.scale_input:
             feedforward.append(name)
-    tensors.update(hf_peft.head_tensors(attachment))
+    tensors.update(head_tensors(attachment))
     fields = {
         "peft_type": "IA3",
         "target_modules": list(layers),
@@ -207,9 +192,7 @@ def export_ia3(attachment) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def import_ia3(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], weights):
     if cfg.get("fan_in_fan_out"):
-        raise InputError(
-            f"{weights.parent / hf_peft.HF_CONFIG}: fan_in_fan_out is set; peftlab's (IA)^3 adapts only nn.Linear"
-        )
+        raise InputError(f"{weights.parent / HF_CONFIG}: fan_in_fan_out is set; peftlab's (IA)^3 adapts only nn.Linear")
     modules = dict(model.named_modules())
     vectors, rest = {}, {}
     for key, value in tensors.items():
@@ -231,7 +214,7 @@ def import_ia3(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], we
                 f"{weights}: {name}.ia3_l has shape {tuple(value.shape)}; expected ({layer.out_features}, 1) or "
                 f"(1, {layer.in_features})"
             )
-    heads = hf_peft.head_modules(rest, cfg.get("modules_to_save") or [], model, weights)
+    heads = head_modules(rest, cfg.get("modules_to_save") or [], model, weights)
     config = Ia3Config(targets=outputs or [NONE], feedforward=inputs or [NONE])
     attachment = attaching.attach(model, "ia3", config, trainable_modules=heads)
     ours = {f"{name}.scale": value.reshape(-1) for name, value in vectors.items()}
@@ -239,5 +222,17 @@ def import_ia3(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], we
     return attachment
 
 
-hf_peft.EXPORTERS["ia3"] = export_ia3
-hf_peft.IMPORTERS["IA3"] = import_ia3
+METHOD = register(
+    Method(
+        name="ia3",
+        config=Ia3Config,
+        apply=apply,
+        family="reparameterised",
+        summary="learned vectors rescale keys, values and the feed-forward activation; merges into the weights",
+        paper="Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context "
+        "Learning ((IA)^3, arXiv:2205.05638)",
+        lr=3e-3,
+        mergeable=True,
+        peft=PeftFormat("IA3", export=export_ia3, load=import_ia3),
+    )
+)

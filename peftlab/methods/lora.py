@@ -34,8 +34,10 @@ well. Merging adds ``s (B A - B0 A0)``, a difference of rank at most 2r. Dropout
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -43,7 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import AdapterLayer, replace_module
-from ..core.registry import Method, register
+from ..core.attach import Attachment, attach, load_state
+from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
+from ..core.registry import Method, PeftFormat, get_method, register
 from ..core.targets import find_targets, matches
 from ..errors import InputError, require
 
@@ -86,6 +90,25 @@ class LoraConfig:
         r = next((v for p, v in reversed(self.rank_pattern.items()) if matches(p, module_name)), self.r)
         a = next((v for p, v in reversed(self.alpha_pattern.items()) if matches(p, module_name)), self.alpha)
         return r, a
+
+
+# The initialisations whose layers subtract a frozen initial product B0 A0 (kept as buffers lora_A0 / lora_B0).
+INITIAL_PRODUCT_INITS = ("pissa", "milora")
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
+    """The update's scale s: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def plain_factors(
+    A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor | None = None, B0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update ``B A - B0 A0`` as one plain product ``B' A'``: ``A' = [A; A0]`` (2r, in), ``B' = [B, -B0]``
+    (out, 2r) when there is an initial product, else A and B themselves."""
+    if A0 is None:
+        return A, B
+    return torch.cat([A, A0], dim=0), torch.cat([B, -B0], dim=1)
 
 
 def singular_factors(
@@ -147,7 +170,7 @@ class LoraLinear(AdapterLayer):
     ):
         super().__init__(base)
         self.r = r
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, rslora)
         dtype, device = self.factor_dtype_and_device()
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=device))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=device))  # (out, r)
@@ -155,7 +178,7 @@ class LoraLinear(AdapterLayer):
         # The frozen initial factors of PiSSA / MiLoRA (None for the other initialisations).
         self.register_buffer("lora_A0", None)
         self.register_buffer("lora_B0", None)
-        if init in ("pissa", "milora"):
+        if init in INITIAL_PRODUCT_INITS:
             A0, B0 = singular_factors(self.pretrained_weight(), r, self.scaling, minor=init == "milora")
             A0, B0 = A0.to(dtype), B0.to(dtype)
             with torch.no_grad():
@@ -247,6 +270,177 @@ def apply(
     return [name for name, _, _ in selected]
 
 
+# -- the Hugging Face PEFT format: peft_type "LORA", tensors <module>.lora_A.weight (r, in), <module>.lora_B.weight
+# (out, r); per-module ranks and alphas in rank_pattern / alpha_pattern, whose keys PEFT matches as regular
+# expressions against the end of the module name, first match winning. Both directions keep the numbers exact.
+# PiSSA / MiLoRA adapters are written as a plain LoRA of rank 2r, [B, -B0] [A; A0], with alpha doubled (times
+# sqrt(2) with rsLoRA) so the scaling is unchanged -- the form PEFT itself writes when it converts a PiSSA adapter --
+# so it loads onto the unmodified pretrained base. A PEFT adapter saved with init_lora_weights="pissa" (unconverted)
+# expects PEFT to redo the SVD of the base when it loads; the importer does the same. Other initialisations that
+# change the base (OLoRA, CorDA, LoftQ, LoRA-GA, randomised PiSSA) are refused by name.
+
+# PEFT LoRA options peftlab's LoRA does not implement; an adapter that turns one on is refused by name.
+UNSUPPORTED = {
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
+    "lora_bias": "lora_bias",
+    "layers_to_transform": "layers_to_transform",
+    "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable_token_indices",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "aLoRA",
+}
+
+
+def export_lora(attachment: Attachment) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A LoRA attachment (or a LoRA variant's: its config is a ``LoraConfig``) as PEFT LoRA fields and tensors."""
+    config: LoraConfig = attachment.config
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    layers = attachment.layers()
+    # PiSSA / MiLoRA become a rank-2r LoRA [B, -B0] [A; A0]; alpha grows so that the scaling stays the same.
+    initial_product = config.init in INITIAL_PRODUCT_INITS
+    rank_factor = 2 if initial_product else 1
+    alpha_factor = (math.sqrt(2) if config.rslora else 2.0) if initial_product else 1.0
+    for name, layer in layers.items():
+        r, alpha = config.rank_and_alpha(name)
+        A, B = plain_factors(layer.lora_A, layer.lora_B, layer.lora_A0, layer.lora_B0)
+        tensors[f"{name}.lora_A.weight"] = A
+        tensors[f"{name}.lora_B.weight"] = B
+        if r != config.r:
+            rank_pattern[re.escape(name)] = r * rank_factor
+        if alpha != config.alpha:
+            alpha_pattern[re.escape(name)] = alpha * alpha_factor
+    tensors.update(head_tensors(attachment))
+    fields = {
+        "peft_type": "LORA",
+        "r": config.r * rank_factor,
+        "lora_alpha": config.alpha * alpha_factor,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.rslora,
+        "target_modules": list(layers),
+        "modules_to_save": attachment.trainable_modules or None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
+    return fields, tensors
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: the first key whose regex matches the name's end."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def split_lora_tensors(
+    tensors: dict[str, torch.Tensor], source: Path, model: nn.Module, extra: tuple[str, ...] = ()
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Group ``<module>.lora_<X>[.<adapter>].weight`` tensors by module (X in A, B and ``extra``); the rest are
+    the task head's."""
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    rest = {}
+    names = "|".join(("A", "B", *extra))
+    for key, value in tensors.items():
+        m = re.fullmatch(rf"(.+)\.lora_({names})(?:\.[^.]+)?(?:\.weight)?", key)
+        if m:
+            lora.setdefault(m.group(1), {})[m.group(2)] = value
+        elif "lora_" in key:  # a LoRA variant (embedding LoRA, ...) this importer does not handle
+            raise InputError(f"{source}: tensor {key!r} belongs to a LoRA variant peftlab does not import")
+        else:
+            rest[key] = value
+    if not lora:
+        raise InputError(f"{source}: no lora_A / lora_B tensors found")
+    modules = dict(model.named_modules())
+    for name in lora:
+        if name not in modules:
+            raise InputError(f"{source}: the model has no module {name!r} (is this the adapter's base model?)")
+    return lora, rest
+
+
+# PEFT initialisations that leave the base weights as they were: the saved A and B are all there is to load.
+PLAIN_INITS = {
+    True: "kaiming",
+    False: "kaiming",
+    "gaussian": "gaussian",
+    "eva": "kaiming",
+    "orthogonal": "kaiming",
+    "mica": "kaiming",
+}
+
+
+def lora_init(cfg: dict, source: Path) -> str:
+    """peftlab's ``init`` for a PEFT ``init_lora_weights``: "pissa" (the base is changed by an exact SVD, which
+    peftlab redoes), a plain init, or an InputError for an init that changes the base in a way peftlab cannot redo."""
+    value = cfg.get("init_lora_weights", True)
+    if value == "pissa":
+        return "pissa"
+    if isinstance(value, (bool, str)) and value in PLAIN_INITS:
+        return PLAIN_INITS[value]
+    raise InputError(
+        f"{source}: init_lora_weights {value!r} changes the base weights when PEFT loads the adapter, which "
+        "peftlab cannot redo; convert it to a plain LoRA first "
+        "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+    )
+
+
+def import_lora(
+    model: nn.Module,
+    cfg: dict,
+    tensors: dict[str, torch.Tensor],
+    weights: Path,
+    method: str = "lora",
+    extra: dict[str, str] | None = None,
+) -> Attachment:
+    """Attach a PEFT LoRA adapter as ``method`` (LoRA or a variant whose config is a ``LoraConfig``).
+
+    ``extra`` maps further per-module PEFT tensors ``<module>.lora_<X>`` to the variant's own parameter names (DoRA:
+    ``{"magnitude_vector": "magnitude"}``).
+    """
+    extra = extra or {}
+    for key, what in UNSUPPORTED.items():
+        if cfg.get(key):
+            raise InputError(f"{weights.parent / HF_CONFIG}: {key} is set; peftlab's LoRA does not implement {what}")
+    init = lora_init(cfg, weights.parent / HF_CONFIG)
+    lora, rest = split_lora_tensors(tensors, weights, model, extra=tuple(extra))
+    for name, group in lora.items():
+        lacking = sorted({"A", "B", *extra} - set(group))
+        if lacking:
+            raise InputError(f"{weights}: module {name!r} has no lora_{lacking[0]} tensor")
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = {}, {}
+    for name, pair in lora.items():
+        r_i = int(pair["A"].shape[0])
+        a_i = float(pattern_value(cfg.get("alpha_pattern") or {}, name, alpha))
+        if r_i != r:
+            rank_pattern[name] = r_i
+        if a_i != alpha:
+            alpha_pattern[name] = a_i
+    heads = head_modules(rest, cfg.get("modules_to_save") or [], model, weights)
+    config = get_method(method).config(
+        r=r,
+        alpha=alpha,
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        rslora=bool(cfg.get("use_rslora", False)),
+        init=init,
+        targets=list(lora),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
+    attachment = attach(model, method, config, trainable_modules=heads)
+    # PiSSA's frozen initial factors come from the SVD of this base, as PEFT recomputes them on loading.
+    ours = {k: v for k, v in attachment.state().items() if k.endswith((".lora_A0", ".lora_B0"))}
+    for name, group in lora.items():
+        ours[f"{name}.lora_A"], ours[f"{name}.lora_B"] = group["A"], group["B"]
+        for theirs, own in extra.items():
+            ours[f"{name}.{own}"] = group[theirs]
+    load_state(attachment, ours | rest, weights)
+    return attachment
+
+
 METHOD = register(
     Method(
         name="lora",
@@ -257,5 +451,6 @@ METHOD = register(
         paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)",
         lr=1e-3,
         mergeable=True,
+        peft=PeftFormat("LORA", export=export_lora, load=import_lora),
     )
 )

@@ -41,8 +41,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core import hf_peft
-from ..core.registry import Method, register
+from ..core.registry import Method, PeftFormat, register
 from ..errors import InputError, require
 from .prompt_tuning import (
     attach_soft_prompt,
@@ -202,9 +201,6 @@ METHOD = register(
         mergeable=False,
         identity_at_init=False,
         fold=fold,
+        peft=PeftFormat("P_TUNING", export=_export_p_tuning, load=_import_p_tuning, full_keys=True),
     )
 )
-
-hf_peft.EXPORTERS["p_tuning"] = _export_p_tuning
-hf_peft.IMPORTERS["P_TUNING"] = _import_p_tuning
-hf_peft.FULL_KEY_KINDS.add("P_TUNING")

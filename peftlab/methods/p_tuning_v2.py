@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..core import hf_peft
-from ..core.registry import Method, register
+from ..core.registry import Method, PeftFormat, register
 from ..errors import require
 from .prefixes import attach_prefixes, export_prefixes
 
@@ -60,7 +59,6 @@ METHOD = register(
         lr=1e-2,
         mergeable=False,
         identity_at_init=False,
+        peft=PeftFormat("PREFIX_TUNING", export=export_prefixes, full_keys=True),  # imported back as ``prefix_tuning``,
     )
 )
-
-hf_peft.EXPORTERS["p_tuning_v2"] = export_prefixes

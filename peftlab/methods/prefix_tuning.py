@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import hf_peft
-from ..core.registry import Method, register
+from ..core.registry import Method, PeftFormat, register
 from ..errors import require
 from .prefixes import attach_prefixes, export_prefixes, fold_prefixes, import_prefixes
 
@@ -99,8 +98,6 @@ METHOD = register(
         mergeable=False,
         identity_at_init=False,
         fold=fold,
+        peft=PeftFormat("PREFIX_TUNING", export=export_prefixes, load=_import_prefix_tuning, full_keys=True),
     )
 )
-
-hf_peft.EXPORTERS["prefix_tuning"] = export_prefixes
-hf_peft.IMPORTERS["PREFIX_TUNING"] = _import_prefix_tuning

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..core import hf_peft
 from ..core.adapter import AdapterLayer, replace_module
+from ..core.attach import attach, load_state
 from ..core.attention import attention_modules, extend_keys_values, remove_extension, restore
+from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
 from ..core.kv_cache import cache_length
 from ..errors import InputError
 
@@ -249,21 +250,21 @@ def export_prefixes(attachment) -> tuple[dict, dict[str, torch.Tensor]]:
         "prefix_projection": False,
         "modules_to_save": attachment.trainable_modules or None,
     }
-    heads = {f"base_model.{k}": v for k, v in hf_peft.head_tensors(attachment).items()}
+    heads = {f"base_model.{k}": v for k, v in head_tensors(attachment).items()}
     return fields, {"prompt_embeddings": torch.cat(rows, dim=1)} | heads
 
 
 def import_prefixes(model: nn.Module, cfg: dict, tensors: dict, weights: Path, method: str, config):
     """Attach ``method`` (direct prefixes, shifted positions) and load PEFT's prefixes and task head into it."""
-    source = weights.parent / hf_peft.HF_CONFIG
+    source = weights.parent / HF_CONFIG
     if int(cfg.get("num_transformer_submodules") or 1) != 1:
         raise InputError(f"{source}: encoder-decoder prefixes are not supported")
     if "prompt_embeddings" not in tensors:
         raise InputError(f"{weights}: no prompt_embeddings tensor")
     prompt = tensors["prompt_embeddings"]  # (P, L * 2 * kv_heads * head_dim)
     rest = {k.removeprefix("base_model."): v for k, v in tensors.items() if k != "prompt_embeddings"}
-    heads = hf_peft.head_modules(rest, cfg.get("modules_to_save") or [], model, weights)
-    attachment = hf_peft.attaching.attach(model, method, config, trainable_modules=heads)
+    heads = head_modules(rest, cfg.get("modules_to_save") or [], model, weights)
+    attachment = attach(model, method, config, trainable_modules=heads)
     ours, start = {}, 0
     for name, layer in attachment.layers().items():
         kv_heads, count, head_dim = layer.prefix_keys.shape
@@ -279,8 +280,5 @@ def import_prefixes(model: nn.Module, cfg: dict, tensors: dict, weights: Path, m
             start += width
     if start != prompt.shape[1]:
         raise InputError(f"{weights}: prompt_embeddings has {prompt.shape[1] - start} columns too many for the model")
-    hf_peft.attaching.load_state(attachment, ours | rest, weights)
+    load_state(attachment, ours | rest, weights)
     return attachment
-
-
-hf_peft.FULL_KEY_KINDS.add("PREFIX_TUNING")

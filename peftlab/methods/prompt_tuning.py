@@ -39,9 +39,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core import hf_peft
 from ..core.adapter import AdapterLayer, replace_module
-from ..core.registry import Method, register
+from ..core.attach import attach, load_state
+from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
+from ..core.registry import Method, PeftFormat, register
 from ..core.virtual_tokens import insert_virtual_tokens
 from ..errors import InputError, require
 
@@ -226,7 +227,7 @@ def peft_prompt_fields(attachment, prompt: torch.Tensor) -> dict:
 
 
 def peft_head_tensors(attachment) -> dict[str, torch.Tensor]:
-    return {f"base_model.{k}": v for k, v in hf_peft.head_tensors(attachment).items()}
+    return {f"base_model.{k}": v for k, v in head_tensors(attachment).items()}
 
 
 def the_soft_prompt(attachment) -> SoftPrompt:
@@ -243,15 +244,15 @@ def _export_prompt_tuning(attachment) -> tuple[dict, dict[str, torch.Tensor]]:
 def import_peft_prompt(model, cfg: dict, tensors: dict, weights: Path, method: str, config):
     """Attach ``method`` with ``config`` and load PEFT's ``prompt_embeddings`` and task head into it."""
     if int(cfg.get("num_transformer_submodules") or 1) != 1:
-        raise InputError(f"{weights.parent / hf_peft.HF_CONFIG}: encoder-decoder prompts are not supported")
+        raise InputError(f"{weights.parent / HF_CONFIG}: encoder-decoder prompts are not supported")
     if "prompt_embeddings" not in tensors:
         raise InputError(f"{weights}: no prompt_embeddings tensor")
     prompt = tensors["prompt_embeddings"]
     rest = {k.removeprefix("base_model."): v for k, v in tensors.items() if k != "prompt_embeddings"}
-    heads = hf_peft.head_modules(rest, cfg.get("modules_to_save") or [], model, weights)
-    attachment = hf_peft.attaching.attach(model, method, config, trainable_modules=heads)
+    heads = head_modules(rest, cfg.get("modules_to_save") or [], model, weights)
+    attachment = attach(model, method, config, trainable_modules=heads)
     (name,) = attachment.layers()
-    hf_peft.attaching.load_state(attachment, {f"{name}.prompt": prompt} | rest, weights)
+    load_state(attachment, {f"{name}.prompt": prompt} | rest, weights)
     return attachment
 
 
@@ -272,9 +273,6 @@ METHOD = register(
         lr=3e-2,
         mergeable=False,
         identity_at_init=False,
+        peft=PeftFormat("PROMPT_TUNING", export=_export_prompt_tuning, load=_import_prompt_tuning, full_keys=True),
     )
 )
-
-hf_peft.EXPORTERS["prompt_tuning"] = _export_prompt_tuning
-hf_peft.IMPORTERS["PROMPT_TUNING"] = _import_prompt_tuning
-hf_peft.FULL_KEY_KINDS.add("PROMPT_TUNING")

@@ -40,12 +40,11 @@ import torch
 from torch import nn
 
 from ..core.adapter import replace_module
-from ..core.hf_peft import EXPORTERS
 from ..core.hooks import TrainingHooks
-from ..core.registry import Method, register
+from ..core.registry import Method, PeftFormat, register
 from ..errors import InputError, PeftlabError, require
 from ..quant.nf4 import ABSMAX_BLOCK_SIZE, NF4_BLOCK_SIZE, NF4Linear
-from .lora import LoraConfig, LoraLinear, select_layers
+from .lora import LoraConfig, LoraLinear, export_lora, select_layers
 
 MergeInto = Literal["dequantized", "requantized"]
 
@@ -232,7 +231,7 @@ METHOD = register(
         mergeable=True,
         identity_at_init=False,  # the quantised base differs from the pretrained one; see the module docstring
         hooks=QLoraHooks,
+        # A QLoRA adapter is a LoRA adapter in the PEFT format (imported back as ``lora``).
+        peft=PeftFormat("LORA", export=export_lora),
     )
 )
-
-EXPORTERS["qlora"] = EXPORTERS["lora"]  # a QLoRA adapter is a LoRA adapter in the PEFT format

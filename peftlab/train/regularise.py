@@ -30,38 +30,12 @@ is nothing to pull back toward theta_0.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
 from ..core.attach import Attachment
-from ..core.hooks import TrainContext, TrainingHooks, empirical_fisher
+from ..core.hooks import TrainContext, TrainingHooks, measured_fisher, pretrained_parameters
 from ..errors import InputError, PeftlabError
-
-
-def pretrained_parameters(attachment: Attachment) -> dict[str, nn.Parameter]:
-    """The pretrained parameters that train, by base name: trainable base parameters outside the task head."""
-    heads = tuple(f"{h}." for h in attachment.trainable_modules)
-    state = attachment.state()
-    return {name: state[name] for name in attachment.initial if not name.startswith(heads)}
-
-
-def measured_fisher(
-    ctx: TrainContext, params: dict[str, torch.Tensor], examples: int
-) -> tuple[dict[str, torch.Tensor], int]:
-    """``empirical_fisher`` one example at a time, and how many examples it saw (the training set may be smaller
-    than ``examples``)."""
-    seen = 0
-
-    def counted(n: int, batch_size: int):
-        nonlocal seen
-        for batch in ctx.batches(n, batch_size):
-            seen += len(batch["labels"])
-            yield batch
-
-    fisher = empirical_fisher(replace(ctx, batches=counted), params, examples=examples)
-    return fisher, seen
 
 
 def _trained_pretrained(attachment: Attachment, flag: str) -> dict[str, nn.Parameter]:
