@@ -24,11 +24,12 @@ b_up and b_down start at zero, so A(h) = 0 and a fresh adapter leaves the model'
 (Houlsby et al. draw both projections near zero for the same reason; a zero W_up makes it exact, as LoRA's B = 0.
 W_down gets its first gradient once W_up has moved.)
 
-Where the layers sit. ``targets = ["auto"]`` looks the layers up in ``LAYOUTS``, a small table of layer names per
-architecture family (first one that fits wins); otherwise ``targets`` are module name patterns (the glob rule of
-``peftlab.core.targets``) naming the projections for sequential adapters or the feed-forward modules (``FFN(x)``)
-for parallel ones. Each adapter's transformer block is found generically: the index after the outermost
-``nn.ModuleList`` in its module name (``bert.encoder.layer.3.output.dense`` -> block 3 of ``bert.encoder.layer``).
+Where the layers sit. ``targets = ["auto"]`` looks the layers up in ``peftlab.core.layouts.LAYOUTS``, the table
+of layer names per architecture family (first one that fits wins); otherwise ``targets`` are module name patterns
+(the glob rule of ``peftlab.core.targets``) naming the projections for sequential adapters or the feed-forward
+modules (``FFN(x)``) for parallel ones. Each adapter's transformer block is found generically
+(``peftlab.core.layouts.block_of``): the index after the outermost ``nn.ModuleList`` in its module name
+(``bert.encoder.layer.3.output.dense`` -> block 3 of ``bert.encoder.layer``).
 
 ``train_layernorms``: the normalisation layers inside the transformer blocks (LayerNorm, RMSNorm: every module
 in the blocks whose class name ends in ``Norm``) train too, as Houlsby et al. do; they are saved in the adapter
@@ -57,6 +58,7 @@ from torch import nn
 
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.hooks import StepRandom, TrainingHooks
+from ..core.layouts import ROLE_TYPES, FfnInput, block_of, find_layout, looked_for
 from ..core.targets import find_targets
 from ..errors import InputError, PeftlabError, require
 
@@ -147,9 +149,6 @@ class SequentialAdapter(BlockAdapter):
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {f"adapter.{name}": p for name, p in self.adapter.tensors().items()}
-
-
-FfnInput = Literal["input", "residual"]
 
 
 class ParallelAdapter(BlockAdapter):
@@ -261,66 +260,23 @@ class BottleneckConfig:
 # --- where the adapters go ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Module name patterns of one architecture family (glob rule of ``peftlab.core.targets``)."""
-
-    attention_output: str  # the attention sublayer's output projection (nn.Linear)
-    ffn_output: str  # the feed-forward sublayer's output projection (nn.Linear)
-    ffn_block: str  # the module a parallel adapter wraps
-    ffn_input: FfnInput  # how the block's input x reaches it: forward(x), or forward(u, x) as the residual
-
-
-# BERT's attention output projection and its feed-forward output projection are both "*.output.dense"
-# (layer.0.attention.output.dense, layer.0.output.dense); "*[0-9].output" selects only the layer's own output module.
-LAYOUTS: dict[str, Layout] = {
-    "BERT / RoBERTa / MiniLM / ELECTRA": Layout(
-        "attention.output.dense", "*[0-9].output.dense", "*[0-9].output", "residual"
-    ),
-    "MPNet": Layout("attention.attn.o", "*[0-9].output.dense", "*[0-9].output", "residual"),
-    "Llama / Qwen / Mistral / Gemma": Layout("self_attn.o_proj", "mlp.down_proj", "mlp", "input"),
-    "DistilBERT": Layout("attention.out_lin", "ffn.lin2", "ffn", "input"),
-}
-SITE_TYPES = {"attention_output": (nn.Linear,), "ffn_output": (nn.Linear,), "ffn_block": (nn.Module,)}
-
-
 def find_sites(
     model: nn.Module, targets: list[str], kinds: Sequence[str], protected: Sequence[str]
 ) -> tuple[list[str], FfnInput]:
-    """Module names for the site ``kinds`` (fields of ``Layout``), in model order, and how a feed-forward block
-    takes its input. ``targets = ["auto"]`` tries ``LAYOUTS`` in order; patterns select modules directly (for a
-    parallel adapter they name modules that compute ``FFN(x)`` from x)."""
-    types = tuple({t for kind in kinds for t in SITE_TYPES[kind]})
+    """Module names for the site ``kinds`` (roles of ``peftlab.core.layouts.Layout``), in model order, and how a
+    feed-forward block takes its input. ``targets = ["auto"]`` tries the known layouts in order; patterns select
+    modules directly (for a parallel adapter they name modules that compute ``FFN(x)`` from x)."""
     if targets != [AUTO]:
+        types = tuple({t for kind in kinds for t in ROLE_TYPES[kind]})
         return find_targets(model, targets, types, protected), "input"
-    for layout in LAYOUTS.values():
-        try:
-            names = [
-                n for kind in kinds for n in find_targets(model, [getattr(layout, kind)], SITE_TYPES[kind], protected)
-            ]
-        except InputError:
-            continue
-        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        return sorted(names, key=order.__getitem__), layout.ffn_input
-    looked = "; ".join(
-        f"{family} ({' and '.join(repr(getattr(layout, kind)) for kind in kinds)})"
-        for family, layout in LAYOUTS.items()
-    )
-    raise InputError(
-        f"targets: 'auto' found none of the known layer layouts here (looked for {looked}); "
-        "give --targets module name patterns"
-    )
-
-
-def block_of(model: nn.Module, name: str) -> tuple[str, int, int] | None:
-    """(list name, index, list length) of the transformer block that module ``name`` lies in: the index after the
-    outermost ``nn.ModuleList`` on its path, or None when no such list holds it."""
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        parent = model.get_submodule(".".join(parts[:i]))
-        if isinstance(parent, nn.ModuleList) and parts[i].isdigit():
-            return ".".join(parts[:i]), int(parts[i]), len(parent)
-    return None
+    found = find_layout(model, kinds, protected)
+    if found is None:
+        raise InputError(
+            f"targets: 'auto' found none of the known layer layouts here (looked for {looked_for(kinds)}); "
+            "give --targets module name patterns"
+        )
+    layout, names = found
+    return names, layout.ffn_input
 
 
 def blocks_for(model: nn.Module, names: list[str], config: Any) -> dict[str, tuple[int | None, int | None]]:

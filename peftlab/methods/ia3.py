@@ -18,10 +18,9 @@ the columns, ``W' = W diag(l)``. Unmerging divides them back out (exact up to fl
 be divided out, so merging refuses it). The weight difference ``W' - W`` is a row or column rescaling of W, so its
 rank is generally full, and the bias change of output-scaled layers is not part of ``delta_weight``.
 
-``auto`` (the default of both lists) picks the layer names of a known architecture from ``LAYOUTS`` below (first
-match wins). In BERT the attention block's output projection and the feed-forward block's second linear layer are
-both called ``*.output.dense`` (``layer.0.attention.output.dense`` and ``layer.0.output.dense``); the pattern
-``*[0-9].output.dense`` selects only the latter.
+``auto`` (the default of both lists) picks the layer names of a known architecture from
+``peftlab.core.layouts.LAYOUTS`` (first match wins): the key and value projections, and the feed-forward block's
+second linear layer.
 """
 
 from __future__ import annotations
@@ -35,20 +34,16 @@ from torch import nn
 from ..core import attach as attaching
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
+from ..core.layouts import LAYOUTS, find_layout
 from ..core.registry import Method, PeftFormat, register
 from ..core.targets import find_targets
 from ..errors import InputError, PeftlabError, require
 
 AUTO, NONE = "auto", "none"
 
-# Architecture -> (layers whose output is scaled: keys and values, layers whose input is scaled: the FFN's second
-# linear layer). Patterns follow the glob rule of peftlab.core.targets.
-LAYOUTS: dict[str, tuple[list[str], list[str]]] = {
-    "BERT / RoBERTa / MiniLM / ELECTRA": (["attention.self.key", "attention.self.value"], ["*[0-9].output.dense"]),
-    "Llama / Qwen / Mistral / Gemma": (["self_attn.k_proj", "self_attn.v_proj"], ["mlp.down_proj"]),
-    "DistilBERT": (["attention.k_lin", "attention.v_lin"], ["ffn.lin2"]),
-    "MPNet": (["attention.attn.k", "attention.attn.v"], ["*[0-9].output.dense"]),
-}
+# The roles of peftlab.core.layouts each list scales under "auto": keys and values (output), the feed-forward
+# block's second linear layer (input).
+AUTO_ROLES = {"targets": ("key", "value"), "feedforward": ("ffn_output",)}
 
 
 @dataclass
@@ -132,9 +127,9 @@ class Ia3Linear(AdapterLayer):
         self.merged = False
 
 
-def resolve(model: nn.Module, patterns: list[str], which: int, field_name: str, protected: Sequence[str]) -> list[str]:
-    """Module names for one list: ``none`` -> [], ``auto`` -> the first layout in ``LAYOUTS`` that fits, else the
-    patterns themselves (a pattern that selects nothing is an error)."""
+def resolve(model: nn.Module, patterns: list[str], field_name: str, protected: Sequence[str]) -> list[str]:
+    """Module names for one list: ``none`` -> [], ``auto`` -> the first known layout that fits, else the patterns
+    themselves (a pattern that selects nothing is an error)."""
     if patterns == [NONE]:
         return []
     if patterns != [AUTO]:
@@ -142,20 +137,18 @@ def resolve(model: nn.Module, patterns: list[str], which: int, field_name: str, 
             return find_targets(model, patterns, (nn.Linear,), protected)
         except InputError as e:  # find_targets names the field "targets"; this list may be "feedforward"
             raise InputError(f"{field_name}: {str(e).removeprefix('targets: ')}") from None
-    for layout in LAYOUTS.values():
-        try:
-            return find_targets(model, layout[which], (nn.Linear,), protected)
-        except InputError:
-            continue
-    raise InputError(
-        f"{field_name}: 'auto' knows the layer names of {', '.join(LAYOUTS)} models and found none of them here; "
-        f"give --targets and --feedforward patterns"
-    )
+    found = find_layout(model, AUTO_ROLES[field_name], protected)
+    if found is None:
+        raise InputError(
+            f"{field_name}: 'auto' knows the layer names of {', '.join(LAYOUTS)} models and found none of them "
+            "here; give --targets and --feedforward patterns"
+        )
+    return found[1]
 
 
 def apply(model: nn.Module, config: Ia3Config, protected: Sequence[str] = ()) -> list[str]:
-    outputs = resolve(model, config.targets, 0, "targets", protected)
-    inputs = resolve(model, config.feedforward, 1, "feedforward", protected)
+    outputs = resolve(model, config.targets, "targets", protected)
+    inputs = resolve(model, config.feedforward, "feedforward", protected)
     both = [n for n in inputs if n in outputs]
     if both:
         raise InputError(

@@ -5,9 +5,8 @@ Layers During Transformer Fine-Tuning", arXiv:1911.03090). With blocks ``B_1 .. 
 ``h = N(B_L(...B_1(E(x))))``, the parameters of ``B_{L-k+1} .. B_L`` and of the modules between the last block and
 the task head (``N``) train, and so does the head.
 
-Finding the blocks, generically: the longest ``nn.ModuleList`` whose entries are all of one class and hold
-parameters (``bert.encoder.layer``, MPNet's ``mpnet.encoder.layer``, Llama/Qwen's ``model.layers``, GPT-2's
-``transformer.h``); on a tie (an encoder-decoder) the one registered last, nearest the output.
+The blocks are found generically (``peftlab.core.layouts.find_blocks``): the longest ``nn.ModuleList`` whose
+entries are all of one class and hold parameters; on a tie (an encoder-decoder) the one registered last.
 
 What sits between the last block and the head trains too, from k = 1 on. Freezing it would leave the trained top
 block feeding a frozen map, for a saving of a few thousand parameters. Found by registration order:
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core.layouts import find_blocks
 from ..core.registry import Method, register
 from ..errors import InputError, require
 
@@ -47,22 +47,6 @@ def _inside(name: str, roots: Sequence[str]) -> bool:
 
 def _has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
-
-
-def find_blocks(model: nn.Module, protected: Sequence[str] = ()) -> str:
-    """Name of the transformer block list: the longest ModuleList of one block class (ties: the last one)."""
-    best, best_len = None, 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0 or _inside(name, protected):
-            continue
-        if len({type(block) for block in module}) == 1 and _has_parameters(module) and len(module) >= best_len:
-            best, best_len = name, len(module)
-    if best is None:
-        raise InputError(
-            f"k: found no transformer blocks in {type(model).__name__} "
-            "(expected an nn.ModuleList of identical blocks, like bert.encoder.layer or model.layers)"
-        )
-    return best
 
 
 def _is_norm(module: nn.Module) -> bool:

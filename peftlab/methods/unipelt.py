@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.layouts import find_layout, looked_for
 from ..core.registry import Method, register
-from ..core.targets import find_targets
 from ..errors import InputError, require
 from .bottleneck import AUTO, Activation, BottleneckConfig, SequentialAdapter, apply_sequential
 from .lora import LoraConfig, LoraLinear
@@ -59,12 +59,6 @@ from .lora import apply as apply_lora
 from .prefix_tuning import PrefixTuningConfig
 from .prefixes import PrefixAttention, attach_prefixes, fold_hybrid
 
-# Query and value projections per architecture family ("auto"): the first family whose names all exist wins.
-LORA_LAYOUTS: dict[str, list[str]] = {
-    "BERT / RoBERTa / MiniLM / ELECTRA": ["query", "value"],
-    "Llama / Qwen / Mistral / Gemma": ["q_proj", "v_proj"],
-    "DistilBERT": ["q_lin", "v_lin"],
-}
 ADAPTER_SITES = {"ffn": ["ffn_output"], "attention_and_ffn": ["attention_output", "ffn_output"]}
 
 
@@ -216,20 +210,18 @@ class UniPeltConfig:
 
 
 def lora_patterns(model: nn.Module, config: UniPeltConfig, protected: Sequence[str]) -> list[str]:
-    """LoRA's target patterns: the given ones, or the first family of ``LORA_LAYOUTS`` whose names all exist."""
+    """LoRA's target patterns: the given ones, or the query and value projections of the first known layout whose
+    names all exist."""
     if config.lora_targets != [AUTO]:
         return list(config.lora_targets)
-    for patterns in LORA_LAYOUTS.values():
-        try:
-            find_targets(model, patterns, (nn.Linear,), protected)
-        except InputError:
-            continue
-        return patterns
-    looked = "; ".join(f"{family} ({' and '.join(p)})" for family, p in LORA_LAYOUTS.items())
-    raise InputError(
-        f"lora_targets: 'auto' found no known query/value projections (looked for {looked}); "
-        "give --lora-targets module name patterns"
-    )
+    roles = ("query", "value")
+    found = find_layout(model, roles, protected)
+    if found is None:
+        raise InputError(
+            f"lora_targets: 'auto' found no known query/value projections (looked for {looked_for(roles)}); "
+            "give --lora-targets module name patterns"
+        )
+    return [found[0].query, found[0].value]
 
 
 def apply(model: nn.Module, config: UniPeltConfig, protected: Sequence[str] = ()) -> list[str]:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..core.layouts import find_blocks
+
 
 @dataclass
 class Distributed:
@@ -120,16 +122,8 @@ def shard_model(model: torch.nn.Module) -> None:
     are sharded like the trainable ones; each block's weights are gathered only while it computes."""
     from torch.distributed.fsdp import fully_shard
 
-    lists = [
-        m
-        for m in model.modules()
-        if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1
-    ]
-    if not lists:
-        from ..errors import InputError
-
-        raise InputError("fsdp: found no list of transformer blocks to shard in this model")
-    for block in max(lists, key=len):
+    blocks = model.get_submodule(find_blocks(model, field="fsdp"))
+    for block in blocks:
         fully_shard(block)
     fully_shard(model)
 
