@@ -28,7 +28,8 @@ from typing import Any, Literal
 import torch
 
 from .core.accounting import delta_ranks, folder_bytes, parameter_counts, rank_summary
-from .core.attach import CONFIG_FILE, WEIGHTS_FILE, Attachment, attach, load_adapter, load_state, read_tensors
+from .core.adapter_file import CONFIG_FILE, WEIGHTS_FILE, read_tensors
+from .core.attach import Attachment, attach, load_adapter, load_state
 from .data.batches import encode
 from .data.classification import Columns, load_classification, read_examples
 from .data.conversations import read_conversations

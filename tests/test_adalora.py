@@ -11,7 +11,7 @@ from torch import nn
 
 import peftlab
 import peftlab.train.loop as loop
-from peftlab.core.attach import read_tensors
+from peftlab.core.adapter_file import read_tensors
 from peftlab.errors import InputError
 from peftlab.methods.adalora import AdaLoraHooks, AdaLoraLinear
 from peftlab.run import RunOptions, build_model, prepare_data

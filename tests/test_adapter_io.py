@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.core.attach import CONFIG_FILE, WEIGHTS_FILE
+from peftlab.core.adapter_file import CONFIG_FILE, WEIGHTS_FILE
 from peftlab.errors import InputError
 from tests.conftest import tiny_classifier
 from tests.test_lora import TOKENS, randomise_B

@@ -552,7 +552,7 @@ def test_a_peft_adapter_config_field_of_the_wrong_type_is_one_line(world, cli, t
 def test_a_full_disk_inside_safetensors_is_one_line_and_leaves_no_adapter(world, cli, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    import peftlab.core.attach as attach
+    import peftlab.core.adapter_file as attach
 
     def no_space(*args, **kwargs):
         raise SafetensorError("Error while serializing: IoError(No space left on device)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.core.attach import WEIGHTS_FILE, read_tensors
+from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 
 
 def train_command(model, data, out, *extra):

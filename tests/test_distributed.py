@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from peftlab.core.attach import WEIGHTS_FILE, read_tensors
+from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 
 # Differences between 1 and 2 processes come only from float summation order across processes.
 TOLERANCE = 1e-5

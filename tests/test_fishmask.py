@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.core.attach import WEIGHTS_FILE, read_tensors
+from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.core.hooks import pretrained_parameters
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit

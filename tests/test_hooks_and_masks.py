@@ -3,7 +3,7 @@
 import torch
 
 import peftlab
-from peftlab.core.attach import WEIGHTS_FILE, read_tensors
+from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.core.hooks import TrainingHooks, empirical_fisher
 from peftlab.core.registry import Method
 from peftlab.run import RunOptions, build_model, prepare_data

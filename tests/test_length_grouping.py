@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import peftlab.train.loop as loop
-from peftlab.core.attach import WEIGHTS_FILE, read_tensors
+from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.data.batches import length_grouped
 from peftlab.methods.lora import LoraConfig
 from peftlab.run import run_training

@@ -158,7 +158,7 @@ def test_wrappers_read_missing_attributes_from_their_base():
 
 
 def test_base_names_look_through_nested_wrappers():
-    from peftlab.core.attach import base_name
+    from peftlab.core.adapter_file import base_name
 
     wrappers = {"a.self": None, "a.self.base.query": None}
     assert base_name("a.self.base.query.base.weight", wrappers) == "a.self.query.weight"

@@ -17,7 +17,7 @@ import torch
 
 import peftlab
 from peftlab.core.adapter import AdapterLayer, adapter_layers
-from peftlab.core.attach import base_name
+from peftlab.core.adapter_file import base_name
 from peftlab.methods import all_methods
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 import peftlab
-from peftlab.core.attach import WEIGHTS_FILE, read_tensors
+from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.errors import InputError
 from peftlab.methods.qlora import QLoraLinear, quantization_report, requantized_merge_report
 from peftlab.quant.nf4 import NF4Linear, quantize_nf4

@@ -10,7 +10,7 @@ from torch import nn
 
 import peftlab
 import peftlab.train.loop as loop
-from peftlab.core.attach import WEIGHTS_FILE, read_tensors
+from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.errors import InputError
 from peftlab.methods.relora import ReLoraHooks, ReLoraLinear, prune_smallest_
 from peftlab.run import RunOptions, build_model, prepare_data

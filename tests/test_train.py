@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import peftlab.train.loop as loop
-from peftlab.core.attach import WEIGHTS_FILE, attach, read_tensors
+from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
+from peftlab.core.attach import attach
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import LoraConfig
 from peftlab.run import RunOptions, build_model, prepare_data, run_training

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import attach as attaching
+from ..core import adapter_file
 from ..errors import InputError
 from ..methods import config_from_dict
 from ..methods.adapter_fusion import adapter_folder, body_signature
@@ -57,13 +57,13 @@ class LoraModule:
 
 def read_lora(path: str | Path, name: str | None = None) -> LoraModule:
     """Read a LoRA adapter folder (or a run folder holding one in ``adapter/``) into factors, in float32."""
-    folder, meta = attaching.read_adapter_meta(adapter_folder(str(path)))
+    folder, meta = adapter_file.read_adapter_meta(adapter_folder(str(path)))
     if meta["method"] not in COMPOSABLE:
         raise InputError(
             f"{folder}: a {meta['method']!r} adapter cannot be composed (composable: {', '.join(COMPOSABLE)})"
         )
-    config = config_from_dict(LoraConfig, meta["config"], source=f"{folder / attaching.CONFIG_FILE}: config")
-    tensors = attaching.read_tensors(folder / attaching.WEIGHTS_FILE)
+    config = config_from_dict(LoraConfig, meta["config"], source=f"{folder / adapter_file.CONFIG_FILE}: config")
+    tensors = adapter_file.read_tensors(folder / adapter_file.WEIGHTS_FILE)
     factors = {}
     for module in meta["targets"]:
         try:
@@ -115,30 +115,19 @@ def read_library(paths: Sequence[str | Path]) -> list[LoraModule]:
 
 
 def check_same_body(first: LoraModule, other: LoraModule) -> None:
-    here, there = first.body, other.body
-    if attaching.fingerprint(here) == attaching.fingerprint(there):
-        return
-    shape = [k for k in here if k in there and here[k] != there[k]]
-    missing = [k for k in here if k not in there]
-    if shape:
-        detail = f"parameter {shape[0]!r} is {tuple(here[shape[0]])} there but {tuple(there[shape[0]])} here"
-    elif missing:
-        detail = f"it has no parameter {missing[0]!r}"
-    else:
-        detail = f"it has parameter {next(k for k in there if k not in here)!r}, which {first.folder} lacks"
-    raise InputError(
-        f"adapters: {other.folder} was trained on a different base model than {first.folder}: {detail} "
-        f"(body fingerprints {attaching.fingerprint(there)[:12]} vs {attaching.fingerprint(here)[:12]})"
-    )
+    here, there = other.body, first.body
+    difference = adapter_file.base_difference(here, there, ("it", str(first.folder)), ("there", f"in {first.folder}"))
+    if difference is not None:
+        raise InputError(
+            f"adapters: {other.folder} was trained on a different base model than {first.folder}: {difference} "
+            f"(body fingerprints {adapter_file.fingerprint(here)[:12]} vs {adapter_file.fingerprint(there)[:12]})"
+        )
 
 
 def check_model(model: torch.nn.Module, modules: Sequence[LoraModule]) -> None:
     """Refuse a model whose body is not the adapters' base."""
-    from ..core.attach import base_signature, task_head_names
-
-    here = body_signature(base_signature(model), task_head_names(model))
+    here = body_signature(adapter_file.base_signature(model), adapter_file.task_head_names(model))
     there = modules[0].body
-    if attaching.fingerprint(here) != attaching.fingerprint(there):
-        differ = [k for k in sorted(set(here) | set(there)) if list(here.get(k, [])) != list(there.get(k, []))]
-        what = f" (first difference: parameter {differ[0]!r})" if differ else ""
-        raise InputError(f"model: its body is not the base the adapters were trained on{what}")
+    difference = adapter_file.base_difference(here, there, ("the model", "the adapters' base"), ("here", "there"))
+    if difference is not None:
+        raise InputError(f"model: its body is not the base the adapters were trained on ({difference})")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapter import replace_module
-from ..core.attach import task_head_names
+from ..core.adapter_file import task_head_names
 from ..errors import InputError
 from .library import LoraModule, check_model
 

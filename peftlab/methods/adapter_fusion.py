@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import attach as attaching
+from ..core import adapter_file
 from ..core.adapter import replace_module
 from ..core.registry import Method, register
 from ..errors import InputError, require
@@ -152,7 +152,7 @@ class FusionLayer(BlockAdapter):
 def adapter_folder(path: str) -> Path:
     """An adapter folder, given itself or a run folder that holds one in ``adapter/``."""
     p = Path(path)
-    if not (p / attaching.CONFIG_FILE).exists() and (p / "adapter" / attaching.CONFIG_FILE).exists():
+    if not (p / adapter_file.CONFIG_FILE).exists() and (p / "adapter" / adapter_file.CONFIG_FILE).exists():
         return p / "adapter"
     return p
 
@@ -179,29 +179,21 @@ def body_signature(signature: dict[str, list[int]], heads: Sequence[str]) -> dic
 
 
 def check_same_body(here: dict[str, list[int]], theirs: dict[str, list[int]], source: Path) -> None:
-    if attaching.fingerprint(here) == attaching.fingerprint(theirs):
-        return
-    shape = [k for k in here if k in theirs and here[k] != theirs[k]]
-    missing = [k for k in theirs if k not in here]
-    if shape:
-        detail = f"parameter {shape[0]!r} is {tuple(here[shape[0]])} here but {tuple(theirs[shape[0]])} there"
-    elif missing:
-        detail = f"this model has no parameter {missing[0]!r}"
-    else:
-        detail = f"this model has parameter {next(k for k in here if k not in theirs)!r}, which that base lacks"
-    raise InputError(f"adapters: {source} was trained on a different base model: {detail}")
+    difference = adapter_file.base_difference(here, theirs, ("this model", "that base"), ("here", "there"))
+    if difference is not None:
+        raise InputError(f"adapters: {source} was trained on a different base model: {difference}")
 
 
 def read_members(model: nn.Module, config: FusionConfig, protected: Sequence[str]):
     """Read the stage-one folders: (member specs, their shared targets, each member's tensors by target)."""
     if not config.adapters:
         raise InputError("adapters: expected two or more stage-one adapter folders, got none")
-    here = body_signature(attaching.base_signature(model), protected)
+    here = body_signature(adapter_file.base_signature(model), protected)
     specs, tensors, targets, taken = [], [], None, set()
     for path in config.adapters:
-        if not (adapter_folder(path) / attaching.CONFIG_FILE).exists():
-            raise InputError(f"adapters: {path}: adapter folder not found (expected {attaching.CONFIG_FILE} inside)")
-        folder, meta = attaching.read_adapter_meta(adapter_folder(path))
+        if not (adapter_folder(path) / adapter_file.CONFIG_FILE).exists():
+            raise InputError(f"adapters: {path}: adapter folder not found (expected {adapter_file.CONFIG_FILE} inside)")
+        folder, meta = adapter_file.read_adapter_meta(adapter_folder(path))
         check_same_body(here, body_signature(meta["base"]["parameters"], meta["trainable_modules"]), folder)
         method, options = meta["method"], meta["config"]
         if method not in FUSABLE:
@@ -215,7 +207,7 @@ def read_members(model: nn.Module, config: FusionConfig, protected: Sequence[str
         targets = meta["targets"]
         if targets != sites(model, method, protected):
             raise InputError(f"adapters: {folder} adapts other layers than {method!r} does on this model")
-        weights = attaching.read_tensors(folder / attaching.WEIGHTS_FILE)
+        weights = adapter_file.read_tensors(folder / adapter_file.WEIGHTS_FILE)
         own = {t: {k: weights[f"{t}.adapter.{k}"] for k in Bottleneck.NAMES} for t in targets}
         sizes = {own[t]["down_weight"].shape[0] for t in targets}
         if len(sizes) != 1:
