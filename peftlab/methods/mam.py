@@ -27,7 +27,6 @@ adapter attached together with the same tensors.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,26 +39,19 @@ from ..errors import require
 from .bottleneck import AUTO, Activation
 from .parallel import ParallelConfig
 from .parallel import apply as apply_parallel
-from .prefix_tuning import PrefixTuningConfig
 from .prefix_tuning import apply as apply_prefixes
-from .prefixes import fold_hybrid
+from .prefixes import PrefixOptions, fold_hybrid
 
 # The paper's adapter is half as wide as the model (512 units in 1024-wide BART-large).
 DEFAULT_REDUCTION = 2.0
 
 
 @dataclass
-class MamConfig:
-    # The prefix-tuning part (attention).
+class MamConfig(PrefixOptions):
+    """The prefix-tuning part (attention): ``PrefixOptions``, with the paper's 30 positions; then the parallel
+    adapter's options."""
+
     num_virtual_tokens: int = field(default=30, metadata={"help": "prefix length P: key/value positions per layer"})
-    projection: bool = field(
-        default=True, metadata={"help": "train the prefixes through an MLP (folded into the prefixes when saved)"}
-    )
-    encoder_hidden: int = field(default=512, metadata={"help": "hidden size of the prefix MLP"})
-    shift_positions: bool = field(
-        default=True, metadata={"help": "real tokens' positions start at P, as after a KV cache (as PEFT does)"}
-    )
-    keep_encoder: bool = field(default=False, metadata={"help": "save the prefix MLP instead of the prefixes"})
     # The parallel-adapter part (feed-forward blocks).
     bottleneck: int | None = field(
         default=None, metadata={"help": "parallel adapter size m (give this or reduction_factor; default d / 2)"}
@@ -75,18 +67,9 @@ class MamConfig:
     )
 
     def __post_init__(self):
-        self.prefix_config()  # each part validates its own fields, naming them
+        super().__post_init__()  # each part validates its own fields, naming them
         self.adapter_config()
         require(math.isfinite(self.scale) and self.scale != 0, "scale", "a finite non-zero number", self.scale)
-
-    def prefix_config(self) -> PrefixTuningConfig:
-        return PrefixTuningConfig(
-            num_virtual_tokens=self.num_virtual_tokens,
-            projection=self.projection,
-            encoder_hidden=self.encoder_hidden,
-            shift_positions=self.shift_positions,
-            keep_encoder=self.keep_encoder,
-        )
 
     def adapter_config(self) -> ParallelConfig:
         default = self.bottleneck is None and self.reduction_factor is None
@@ -103,15 +86,13 @@ def apply(model: nn.Module, config: MamConfig, protected: Sequence[str] = ()) ->
     """A parallel adapter beside every feed-forward block, then prefixes in every attention module (in this order:
     the prefix MLP is a module called ``mlp`` too, which Llama's ``mlp`` pattern would otherwise find)."""
     adapted = apply_parallel(model, config.adapter_config(), protected)
-    return adapted + apply_prefixes(model, config.prefix_config(), protected)
+    return adapted + apply_prefixes(model, config, protected)
 
 
 def fold(attachment) -> tuple[MamConfig, dict[str, torch.Tensor]] | None:
     """The prefix MLP computed once into every layer's prefixes; the parallel adapters' tensors unchanged."""
-    config: MamConfig = attachment.config
-    if not config.projection or config.keep_encoder:
-        return None
-    return dataclasses.replace(config, projection=False), fold_hybrid(attachment)
+    folded = attachment.config.folded()
+    return None if folded is None else (folded, fold_hybrid(attachment))
 
 
 METHOD = register(

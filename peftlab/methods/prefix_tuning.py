@@ -27,57 +27,30 @@ shifted as PEFT shifts them); a PEFT adapter imports as ``prefix_tuning`` with `
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core.registry import Method, PeftFormat, register
-from ..errors import require
-from .prefixes import attach_prefixes, export_prefixes, fold_prefixes, import_prefixes
+from .prefixes import PrefixOptions, attach_prefixes, export_prefixes, fold_prefixes, import_prefixes
 
 
 @dataclass
-class PrefixTuningConfig:
-    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix length P: key/value positions per layer"})
-    projection: bool = field(
-        default=True, metadata={"help": "train the prefixes through an MLP (folded into the prefixes when saved)"}
-    )
-    encoder_hidden: int = field(default=512, metadata={"help": "hidden size of the MLP"})
-    shift_positions: bool = field(
-        default=True, metadata={"help": "real tokens' positions start at P, as after a KV cache (as PEFT does)"}
-    )
-    keep_encoder: bool = field(default=False, metadata={"help": "save the MLP instead of the prefixes it computes"})
-
-    def __post_init__(self):
-        require(
-            isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
-            "num_virtual_tokens",
-            "a positive integer",
-            self.num_virtual_tokens,
-        )
-        require(
-            isinstance(self.encoder_hidden, int) and self.encoder_hidden > 0,
-            "encoder_hidden",
-            "a positive integer",
-            self.encoder_hidden,
-        )
+class PrefixTuningConfig(PrefixOptions):
+    """Prefix tuning's options: the shared prefix options (``prefixes.PrefixOptions``)."""
 
 
 def apply(model: nn.Module, config: PrefixTuningConfig, protected: Sequence[str] = ()) -> list[str]:
-    hidden = config.encoder_hidden if config.projection else None
-    return attach_prefixes(model, config.num_virtual_tokens, config.shift_positions, hidden)
+    return attach_prefixes(model, config.num_virtual_tokens, config.shift_positions, config.mlp_hidden)
 
 
 def fold(attachment) -> tuple[PrefixTuningConfig, dict[str, torch.Tensor]] | None:
     """The MLP computed once into every layer's prefixes (unless asked to keep it)."""
-    config: PrefixTuningConfig = attachment.config
-    if not config.projection or config.keep_encoder:
-        return None
-    return dataclasses.replace(config, projection=False), fold_prefixes(attachment)
+    folded = attachment.config.folded()
+    return None if folded is None else (folded, fold_prefixes(attachment))
 
 
 def _import_prefix_tuning(model, cfg: dict, tensors: dict, weights: Path):

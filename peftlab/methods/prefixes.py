@@ -30,9 +30,11 @@ model itself does, and the table must hold P more positions than the longest inp
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,7 +47,48 @@ from ..core.attach import attach, load_state
 from ..core.attention import attention_modules, extend_keys_values, remove_extension, restore
 from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
 from ..core.kv_cache import cache_length
-from ..errors import InputError
+from ..errors import InputError, require
+
+
+@dataclass
+class PrefixOptions:
+    """The prefix options, one definition for prefix tuning and the hybrids that contain it (MAM, UniPELT), whose
+    configs derive from it (each may change a default: MAM's paper uses 30 positions, UniPELT's 10)."""
+
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix length P: key/value positions per layer"})
+    projection: bool = field(
+        default=True, metadata={"help": "train the prefixes through an MLP (folded into the prefixes when saved)"}
+    )
+    encoder_hidden: int = field(default=512, metadata={"help": "hidden size of the prefix MLP"})
+    shift_positions: bool = field(
+        default=True, metadata={"help": "real tokens' positions start at P, as after a KV cache (as PEFT does)"}
+    )
+    keep_encoder: bool = field(default=False, metadata={"help": "save the prefix MLP instead of the prefixes"})
+
+    def __post_init__(self):
+        require(
+            isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
+            "num_virtual_tokens",
+            "a positive integer",
+            self.num_virtual_tokens,
+        )
+        require(
+            isinstance(self.encoder_hidden, int) and self.encoder_hidden > 0,
+            "encoder_hidden",
+            "a positive integer",
+            self.encoder_hidden,
+        )
+
+    @property
+    def mlp_hidden(self) -> int | None:
+        """The prefix MLP's hidden size, or None when the prefixes train directly."""
+        return self.encoder_hidden if self.projection else None
+
+    def folded(self):
+        """This config with the MLP folded away (``projection = False``), or None when there is nothing to fold."""
+        if not self.projection or self.keep_encoder:
+            return None
+        return dataclasses.replace(self, projection=False)
 
 
 class PrefixMLP(nn.Module):

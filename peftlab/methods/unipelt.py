@@ -40,7 +40,6 @@ tests/test_unipelt.py checks one gated layer against a few lines of direct torch
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,8 +55,7 @@ from ..errors import InputError, require
 from .bottleneck import AUTO, Activation, BottleneckConfig, SequentialAdapter, apply_sequential
 from .lora import LoraConfig, LoraLinear
 from .lora import apply as apply_lora
-from .prefix_tuning import PrefixTuningConfig
-from .prefixes import PrefixAttention, attach_prefixes, fold_hybrid
+from .prefixes import PrefixAttention, PrefixOptions, attach_prefixes, fold_hybrid
 
 ADAPTER_SITES = {"ffn": ["ffn_output"], "attention_and_ffn": ["attention_output", "ffn_output"]}
 
@@ -133,7 +131,11 @@ class GatedPrefixAttention(PrefixAttention):
 
 
 @dataclass
-class UniPeltConfig:
+class UniPeltConfig(PrefixOptions):
+    """Prefix tuning (``PrefixOptions``, with 10 positions as in the paper), LoRA on the query and value
+    projections, and a sequential bottleneck adapter; every part gated."""
+
+    num_virtual_tokens: int = field(default=10, metadata={"help": "prefix length P: key/value positions per layer"})
     # LoRA on the query and value projections.
     lora_r: int = field(
         default=8, metadata={"help": "rank of the gated LoRA update on the query and value projections"}
@@ -145,16 +147,6 @@ class UniPeltConfig:
         default_factory=lambda: [AUTO],
         metadata={"help": "LoRA's layers: 'auto' (query/value, q_proj/v_proj, q_lin/v_lin) or module name patterns"},
     )
-    # Prefix tuning.
-    num_virtual_tokens: int = field(default=10, metadata={"help": "prefix length P: key/value positions per layer"})
-    projection: bool = field(
-        default=True, metadata={"help": "train the prefixes through an MLP (folded into the prefixes when saved)"}
-    )
-    encoder_hidden: int = field(default=512, metadata={"help": "hidden size of the prefix MLP"})
-    shift_positions: bool = field(
-        default=True, metadata={"help": "real tokens' positions start at P, as after a KV cache (as PEFT does)"}
-    )
-    keep_encoder: bool = field(default=False, metadata={"help": "save the prefix MLP instead of the prefixes"})
     # The sequential bottleneck adapter.
     bottleneck: int | None = field(
         default=None, metadata={"help": "adapter size m (give this or reduction_factor; default d / 16)"}
@@ -185,17 +177,8 @@ class UniPeltConfig:
             self.lora_targets,
         )
         require(self.adapter_sites in ADAPTER_SITES, "adapter_sites", " or ".join(ADAPTER_SITES), self.adapter_sites)
-        self.prefix_config()  # each part validates its own fields, naming them
+        super().__post_init__()  # each part validates its own fields, naming them
         self.adapter_config()
-
-    def prefix_config(self) -> PrefixTuningConfig:
-        return PrefixTuningConfig(
-            num_virtual_tokens=self.num_virtual_tokens,
-            projection=self.projection,
-            encoder_hidden=self.encoder_hidden,
-            shift_positions=self.shift_positions,
-            keep_encoder=self.keep_encoder,
-        )
 
     def adapter_config(self) -> BottleneckConfig:
         return BottleneckConfig(
@@ -231,19 +214,15 @@ def apply(model: nn.Module, config: UniPeltConfig, protected: Sequence[str] = ()
     adapted = apply_sequential(model, config.adapter_config(), protected, sites, GatedSequentialAdapter)
     lora = config.lora_config(lora_patterns(model, config, protected))
     adapted += apply_lora(model, lora, protected, layer_class=GatedLoraLinear)
-    prefix = config.prefix_config()
-    hidden = prefix.encoder_hidden if prefix.projection else None
     return adapted + attach_prefixes(
-        model, prefix.num_virtual_tokens, prefix.shift_positions, hidden, GatedPrefixAttention
+        model, config.num_virtual_tokens, config.shift_positions, config.mlp_hidden, GatedPrefixAttention
     )
 
 
 def fold(attachment) -> tuple[UniPeltConfig, dict[str, torch.Tensor]] | None:
     """The prefix MLP computed once into every layer's prefixes; gates, LoRA and adapters unchanged."""
-    config: UniPeltConfig = attachment.config
-    if not config.projection or config.keep_encoder:
-        return None
-    return dataclasses.replace(config, projection=False), fold_hybrid(attachment)
+    folded = attachment.config.folded()
+    return None if folded is None else (folded, fold_hybrid(attachment))
 
 
 METHOD = register(
