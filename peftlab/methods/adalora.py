@@ -48,14 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import AdapterLayer, replace_module
+from ..core.adapter import AdapterLayer
 from ..core.attach import Attachment, attach, load_state
 from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
 from ..core.hooks import TrainContext, TrainingHooks
 from ..core.registry import Method, PeftFormat, register
-from ..core.targets import find_targets
 from ..errors import InputError, require
-from .lora import UNSUPPORTED, split_lora_tensors
+from .lora import UNSUPPORTED, split_lora_tensors, wrap_linear_layers
 
 
 @dataclass
@@ -145,16 +144,14 @@ class AdaLoraLinear(AdapterLayer):
 
 
 def apply(model: nn.Module, config: AdaLoraConfig, protected: Sequence[str] = ()) -> list[str]:
-    names = find_targets(model, config.targets, (nn.Linear,), protected)
-    for name in names:
-        base = model.get_submodule(name)
-        if config.init_r > min(base.in_features, base.out_features):
-            raise InputError(
-                f"init_r: rank {config.init_r} is larger than layer {name!r} allows "
-                f"(in {base.in_features}, out {base.out_features}; at most {min(base.in_features, base.out_features)})"
-            )
-        replace_module(model, name, AdaLoraLinear(base, config.init_r, config.alpha, config.dropout))
-    return names
+    return wrap_linear_layers(
+        model,
+        config.targets,
+        protected,
+        lambda _: config.init_r,
+        lambda _, base: AdaLoraLinear(base, config.init_r, config.alpha, config.dropout),
+        field="init_r",
+    )
 
 
 class AdaLoraHooks(TrainingHooks):

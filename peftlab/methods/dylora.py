@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import AdapterLayer, replace_module
+from ..core.adapter import AdapterLayer
 from ..core.attach import Attachment
 from ..core.hf_peft import head_tensors
 from ..core.hooks import StepRandom, TrainingHooks
 from ..core.registry import Method, PeftFormat, register
-from ..core.targets import find_targets
-from ..errors import InputError, PeftlabError, require
+from ..errors import PeftlabError, require
+from .lora import wrap_linear_layers
 
 
 @dataclass
@@ -114,18 +114,12 @@ class DyLoraLinear(AdapterLayer):
 
 
 def apply(model: nn.Module, config: DyLoraConfig, protected: Sequence[str] = ()) -> list[str]:
-    names = find_targets(model, config.targets, (nn.Linear,), protected)
-    for name in names:
-        base = model.get_submodule(name)
-        if config.r > min(base.in_features, base.out_features):
-            raise InputError(
-                f"r: rank {config.r} is larger than layer {name!r} allows "
-                f"(in {base.in_features}, out {base.out_features}; at most {min(base.in_features, base.out_features)})"
-            )
+    def make_layer(_: str, base: nn.Linear) -> DyLoraLinear:
         layer = DyLoraLinear(base, config.r, config.alpha, config.dropout, config.rank)
         layer.frozen = config.frozen
-        replace_module(model, name, layer)
-    return names
+        return layer
+
+    return wrap_linear_layers(model, config.targets, protected, lambda _: config.r, make_layer)
 
 
 def set_rank(attachment: Attachment, rank: int) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -243,31 +243,44 @@ class LoraLinear(AdapterLayer):
         return self.lora_weight()  # (out, in)
 
 
-def select_layers(model: nn.Module, config: LoraConfig, protected: Sequence[str] = ()) -> list[tuple[str, int, float]]:
-    """The linear layers ``config.targets`` selects, each with its rank and alpha; a rank larger than the layer
-    allows is an error naming the layer."""
-    selected = []
-    for name in find_targets(model, config.targets, (nn.Linear,), protected):
-        base = model.get_submodule(name)
-        r, alpha = config.rank_and_alpha(name)
-        if r > min(base.in_features, base.out_features):
-            raise InputError(
-                f"r: rank {r} is larger than layer {name!r} allows "
-                f"(in {base.in_features}, out {base.out_features}; at most {min(base.in_features, base.out_features)})"
-            )
-        selected.append((name, r, alpha))
-    return selected
+def check_rank(name: str, base: nn.Linear, r: int, field: str = "r") -> None:
+    """A rank larger than the layer allows (min(in, out)) is an error naming the option and the layer."""
+    most = min(base.in_features, base.out_features)
+    if r > most:
+        raise InputError(
+            f"{field}: rank {r} is larger than layer {name!r} allows "
+            f"(in {base.in_features}, out {base.out_features}; at most {most})"
+        )
+
+
+def wrap_linear_layers(
+    model: nn.Module,
+    targets: Sequence[str],
+    protected: Sequence[str],
+    rank_of: Callable[[str], int],
+    make_layer: Callable[[str, nn.Linear], nn.Module],
+    field: str = "r",
+) -> list[str]:
+    """The LoRA family's ``apply``: every ``nn.Linear`` that ``targets`` select is replaced by ``make_layer(name,
+    layer)``, once every one of them is known to allow its rank ``rank_of(name)`` (so a refused rank leaves the
+    model as it was). Returns the adapted layers' names, in model order."""
+    names = find_targets(model, targets, (nn.Linear,), protected)
+    for name in names:
+        check_rank(name, model.get_submodule(name), rank_of(name), field)
+    for name in names:
+        replace_module(model, name, make_layer(name, model.get_submodule(name)))
+    return names
 
 
 def apply(
     model: nn.Module, config: LoraConfig, protected: Sequence[str] = (), layer_class: type[LoraLinear] = LoraLinear
 ) -> list[str]:
     """Wrap every target ``nn.Linear`` in ``layer_class`` (LoRA's own layer, or a variant such as DoRA's)."""
-    selected = select_layers(model, config, protected)
-    for name, r, alpha in selected:
-        base = model.get_submodule(name)
-        replace_module(model, name, layer_class(base, r, alpha, config.dropout, config.rslora, config.init))
-    return [name for name, _, _ in selected]
+
+    def make_layer(name: str, base: nn.Linear) -> LoraLinear:
+        return layer_class(base, *config.rank_and_alpha(name), config.dropout, config.rslora, config.init)
+
+    return wrap_linear_layers(model, config.targets, protected, lambda n: config.rank_and_alpha(n)[0], make_layer)
 
 
 # -- the Hugging Face PEFT format: peft_type "LORA", tensors <module>.lora_A.weight (r, in), <module>.lora_B.weight

@@ -39,12 +39,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core.adapter import replace_module
 from ..core.hooks import TrainingHooks
 from ..core.registry import Method, PeftFormat, register
 from ..errors import InputError, PeftlabError, require
 from ..quant.nf4 import ABSMAX_BLOCK_SIZE, NF4_BLOCK_SIZE, NF4Linear
-from .lora import LoraConfig, LoraLinear, export_lora, select_layers
+from .lora import LoraConfig, LoraLinear, export_lora, wrap_linear_layers
 
 MergeInto = Literal["dequantized", "requantized"]
 
@@ -145,16 +144,15 @@ class QLoraLinear(LoraLinear):
 
 
 def apply(model: nn.Module, config: QLoraConfig, protected: Sequence[str] = ()) -> list[str]:
-    selected = select_layers(model, config, protected)
-    for name, r, alpha in selected:
-        linear = model.get_submodule(name)
+    def make_layer(name: str, linear: nn.Linear) -> QLoraLinear:
         if not torch.isfinite(linear.weight).all():
             raise InputError(f"targets: layer {name!r} has non-finite weights, which NF4 cannot quantise")
         settings = (config.quant_block_size, config.double_quant, config.double_quant_block_size)
         base = NF4Linear.from_linear(linear, *settings)
-        layer = QLoraLinear(base, r, alpha, config.dropout, config.rslora, config.init, config.merge_into)
-        replace_module(model, name, layer)
-    return [name for name, _, _ in selected]
+        r, alpha = config.rank_and_alpha(name)
+        return QLoraLinear(base, r, alpha, config.dropout, config.rslora, config.init, config.merge_into)
+
+    return wrap_linear_layers(model, config.targets, protected, lambda n: config.rank_and_alpha(n)[0], make_layer)
 
 
 @torch.no_grad()

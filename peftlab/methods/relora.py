@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import AdapterLayer, replace_module
+from ..core.adapter import AdapterLayer
 from ..core.hooks import TrainContext, TrainingHooks
 from ..core.registry import Method, register
-from ..core.targets import find_targets
 from ..errors import InputError, require
+from .lora import wrap_linear_layers
 
 
 @dataclass
@@ -155,16 +155,10 @@ class ReLoraLinear(AdapterLayer):
 
 
 def apply(model: nn.Module, config: ReLoraConfig, protected: Sequence[str] = ()) -> list[str]:
-    names = find_targets(model, config.targets, (nn.Linear,), protected)
-    for name in names:
-        base = model.get_submodule(name)
-        if config.r > min(base.in_features, base.out_features):
-            raise InputError(
-                f"r: rank {config.r} is larger than layer {name!r} allows "
-                f"(in {base.in_features}, out {base.out_features}; at most {min(base.in_features, base.out_features)})"
-            )
-        replace_module(model, name, ReLoraLinear(base, config.r, config.alpha, config.dropout))
-    return names
+    def make_layer(_: str, base: nn.Linear) -> ReLoraLinear:
+        return ReLoraLinear(base, config.r, config.alpha, config.dropout)
+
+    return wrap_linear_layers(model, config.targets, protected, lambda _: config.r, make_layer)
 
 
 @torch.no_grad()
