@@ -10,8 +10,8 @@ import torch
 
 import peftlab
 from peftlab.errors import InputError
+from peftlab.methods.adapter_drop import set_drop
 from peftlab.methods.adapter_fusion import FusionConfig, FusionHooks, FusionLayer
-from peftlab.methods.bottleneck import set_drop
 from tests.conftest import tiny_classifier
 from tests.fusion_members import stage_one
 from tests.test_bottleneck_adapters import TOKENS, logits, reference

@@ -21,7 +21,8 @@ from transformers import (
 
 import peftlab
 from peftlab.errors import InputError
-from peftlab.methods.bottleneck import AdapterDropHooks, Bottleneck, drop_speed, set_drop
+from peftlab.methods.adapter_drop import AdapterDropHooks, drop_speed, set_drop
+from peftlab.methods.bottleneck import Bottleneck
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train import loop
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit

@@ -42,17 +42,9 @@ from ..core.adapter import replace_module
 from ..core.registry import Method, register
 from ..errors import InputError, require
 from ..fileio import read_json
-from .bottleneck import (
-    AUTO,
-    AdapterDropHooks,
-    BlockAdapter,
-    Bottleneck,
-    blocks_for,
-    check_drop_fields,
-    drop_field,
-    find_sites,
-    finish,
-)
+from .adapter_drop import AdapterDropHooks
+from .bottleneck import AUTO, BlockAdapter, Bottleneck, check_drop_fields, drop_field
+from .bottleneck_sites import blocks_for, find_sites, finish
 
 FUSABLE = ("pfeiffer", "houlsby")
 MEMBER = re.compile(r"^([^:]+):([a-z_]+):(\d+):([a-z]+)$")

@@ -22,7 +22,9 @@ from torch import nn
 
 from ..core.registry import Method, register
 from ..errors import require
-from .bottleneck import AdapterDropHooks, BottleneckConfig, apply_parallel
+from .adapter_drop import AdapterDropHooks
+from .bottleneck import BottleneckConfig
+from .bottleneck_sites import apply_parallel
 
 
 @dataclass

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..core.registry import Method, register
-from .bottleneck import AdapterDropHooks, BottleneckConfig, apply_sequential
+from .adapter_drop import AdapterDropHooks
+from .bottleneck import BottleneckConfig
+from .bottleneck_sites import apply_sequential
 
 
 @dataclass

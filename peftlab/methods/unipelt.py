@@ -52,7 +52,8 @@ from torch import nn
 from ..core.layouts import find_layout, looked_for
 from ..core.registry import Method, register
 from ..errors import InputError, require
-from .bottleneck import AUTO, Activation, BottleneckConfig, SequentialAdapter, apply_sequential
+from .bottleneck import AUTO, Activation, BottleneckConfig, SequentialAdapter
+from .bottleneck_sites import apply_sequential
 from .lora import LoraConfig, LoraLinear
 from .lora import apply as apply_lora
 from .prefixes import PrefixAttention, PrefixOptions, attach_prefixes, fold_hybrid
