@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,32 +32,16 @@ def stage_one(
     return paths
 
 
-class MatrixFusionOptions(Mapping):
-    """``adapter_fusion``'s options in the invariant matrix: its stage-one adapters are made on first use, on a
-    model with the signature of the matrix's tiny model (the conftest vocabulary), in a folder removed at exit."""
+def matrix_fusion_options(model_dir: Path) -> dict:
+    """``adapter_fusion``'s options in the invariant matrix: three stage-one adapters on models of the matrix's tiny
+    model (``model_dir``: any architecture), each with its own head, in a folder removed at exit."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    def __init__(self):
-        self.options: dict | None = None
+    folder = Path(tempfile.mkdtemp(prefix="peftlab-fusion-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
 
-    def built(self) -> dict:
-        if self.options is None:
-            from transformers import BertForSequenceClassification
+    def make(num_labels: int) -> nn.Module:
+        config = AutoConfig.from_pretrained(str(model_dir), num_labels=num_labels)
+        return AutoModelForSequenceClassification.from_config(config)
 
-            from peftlab.bench.assets import BERT_SPECIALS
-            from tests.conftest import FILLER, NEGATIVE, POSITIVE, tiny_config
-
-            vocab = len(BERT_SPECIALS + POSITIVE + NEGATIVE + FILLER)
-            folder = Path(tempfile.mkdtemp(prefix="peftlab-fusion-"))
-            atexit.register(shutil.rmtree, folder, ignore_errors=True)
-            make = lambda n: BertForSequenceClassification(tiny_config(num_labels=n, vocab_size=vocab))  # noqa: E731
-            self.options = {"adapters": stage_one(folder, make)}
-        return self.options
-
-    def __getitem__(self, key: str):
-        return self.built()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.built())
-
-    def __len__(self) -> int:
-        return len(self.built())
+    return {"adapters": stage_one(folder, make)}

@@ -1,16 +1,24 @@
-"""The invariants every registered method must keep, checked on a tiny BERT after a few real training steps.
+"""The invariants every registered method must keep, checked on a tiny BERT encoder and a tiny Llama decoder (each a
+sequence classifier) after a few real training steps.
 
 - a freshly attached method leaves the outputs unchanged (where the method says so);
-- training changes only what the adapter file holds (method tensors, the head, masked entries), nothing else;
+- training moves the method's own tensors (an update cut off from the loss would leave them where they started)
+  and changes only what the adapter file holds (method tensors, the head, masked entries), nothing else;
 - save/load round-trips the outputs exactly;
 - merged equals unmerged, unmerge restores, and merge + unload leaves a plain model with the same outputs;
 - the counts agree with the tensors.
 
-A method whose defaults do not suit the tiny model may set smaller options in ``TINY_OPTIONS``. The matrix runs on
-the CPU; ``PEFTLAB_TEST_DEVICE=cuda`` runs it on a GPU instead (model, batches, training, merge and loading there).
+A method whose defaults do not suit the tiny models may set smaller options in ``TINY_OPTIONS``. Each (model,
+method) trains once per session (``trained``); a test that changes the adapter (merging) takes it out of the
+cache. The matrix runs on the CPU; ``PEFTLAB_TEST_DEVICE=cuda`` runs it on a GPU instead (model, batches,
+training, merge and loading there).
 """
 
 import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -21,7 +29,7 @@ from peftlab.core.adapter_file import base_name
 from peftlab.methods import all_methods
 from peftlab.run import RunOptions, build_model, prepare_data
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit
-from tests.fusion_members import MatrixFusionOptions
+from tests.fusion_members import matrix_fusion_options
 
 TINY_OPTIONS: dict[str, dict] = {
     "lora": {"r": 4},
@@ -46,28 +54,45 @@ TINY_OPTIONS: dict[str, dict] = {
     # as prefix_tuning: the matrix keeps the prefix MLP (test_mam.py tests the folded round trip)
     "mam": {"keep_encoder": True, "encoder_hidden": 32, "num_virtual_tokens": 4, "bottleneck": 8},
     "unipelt": {"keep_encoder": True, "encoder_hidden": 32, "num_virtual_tokens": 4, "bottleneck": 8, "lora_r": 4},
-    # three stage-one pfeiffer adapters, made on first use
-    "adapter_fusion": MatrixFusionOptions(),
 }
+# (adapter_fusion's options, three stage-one pfeiffer adapters on the same tiny model, are made on first use)
+MODELS = ("bert", "llama")
+# (model kind, method) pairs that cannot work, and why
+NOT_ON = {("llama", "bitfit"): "Llama has no bias terms outside the task head (BitFit refuses it)"}
 MERGE_TOLERANCE: dict[str, float] = {}
 
 METHODS = [m.name for m in all_methods()]
 DEVICE = torch.device(os.environ.get("PEFTLAB_TEST_DEVICE", "cpu"))
 
 
+class World(NamedTuple):
+    options: RunOptions
+    data: object
+    kind: str  # "bert" or "llama"
+
+
 @pytest.fixture(scope="module")
-def prepared(tiny_model_dir, tiny_csv):
-    options = RunOptions(model=str(tiny_model_dir), data=str(tiny_csv), max_length=32)
-    return options, prepare_data(options, quiet=True)
+def worlds(tiny_model_dir, tiny_llama_dir, tiny_csv):
+    """Per model kind: the run options and the prepared data of the tiny classification task."""
+    out = {}
+    for kind, folder in (("bert", tiny_model_dir), ("llama", tiny_llama_dir)):
+        options = RunOptions(model=str(folder), data=str(tiny_csv), max_length=32)
+        out[kind] = World(options, prepare_data(options, quiet=True), kind)
+    return out
+
+
+@pytest.fixture(params=MODELS)
+def prepared(request, worlds):
+    return worlds[request.param]
 
 
 def fresh(prepared, seed=0):
-    options, data = prepared
+    options, data = prepared.options, prepared.data
     return build_model(options, data, seed).to(DEVICE).eval()
 
 
 def inputs(prepared):
-    batch = prepared[1].splits["test"].batch(range(8), DEVICE)
+    batch = prepared.data.splits["test"].batch(range(8), DEVICE)
     batch.pop("labels")
     return batch
 
@@ -85,26 +110,63 @@ def base_parameters(attachment) -> dict[str, torch.Tensor]:
     }
 
 
-def trained(prepared, method, tmp_path, steps=4):
-    options, data = prepared
-    model = fresh(prepared)
-    adapter = peftlab.attach(model, method, **TINY_OPTIONS.get(method, {}))
+_FUSION_OPTIONS: dict[str, dict] = {}
+
+
+def options_for(prepared, method) -> dict:
+    if method != "adapter_fusion":
+        return TINY_OPTIONS.get(method, {})
+    folder = prepared.options.model
+    if folder not in _FUSION_OPTIONS:
+        _FUSION_OPTIONS[folder] = matrix_fusion_options(Path(folder))
+    return _FUSION_OPTIONS[folder]
+
+
+def attach(prepared, method, seed=0):
+    if (prepared.kind, method) in NOT_ON:
+        pytest.skip(NOT_ON[prepared.kind, method])
+    return peftlab.attach(fresh(prepared, seed), method, **options_for(prepared, method))
+
+
+@dataclass
+class Trained:
+    adapter: peftlab.Attachment
+    before: dict[str, torch.Tensor]  # the base parameters before training
+    initial: dict[str, torch.Tensor]  # the adapter's tensors (``state()``) before training
+
+
+_TRAINED: dict[tuple[str, str], Trained] = {}
+
+
+def trained(prepared, method, steps=4) -> Trained:
+    """The method trained for ``steps`` steps on the prepared model, once per session (cached)."""
+    key = (prepared.options.model, method)
+    if key not in _TRAINED:
+        _TRAINED[key] = train(prepared, method, steps)
+    return _TRAINED[key]
+
+
+def train(prepared, method, steps) -> Trained:
+    options, data = prepared.options, prepared.data
+    adapter = attach(prepared, method)
     before = base_parameters(adapter)
+    initial = {k: v.detach().clone() for k, v in adapter.state().items()}
     settings = TrainSettings(max_steps=steps, batch_size=8, lr=5e-3, warmup=0, seed=0)
-    fit(
-        adapter,
-        ClassificationTask(2),
-        data.splits["train"],
-        data.splits["validation"],
-        settings,
-        5e-3,
-        tmp_path / "ckpt",
-        lambda m, s: None,
-        DEVICE,
-        show_progress=False,
-    )
+    with tempfile.TemporaryDirectory() as checkpoints:
+        fit(
+            adapter,
+            ClassificationTask(2),
+            data.splits["train"],
+            data.splits["validation"],
+            settings,
+            5e-3,
+            Path(checkpoints) / "ckpt",
+            lambda m, s: None,
+            DEVICE,
+            show_progress=False,
+        )
     adapter.model.eval()
-    return adapter, before
+    return Trained(adapter, before, initial)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -112,17 +174,22 @@ def test_fresh_method_leaves_outputs_unchanged(prepared, method):
     if not peftlab.get_method(method).identity_at_init:
         pytest.skip(f"{method} changes the outputs by design")
     batch = inputs(prepared)
-    model = fresh(prepared)
-    expected = logits(model, batch)
-    peftlab.attach(model, method, **TINY_OPTIONS.get(method, {}))
+    expected = logits(fresh(prepared), batch)
+    model = attach(prepared, method).model
     torch.testing.assert_close(logits(model.eval(), batch), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_training_changes_only_what_the_adapter_holds(prepared, method, tmp_path):
-    adapter, before = trained(prepared, method, tmp_path)
+def test_training_moves_the_method_and_changes_only_what_the_adapter_holds(prepared, method):
+    run = trained(prepared, method)
+    adapter, before = run.adapter, run.before
     after = base_parameters(adapter)
     state = adapter.state()
+    heads = tuple(f"{h}." for h in adapter.trainable_modules)
+    own = [k for k in state if not k.startswith(heads)]  # the method's tensors, the task head left out
+    if method != "head":  # the head-only probe trains nothing but the head
+        moved = [k for k in own if k in run.initial and not torch.equal(state[k], run.initial[k])]
+        assert moved, f"{method}: training moved none of the method's tensors ({len(own)} of them)"
     for name, value in after.items():
         if name not in state:
             assert torch.equal(value, before[name]), f"{method} changed {name}, which its adapter does not hold"
@@ -134,7 +201,7 @@ def test_training_changes_only_what_the_adapter_holds(prepared, method, tmp_path
 
 @pytest.mark.parametrize("method", METHODS)
 def test_save_load_round_trips(prepared, method, tmp_path):
-    adapter, _ = trained(prepared, method, tmp_path)
+    adapter = trained(prepared, method).adapter
     batch = inputs(prepared)
     expected = logits(adapter.model, batch)
     adapter.save(tmp_path / "adapter")
@@ -144,10 +211,11 @@ def test_save_load_round_trips(prepared, method, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_merged_equals_unmerged(prepared, method, tmp_path):
+def test_merged_equals_unmerged(prepared, method):
     if not peftlab.get_method(method).mergeable:
         pytest.skip(f"{method} has no weight form")
-    adapter, _ = trained(prepared, method, tmp_path)
+    adapter = trained(prepared, method).adapter
+    del _TRAINED[prepared.options.model, method]  # merging and unloading change it: a later test trains it anew
     batch = inputs(prepared)
     unmerged = logits(adapter.model, batch)
     tolerance = MERGE_TOLERANCE.get(method, 1e-5)
