@@ -567,7 +567,7 @@ class Runner:
 
         def trainer(attachment, hooks, lr):
             step = TrainStep(attachment, task, train_settings, lr, hooks, device, total)
-            step.prepare(sampler, total, device)
+            step.prepare(sampler)
             return step
 
         references = {}
