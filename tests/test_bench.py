@@ -12,19 +12,13 @@ import torch
 
 import peftlab
 from peftlab.bench import Filters, load_suite, make_plan, packaged_suites
+from peftlab.bench.collect import Group, Row
 from peftlab.bench.measure import FloorStep, TrainStep, alternate, tensor_bytes
 from peftlab.bench.peer import build_peer, peer_hooks, peer_note
-from peftlab.bench.report import (
-    Group,
-    Row,
-    label_offsets,
-    method_table,
-    paired_delta,
-    pareto_front,
-    standings,
-    write_report,
-)
+from peftlab.bench.plots import label_offsets, pareto_front
+from peftlab.bench.report import write_report
 from peftlab.bench.suite import parse_suite
+from peftlab.bench.summary_tables import method_table, paired_delta, standings
 from peftlab.core.hooks import TrainingHooks
 from peftlab.errors import InputError
 from peftlab.run import RunOptions, build_model, prepare_data

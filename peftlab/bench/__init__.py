@@ -7,7 +7,9 @@ writes a report (Markdown and static HTML with plots) with honest accounting and
   floor, and the alternating micro-benchmark (reusable by speed work);
 - ``peer``:    the same cell trained through Hugging Face PEFT in the same process and loop;
 - ``runner``:  the plan of cells, running and resuming them;
-- ``report``:  aggregation over seeds, tables, plots, report.md and report.html.
+- ``collect``: the results read back and aggregated over seeds;
+- ``summary_tables``, ``plots``, ``render``: the report's tables and standings, its plots, Markdown and HTML;
+- ``report``:  report.md, report.html and report.json put together from those.
 """
 
 from .runner import Filters, make_plan, run_bench
