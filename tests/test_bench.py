@@ -421,7 +421,7 @@ def test_unfinished_cell_is_run_again_after_its_config_changed(tmp_path):
     suite = suite_with()
     plan = make_plan(suite, tmp_path, Filters(peers=False, speed=False))
     cell = plan.cells[0]
-    from peftlab.bench.runner import CELL, finished
+    from peftlab.bench.plan import CELL, finished
 
     cell.folder.mkdir(parents=True)
     (cell.folder / CELL).write_text(json.dumps({"fingerprint": "stale"}))
