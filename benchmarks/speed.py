@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from peftlab.bench.measure import FloorStep, TrainStep, alternate  # noqa: E402
 from peftlab.bench.peer import build_peer  # noqa: E402
 from peftlab.core.attach import attach  # noqa: E402
+from peftlab.core.hooks import TrainingHooks  # noqa: E402
 from peftlab.methods.lora import LoraConfig  # noqa: E402
-from peftlab.train.hooks import TrainingHooks  # noqa: E402
 from peftlab.train.lm_task import LanguageModelTask  # noqa: E402
 from peftlab.train.loop import ClassificationTask, TrainSettings  # noqa: E402
 

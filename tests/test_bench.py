@@ -12,23 +12,19 @@ import torch
 
 import peftlab
 from peftlab.bench import Filters, load_suite, make_plan, packaged_suites
+from peftlab.bench.collect import Group, Row
 from peftlab.bench.measure import FloorStep, TrainStep, alternate, tensor_bytes
 from peftlab.bench.peer import build_peer, peer_hooks, peer_note
-from peftlab.bench.report import (
-    Group,
-    Row,
-    label_offsets,
-    method_table,
-    paired_delta,
-    pareto_front,
-    standings,
-    write_report,
-)
+from peftlab.bench.plots import label_offsets, pareto_front
+from peftlab.bench.report import write_report
 from peftlab.bench.suite import parse_suite
+from peftlab.bench.summary_tables import method_table, paired_delta, standings
 from peftlab.core.hooks import TrainingHooks
 from peftlab.errors import InputError
 from peftlab.run import RunOptions, build_model, prepare_data
-from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+from peftlab.train import loop
+from peftlab.train.loop import ClassificationTask, TrainSettings, epoch_order, fit
+from peftlab.train.step import Step
 from tests.conftest import skip_if_peft_prefix_tuning_fails_on_bert
 
 MINIMAL = {
@@ -193,10 +189,19 @@ def test_the_floor_computes_no_weight_gradient(prepared):
     assert full["activations"] >= split["activations"]
 
 
-def test_train_step_is_the_loops_step(prepared, tmp_path):
-    """One TrainStep leaves the same weights as one step of peftlab.train.loop.fit on the same batch."""
+def test_train_step_is_the_loops_step(prepared, tmp_path, monkeypatch):
+    """The benchmark's TrainStep and peftlab.train.loop.fit take their steps with the same step object
+    (peftlab.train.step.Step), and one TrainStep leaves the same weights as one step of fit on the same batch."""
     options, data = prepared
     settings = TrainSettings(batch_size=8, max_steps=1, warmup=0, seed=3)
+    made = []
+
+    class Recorded(Step):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(loop, "Step", Recorded)
     ours = attached(prepared, "lora", r=4)
     fit(
         ours,
@@ -210,13 +215,13 @@ def test_train_step_is_the_loops_step(prepared, tmp_path):
         torch.device("cpu"),
         show_progress=False,
     )
-    order = torch.randperm(len(data.splits["train"]), generator=torch.Generator().manual_seed(3 * 100_003))
+    assert len(made) == 1
     again = attached(prepared, "lora", r=4)
-    TrainStep(again, ClassificationTask(2), settings, 1e-2, TrainingHooks(), torch.device("cpu"), 1)(
-        data.splits["train"].batch(order[:8].tolist())
-    )
+    step = TrainStep(again, ClassificationTask(2), settings, 1e-2, TrainingHooks(), torch.device("cpu"), 1)
+    assert type(step.step) is Step
+    step(data.splits["train"].batch(epoch_order(data.splits["train"], settings, 0)[:8]))
     for (name, a), b in zip(ours.state().items(), again.state().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+        assert torch.equal(a, b), name
 
 
 def test_alternate_rotates_and_takes_medians():
@@ -416,7 +421,7 @@ def test_unfinished_cell_is_run_again_after_its_config_changed(tmp_path):
     suite = suite_with()
     plan = make_plan(suite, tmp_path, Filters(peers=False, speed=False))
     cell = plan.cells[0]
-    from peftlab.bench.runner import CELL, finished
+    from peftlab.bench.plan import CELL, finished
 
     cell.folder.mkdir(parents=True)
     (cell.folder / CELL).write_text(json.dumps({"fingerprint": "stale"}))

@@ -6,11 +6,16 @@ writes a report (Markdown and static HTML with plots) with honest accounting and
 - ``measure``: one training step's time and memory split (weights, gradients, optimiser state, activations), the
   floor, and the alternating micro-benchmark (reusable by speed work);
 - ``peer``:    the same cell trained through Hugging Face PEFT in the same process and loop;
-- ``runner``:  the plan of cells, running and resuming them;
-- ``report``:  aggregation over seeds, tables, plots, report.md and report.html.
+- ``plan``:    the plan of groups and cells, and which cells are finished;
+- ``speed``:   the speed micro-benchmark of each group (``speed.json``);
+- ``runner``:  running and resuming the cells;
+- ``collect``: the results read back and aggregated over seeds;
+- ``summary_tables``, ``plots``, ``render``: the report's tables and standings, its plots, Markdown and HTML;
+- ``report``:  report.md, report.html and report.json put together from those.
 """
 
-from .runner import Filters, make_plan, run_bench
+from .plan import Filters, make_plan
+from .runner import run_bench
 from .suite import find_suite, load_suite, packaged_suites
 
 __all__ = ["Filters", "find_suite", "load_suite", "make_plan", "packaged_suites", "run_bench"]

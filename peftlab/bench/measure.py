@@ -29,8 +29,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..core.hooks import TrainContext, TrainingHooks
-from ..train.loop import _param_groups, autocast_for  # the loop's own parameter groups: the same optimiser
+from ..core.hooks import TrainingHooks
+from ..train.step import Step, autocast_for
 
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "method_state", "activations")
 
@@ -84,58 +84,28 @@ def saved_activation_bytes(model: nn.Module, out: dict):
 
 
 class TrainStep:
-    """One optimiser step on a batch, in the order of ``peftlab.train.loop.fit``: ``before_step``, the task loss
-    plus the hooks' penalty, backward, ``after_backward``, gradient masks, clipping, the AdamW and scheduler step,
-    ``zero_grad``, masked entries restored, ``after_step``. ``attachment`` is a peftlab Attachment or anything
-    that offers the same training surface (the PEFT peer)."""
+    """One optimiser step on one batch: the training loop's own step (``peftlab.train.step.Step``, the one
+    ``peftlab.train.loop.fit`` takes), with the whole batch as its one micro-batch, unchecked (no loss is read back
+    while it is timed). ``attachment`` is a peftlab Attachment or anything that offers the same training surface
+    (the PEFT peer)."""
 
     def __init__(self, attachment, task, settings, lr: float, hooks: TrainingHooks, device, total_steps: int):
-        self.attachment = attachment
+        self.step = Step(attachment, task, settings, lr, total_steps, device, hooks, checked=False)
         self.model = attachment.model
-        self.task = task
-        self.settings = settings
         self.hooks = hooks
-        self.params = attachment.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(_param_groups(attachment, settings.weight_decay), lr=lr)
-        schedule = settings.schedule if settings.schedule != "constant" else "constant_with_warmup"
-        from transformers import get_scheduler  # not at module level: its import sets TORCHINDUCTOR_CACHE_DIR
-
-        self.scheduler = get_scheduler(
-            schedule,
-            self.optimizer,
-            num_warmup_steps=round(settings.warmup * total_steps),
-            num_training_steps=total_steps,
-        )
-        self.autocast = autocast_for(settings.precision, device)
+        self.optimizer = self.step.optimizer
         self.index = 0
 
-    def prepare(self, batches: Callable, total_steps: int, device) -> None:
+    def prepare(self, batches: Callable) -> None:
         """The hooks' one-off preparation (a Fisher mask, ...), as the loop runs it before the first step."""
-
-        def loss(batch):
-            with self.autocast():
-                return self.task.loss(self.model, batch)
-
-        self.hooks.prepare(TrainContext(self.attachment, loss, batches, total_steps, self.settings, device))
+        self.step.prepare(batches)
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> None:
         self.model.train()
-        self.hooks.before_step(self.index)
-        with self.autocast():
-            loss = self.task.loss(self.model, batch)
-        penalty = self.hooks.penalty()
-        (loss if penalty is None else loss + penalty).backward()
+        self.step.backward(self.index, [self.step.whole(batch)])
 
     def update(self) -> None:
-        self.hooks.after_backward(self.index)
-        self.attachment.mask_gradients()
-        if self.settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.attachment.restore_masked()
-        self.hooks.after_step(self.index, self.optimizer, self.scheduler)
+        self.step.update(self.index)
         self.index += 1
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:

@@ -1,13 +1,14 @@
 """The one training loop every method shares.
 
-AdamW (no weight decay on biases and norms) with linear warmup then linear or cosine decay, gradient
-accumulation, gradient clipping, an optional bf16 autocast, evaluation at the end of every epoch, the best
-validation state kept as the run's adapter, and a checkpoint every ``checkpoint_every`` steps and at each epoch end.
+Each optimiser step is a ``peftlab.train.step.Step`` (the step the benchmark measures too): AdamW (no weight decay
+on biases and norms) with linear warmup then linear or cosine decay, gradient accumulation, gradient clipping, an
+optional bf16 autocast. Around it the loop orders the batches, evaluates at the end of every epoch, keeps the best
+validation state as the run's adapter, and writes a checkpoint every ``checkpoint_every`` steps and at each epoch end.
 
-Methods act inside the loop through ``TrainingHooks`` (``peftlab.core.hooks``); the regularisers toward the
+Methods act inside the step through ``TrainingHooks`` (``peftlab.core.hooks``); the regularisers toward the
 pretrained weights (``--l2sp``, ``--ewc``: ``peftlab.train.regularise``) are hooks too, run after the method's own.
-Static masks on base parameters are enforced here: masked-out gradients are zeroed and masked-out entries restored
-after every step.
+Static masks on base parameters are enforced by the step: masked-out gradients are zeroed and masked-out entries
+restored after every step.
 
 Determinism: the order of the training set in epoch ``e`` comes from a generator seeded with (seed, e); the global
 torch RNG (dropout) is seeded from the seed when training starts and saved in every checkpoint, so a resumed run
@@ -21,8 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -38,15 +38,17 @@ from rich.progress import (
 )
 
 from ..core.attach import Attachment
-from ..core.hooks import HookList, TrainContext, TrainingHooks
+from ..core.hooks import HookList, TrainingHooks
 from ..data.batches import Encoded, length_grouped
 from ..errors import PeftlabError, require
 from ..evaluate.metrics import classification_metrics
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import SINGLE, Distributed
 from .regularise import regularisers
+from .step import Diverged, Step
+from .step import autocast_for as autocast_for  # re-exported: run and cli build evaluation autocasts with it
 
-# Random streams of a run besides the epochs' data orders (streams 0, 1, ...): see ``stream_seed`` in ``fit``.
+# Random streams of a run besides the epochs' data orders (streams 0, 1, ...): see ``stream_seed``.
 SAMPLING = -1  # the batches a hook draws before training (``TrainContext.batches``: the Fisher information)
 DROPOUT = -2  # the global torch RNG, seeded when training starts
 
@@ -161,20 +163,6 @@ class ClassificationTask:
         return metrics
 
 
-def autocast_for(precision: str, device: torch.device) -> Callable:
-    """A factory of autocast contexts: bf16 autocast on ``device``, or no-op contexts for fp32."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
-def _param_groups(attachment: Attachment, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in attachment.trainable_parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -203,6 +191,49 @@ def make_hooks(attachment: Attachment, settings: TrainSettings) -> TrainingHooks
     return hooks[0] if hooks else TrainingHooks()
 
 
+def stream_seed(seed: int, stream: int) -> int:
+    """One seed per random stream of a run: each epoch's data order (streams 0, 1, ...), the batches a hook samples
+    before training (SAMPLING) and dropout (DROPOUT), apart from each other for every run seed."""
+    return seed * 100_003 + stream
+
+
+def epoch_order(train: Encoded, settings: TrainSettings, epoch: int) -> list[int]:
+    """The order in which ``fit`` visits the examples of ``train`` in epoch ``epoch`` (from 0): step ``k`` of the
+    epoch takes the next ``batch_size * grad_accum`` of them."""
+    g = torch.Generator().manual_seed(stream_seed(settings.seed, epoch))
+    order = torch.randperm(len(train), generator=g).tolist()
+    if settings.group_by_length:
+        lengths = [len(ids) for ids in train.input_ids]
+        order = length_grouped(order, lengths, settings.batch_size * settings.grad_accum, g)
+    return order
+
+
+@dataclass
+class LoopState:
+    """Where ``fit`` stands: the trainer state of its checkpoints (``trainer.json``, these fields in this order)."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    examples: int = 0
+    tokens: int = 0
+    best: dict | None = None
+    best_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    loss_sum: float = 0.0  # the training loss summed since the last evaluation, over loss_count steps
+    loss_count: int = 0
+    prepare_seconds: float | None = None  # the hooks' preparation, when this run (or the one it resumes) made it
+
+    def as_dict(self) -> dict:
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.prepare_seconds is None:
+            del state["prepare_seconds"]
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict) -> LoopState:
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
 def fit(
     attachment: Attachment,
     task: ClassificationTask,
@@ -223,164 +254,95 @@ def fit(
     per_step = settings.batch_size * settings.grad_accum
     steps_per_epoch = max(1, math.ceil(len(train) / per_step))
     total = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(_param_groups(attachment, settings.weight_decay), lr=lr)
-    schedule = settings.schedule if settings.schedule != "constant" else "constant_with_warmup"
-    from transformers import get_scheduler  # not at module level: its import sets TORCHINDUCTOR_CACHE_DIR
-
-    scheduler = get_scheduler(
-        schedule, optimizer, num_warmup_steps=round(settings.warmup * total), num_training_steps=total
-    )
-    autocast = autocast_for(settings.precision, device)
     hooks = hooks or make_hooks(attachment, settings)
     metric = task.metric if settings.metric == "auto" else settings.metric
-
     # The training forward may go through a compiled wrapper; it shares the parameters, and everything else
     # (evaluation, checkpoints, the saved adapter) uses the plain model.
     forward = torch.compile(model) if settings.compile else model
-
-    def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast():
-            return task.loss(forward, batch)
-
-    def stream_seed(stream: int) -> int:
-        """One seed per random stream of the run: each epoch's data order (streams 0, 1, ...), the batches a hook
-        samples before training (SAMPLING) and dropout (DROPOUT), apart from each other for every run seed."""
-        return settings.seed * 100_003 + stream
+    trainer = Step(attachment, task, settings, lr, total, device, hooks, dist, forward)
 
     def sample_batches(examples: int, batch_size: int):
-        g = torch.Generator().manual_seed(stream_seed(SAMPLING))
+        g = torch.Generator().manual_seed(stream_seed(settings.seed, SAMPLING))
         order = torch.randperm(len(train), generator=g)[:examples].tolist()
         for k in range(0, len(order), batch_size):
             yield train.batch(order[k : k + batch_size], device)
 
-    state = {
-        "step": 0,
-        "train_seconds": 0.0,
-        "examples": 0,
-        "tokens": 0,
-        "best": None,
-        "best_step": 0,
-        "history": [],
-        "loss_sum": 0.0,
-        "loss_count": 0,
-    }
     if resume and has_checkpoint(checkpoint_dir):
-        state.update(load_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, hooks))
+        state = LoopState.from_dict(
+            load_checkpoint(checkpoint_dir, attachment, trainer.optimizer, trainer.scheduler, hooks)
+        )
     else:
+        state = LoopState()
         # Dropout draws from the global RNG: seed it here, so the masks depend on the seed alone, not on what built
         # the model (a PEFT peer built from the same start then retraces this run step for step).
-        torch.manual_seed(stream_seed(DROPOUT))
+        torch.manual_seed(stream_seed(settings.seed, DROPOUT))
         started = time.perf_counter()
-        hooks.prepare(TrainContext(attachment, batch_loss, sample_batches, total, settings, device))
-        state["prepare_seconds"] = time.perf_counter() - started
+        trainer.prepare(sample_batches)
+        state.prepare_seconds = time.perf_counter() - started
 
-    orders: dict[int, list[int]] = {}
+    orders: dict[int, list[int]] = {}  # the current epoch's order
 
-    def epoch_order(epoch: int) -> list[int]:
-        if epoch not in orders:
-            g = torch.Generator().manual_seed(stream_seed(epoch))
-            orders.clear()
-            orders[epoch] = torch.randperm(len(train), generator=g).tolist()
-            if settings.group_by_length:
-                lengths = [len(ids) for ids in train.input_ids]
-                orders[epoch] = length_grouped(orders[epoch], lengths, per_step, g)
-        return orders[epoch]
-
-    params = attachment.trainable_parameters()
     with _progress(show_progress and dist.main) as bar:
-        job = bar.add_task("train", total=total, completed=state["step"], info="")
-        while state["step"] < total:
-            step = state["step"]
+        job = bar.add_task("train", total=total, completed=state.step, info="")
+        while state.step < total:
+            step = state.step
             epoch, position = divmod(step, steps_per_epoch)
-            chunk = epoch_order(epoch)[position * per_step : (position + 1) * per_step]
+            if epoch not in orders:
+                orders.clear()
+                orders[epoch] = epoch_order(train, settings, epoch)
+            chunk = orders[epoch][position * per_step : (position + 1) * per_step]
             started = time.perf_counter()
-            hooks.before_step(step)
-            # This process's share of the step; a process left without examples still takes part in the
-            # gradient exchange, with one example weighted zero.
-            share = dist.shard(chunk)
-            weight = 1 / len(chunk) if share else 0.0  # summed over processes: the single-process mean
-            if dist.sharded:
-                weight *= dist.world  # FSDP averages gradients over processes instead of summing them
-            micro = [share[k : k + settings.batch_size] for k in range(0, len(share), settings.batch_size)]
-            if dist.sharded:  # every process makes the same number of passes (FSDP gathers weights in each)
-                passes = math.ceil(math.ceil(len(chunk) / dist.world) / settings.batch_size)
-                micro += [None] * (passes - len(micro))  # extra passes weigh zero
-            step_loss = 0.0
-            for idx in micro:
-                scale = weight
-                if idx is None:  # a zero-weight pass that keeps the processes in step
-                    idx, scale = chunk[:1], 0.0
-                batch = train.batch(idx, device)
-                loss = batch_loss(batch)
-                if not dist.enabled and not torch.isfinite(loss):
-                    _diverged(f"loss is {loss.item()}", step, checkpoint_dir)
-                penalty = hooks.penalty()
-                objective = loss if penalty is None else loss + penalty
-                (objective * (len(idx) * scale)).backward()
-                step_loss += loss.item() * len(idx) * scale / (dist.world if dist.sharded else 1)
-            if not dist.sharded:
-                dist.sum_gradients(params)  # only what trains is exchanged (FSDP exchanges them itself)
-            step_loss = dist.all_sum(step_loss)
-            if not math.isfinite(step_loss):
-                _diverged(f"loss is {step_loss}", step, checkpoint_dir)
-            state["tokens"] += sum(len(train.input_ids[i]) for i in chunk)
-            hooks.after_backward(step)
-            attachment.mask_gradients()
-            if settings.max_grad_norm > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                if not torch.isfinite(norm):
-                    _diverged(f"the gradient norm is {norm.item()}", step, checkpoint_dir)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            attachment.restore_masked()
-            hooks.after_step(step, optimizer, scheduler)
-            state["train_seconds"] += time.perf_counter() - started
-            state["examples"] += len(chunk)
-            state["step"] = step = step + 1
-            state["loss_sum"] += step_loss
-            state["loss_count"] += 1
-            rate = state["examples"] / max(state["train_seconds"], 1e-9)
+            try:
+                step_loss = trainer.take(step, trainer.micro_batches(chunk, train))
+            except Diverged as e:
+                raise _diverged(str(e), step, checkpoint_dir) from None
+            state.tokens += sum(len(train.input_ids[i]) for i in chunk)
+            state.train_seconds += time.perf_counter() - started
+            state.examples += len(chunk)
+            state.step = step = step + 1
+            state.loss_sum += step_loss
+            state.loss_count += 1
+            rate = state.examples / max(state.train_seconds, 1e-9)
             bar.update(job, completed=step, info=f"loss {step_loss:.4f}  {rate:.0f} ex/s")
 
             epoch_end = step % steps_per_epoch == 0 or step == total
             if epoch_end:
                 metrics = task.evaluate(
-                    model, validation, settings.eval_batch_size, device, autocast, dist.for_evaluation
+                    model, validation, settings.eval_batch_size, device, trainer.autocast, dist.for_evaluation
                 )
                 entry = {
                     "step": step,
                     "epoch": round(step / steps_per_epoch, 3),
-                    "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
-                    "lr": scheduler.get_last_lr()[0],
+                    "train_loss": state.loss_sum / max(state.loss_count, 1),
+                    "lr": trainer.scheduler.get_last_lr()[0],
                     "validation": metrics,
                 }
-                state["history"].append(entry)
-                state["loss_sum"], state["loss_count"] = 0.0, 0
-                best = state["best"]
-                if best is None or better(metrics[metric], best[metric], metric):
-                    state["best"], state["best_step"] = metrics, step
+                state.history.append(entry)
+                state.loss_sum, state.loss_count = 0.0, 0
+                if state.best is None or better(metrics[metric], state.best[metric], metric):
+                    state.best, state.best_step = metrics, step
                     on_best(metrics, step)
                 if dist.main:
                     bar.console.print(
                         f"epoch {entry['epoch']:g}  step {step}  train loss {entry['train_loss']:.4f}  "
-                        f"validation {metric} {metrics[metric]:.4f}"
-                        + ("  (best)" if state["best_step"] == step else "")
+                        f"validation {metric} {metrics[metric]:.4f}" + ("  (best)" if state.best_step == step else "")
                     )
             checkpoint_due = epoch_end or (settings.checkpoint_every and step % settings.checkpoint_every == 0)
             if checkpoint_due and (dist.main or dist.sharded):  # only rank 0 writes; every rank reads it on resume
-                save_checkpoint(checkpoint_dir, attachment, optimizer, scheduler, state, hooks, write=dist.main)
+                save_checkpoint(
+                    checkpoint_dir,
+                    attachment,
+                    trainer.optimizer,
+                    trainer.scheduler,
+                    state.as_dict(),
+                    hooks,
+                    write=dist.main,
+                )
     return FitResult(
-        state["step"],
-        state["best"],
-        state["best_step"],
-        state["train_seconds"],
-        state["examples"],
-        state["tokens"],
-        state["history"],
+        state.step, state.best, state.best_step, state.train_seconds, state.examples, state.tokens, state.history
     )
 
 
-def _diverged(what: str, step: int, checkpoint_dir: Path) -> None:
+def _diverged(what: str, step: int, checkpoint_dir: Path) -> PeftlabError:
     kept = f"; the last good checkpoint is kept in {checkpoint_dir}" if has_checkpoint(checkpoint_dir) else ""
-    raise PeftlabError(f"training diverged at step {step + 1}: {what}{kept}; lower --lr or keep --max-grad-norm on")
+    return PeftlabError(f"training diverged at step {step + 1}: {what}{kept}; lower --lr or keep --max-grad-norm on")

@@ -1,0 +1,181 @@
+"""One optimiser step, the same for the training loop (``peftlab.train.loop.fit``) and the benchmark's measured step
+(``peftlab.bench.measure.TrainStep``).
+
+A ``Step`` owns the optimiser (AdamW, no weight decay on biases and norms), the learning-rate schedule (linear
+warmup, then linear or cosine decay or constant), the bf16 autocast (fp32 runs use no autocast and no gradient
+scaler) and the order of one step:
+
+1. ``hooks.before_step``;
+2. per micro-batch: the task loss, plus ``hooks.penalty()``, backward with the micro-batch's weight (gradient
+   accumulation; under data parallelism each process weighs its share so that the sum over processes is the mean
+   over the step's examples);
+3. gradients summed over processes (plain data parallelism; FSDP exchanges them itself);
+4. ``hooks.after_backward``, the static masks on base parameters applied to the gradients, gradient clipping;
+5. the optimiser step, the scheduler step, ``zero_grad``, masked-out entries restored, ``hooks.after_step``.
+
+Its state (optimiser, scheduler, hooks) goes into the loop's checkpoints through ``peftlab.train.checkpoint`` with
+``optimizer``, ``scheduler`` and ``hooks``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+
+import torch
+
+from ..core.hooks import TrainContext, TrainingHooks
+from ..data.batches import Encoded
+from .distributed import SINGLE, Distributed
+
+# One micro-batch of a step: the batch, its number of examples, and the weight of each example's loss.
+Micro = tuple[dict[str, torch.Tensor], int, float]
+
+
+class Diverged(Exception):
+    """A loss or gradient norm that is NaN or infinite; the message says which (``loss is nan``, ...)."""
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable:
+    """A factory of autocast contexts: bf16 autocast on ``device``, or no-op contexts for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def param_groups(attachment, weight_decay: float) -> list[dict]:
+    """The optimiser's parameter groups: weight decay on matrices, none on biases and norms (vectors)."""
+    decay, no_decay = [], []
+    for p in attachment.trainable_parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Step:
+    """The optimiser, the schedule and the order of one training step (see the module docstring).
+
+    ``attachment`` is a peftlab Attachment or anything offering the same training surface (the PEFT peer);
+    ``settings`` a ``TrainSettings``; ``total_steps`` the length of the schedule. ``forward`` is the module the
+    training loss runs through (default: the attachment's model; the loop passes a ``torch.compile`` wrapper
+    under ``--compile``). With ``checked`` (the loop), every step reads its loss back and a loss or gradient norm
+    that is NaN or infinite raises ``Diverged``; unchecked (the benchmark's timed step) nothing is read back.
+    """
+
+    def __init__(
+        self,
+        attachment,
+        task,
+        settings,
+        lr: float,
+        total_steps: int,
+        device: torch.device,
+        hooks: TrainingHooks,
+        dist: Distributed = SINGLE,
+        forward: torch.nn.Module | None = None,
+        checked: bool = True,
+    ):
+        self.attachment = attachment
+        self.model = attachment.model
+        self.forward = forward if forward is not None else self.model
+        self.task = task
+        self.settings = settings
+        self.total_steps = total_steps
+        self.device = device
+        self.hooks = hooks
+        self.dist = dist
+        self.checked = checked
+        self.params = attachment.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(param_groups(attachment, settings.weight_decay), lr=lr)
+        schedule = settings.schedule if settings.schedule != "constant" else "constant_with_warmup"
+        from transformers import get_scheduler  # not at module level: its import sets TORCHINDUCTOR_CACHE_DIR
+
+        self.scheduler = get_scheduler(
+            schedule,
+            self.optimizer,
+            num_warmup_steps=round(settings.warmup * total_steps),
+            num_training_steps=total_steps,
+        )
+        self.autocast = autocast_for(settings.precision, device)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task loss of ``batch`` under the autocast, through the training forward."""
+        with self.autocast():
+            return self.task.loss(self.forward, batch)
+
+    def prepare(self, batches: Callable) -> None:
+        """The hooks' one-off preparation before the first step (a Fisher mask, ...); ``batches(examples,
+        batch_size)`` yields training batches for it."""
+        ctx = TrainContext(self.attachment, self.loss, batches, self.total_steps, self.settings, self.device)
+        self.hooks.prepare(ctx)
+
+    def micro_batches(self, chunk: Sequence[int], data: Encoded) -> Iterator[Micro]:
+        """This process's micro-batches of the step over examples ``chunk`` of ``data``, built as they are needed.
+
+        A process left without examples still takes part in the gradient exchange, with one example weighted
+        zero; under FSDP every process makes the same number of passes (it gathers weights in each)."""
+        dist, size = self.dist, self.settings.batch_size
+        share = dist.shard(list(chunk))
+        weight = 1 / len(chunk) if share else 0.0  # summed over processes: the single-process mean
+        if dist.sharded:
+            weight *= dist.world  # FSDP averages gradients over processes instead of summing them
+        micro: list[list[int] | None] = [share[k : k + size] for k in range(0, len(share), size)]
+        if dist.sharded:
+            passes = math.ceil(math.ceil(len(chunk) / dist.world) / size)
+            micro += [None] * (passes - len(micro))  # extra passes weigh zero
+        for idx in micro:
+            scale = weight
+            if idx is None:  # a zero-weight pass that keeps the processes in step
+                idx, scale = list(chunk[:1]), 0.0
+            yield data.batch(idx, self.device), len(idx), scale
+
+    @staticmethod
+    def whole(batch: dict[str, torch.Tensor]) -> Micro:
+        """``batch`` as the one micro-batch of a step (each example weighted 1 / its size: the batch mean)."""
+        n = len(batch["input_ids"])
+        return batch, n, 1 / n
+
+    def backward(self, index: int, micro: Iterable[Micro]) -> float | None:
+        """``before_step``, then the loss (plus the hooks' penalty) and backward pass of every micro-batch, and the
+        gradients summed over processes. Returns the step's mean loss over all processes when ``checked``."""
+        self.hooks.before_step(index)
+        dist = self.dist
+        step_loss = 0.0
+        for batch, n, scale in micro:
+            loss = self.loss(batch)
+            if self.checked and not dist.enabled and not torch.isfinite(loss):
+                raise Diverged(f"loss is {loss.item()}")
+            penalty = self.hooks.penalty()
+            objective = loss if penalty is None else loss + penalty
+            (objective * (n * scale)).backward()
+            if self.checked:
+                step_loss += loss.item() * n * scale / (dist.world if dist.sharded else 1)
+        if not dist.sharded:
+            dist.sum_gradients(self.params)  # only what trains is exchanged (FSDP exchanges them itself)
+        if not self.checked:
+            return None
+        step_loss = dist.all_sum(step_loss)
+        if not math.isfinite(step_loss):
+            raise Diverged(f"loss is {step_loss}")
+        return step_loss
+
+    def update(self, index: int) -> None:
+        """``after_backward``, gradient masks, clipping, the optimiser and scheduler steps, ``zero_grad``, masked
+        entries restored, ``after_step``."""
+        self.hooks.after_backward(index)
+        self.attachment.mask_gradients()
+        if self.settings.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+            if self.checked and not torch.isfinite(norm):
+                raise Diverged(f"the gradient norm is {norm.item()}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.attachment.restore_masked()
+        self.hooks.after_step(index, self.optimizer, self.scheduler)
+
+    def take(self, index: int, micro: Iterable[Micro]) -> float | None:
+        """Step number ``index`` (from 0) over ``micro``; returns the step's loss when ``checked``."""
+        loss = self.backward(index, micro)
+        self.update(index)
+        return loss
