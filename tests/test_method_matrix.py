@@ -147,7 +147,7 @@ def trained(prepared, method, steps=4) -> Trained:
 
 
 def train(prepared, method, steps) -> Trained:
-    options, data = prepared.options, prepared.data
+    data = prepared.data
     adapter = attach(prepared, method)
     before = base_parameters(adapter)
     initial = {k: v.detach().clone() for k, v in adapter.state().items()}
