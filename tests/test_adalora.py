@@ -2,7 +2,6 @@
 penalty, exact resume, and parity with Hugging Face PEFT both ways."""
 
 import dataclasses
-from unittest import mock
 
 import pytest
 import torch
@@ -10,13 +9,13 @@ from peft import AdaLoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import peftlab
-import peftlab.train.loop as loop
 from peftlab.core.adapter_file import read_tensors
 from peftlab.errors import InputError
 from peftlab.methods.adalora import AdaLoraHooks, AdaLoraLinear
 from peftlab.run import RunOptions, build_model, prepare_data
-from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+from peftlab.train.loop import TrainSettings
 from tests.conftest import tiny_classifier
+from tests.short_fit import fit_tiny
 from tests.test_lora import TOKENS
 
 
@@ -193,28 +192,7 @@ def train(prepared, folder, steps, resume=False, crash_after=None, **options):
     adapter = peftlab.attach(build_model(run_options, data, 0), "adalora", **options)
     hooks = AdaLoraHooks(adapter, adapter.config)
     settings = TrainSettings(max_steps=steps, batch_size=8, lr=1e-2, warmup=0, checkpoint_every=3, seed=0)
-    save = loop.save_checkpoint
-
-    def save_then_crash(path, attachment, optimizer, scheduler, state, *rest, **kw):
-        save(path, attachment, optimizer, scheduler, state, *rest, **kw)
-        if state["step"] == crash_after:
-            raise KeyboardInterrupt
-
-    with mock.patch.object(loop, "save_checkpoint", save_then_crash):
-        fit(
-            adapter,
-            ClassificationTask(2),
-            data.splits["train"],
-            data.splits["validation"],
-            settings,
-            1e-2,
-            folder / "ckpt",
-            lambda m, s: None,
-            torch.device("cpu"),
-            resume=resume,
-            show_progress=False,
-            hooks=hooks,
-        )
+    fit_tiny(adapter, data, folder / "ckpt", settings, resume, hooks, crash_after)
     return adapter, hooks
 
 

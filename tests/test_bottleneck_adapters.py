@@ -4,7 +4,6 @@ LayerNorms; no merging; AdapterDrop (fixed n, random n per step from the global 
 tiny Llama through the CLI. Hugging Face PEFT has no bottleneck adapters, so there is no parity test."""
 
 import json
-from unittest import mock
 
 import pytest
 import torch
@@ -24,9 +23,9 @@ from peftlab.errors import InputError
 from peftlab.methods.adapter_drop import AdapterDropHooks, drop_speed, set_drop
 from peftlab.methods.bottleneck import Bottleneck
 from peftlab.run import RunOptions, build_model, prepare_data
-from peftlab.train import loop
-from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+from peftlab.train.loop import TrainSettings
 from tests.conftest import tiny_classifier
+from tests.short_fit import fit_tiny
 
 TOKENS = torch.tensor([[2, 7, 12, 30, 41, 3, 0], [2, 9, 17, 25, 3, 0, 0]])
 MASK = (TOKENS != 0).long()
@@ -300,16 +299,7 @@ def test_drop_train_resumes_exactly(tiny_model_dir, tiny_csv, tmp_path):
                 m.p = 0.1
         adapter = peftlab.attach(model, "houlsby", bottleneck=4, drop_train=True)
         settings = TrainSettings(max_steps=8, batch_size=8, lr=1e-2, warmup=0, checkpoint_every=3, seed=0)
-        save = loop.save_checkpoint
-
-        def save_then_crash(path, attachment, optimizer, scheduler, state, *rest, **kw):
-            save(path, attachment, optimizer, scheduler, state, *rest, **kw)
-            if state["step"] == crash_after:
-                raise KeyboardInterrupt
-
-        with mock.patch.object(loop, "save_checkpoint", save_then_crash):
-            fit(adapter, ClassificationTask(2), data.splits["train"], data.splits["validation"], settings, 1e-2,
-                folder, lambda m, s: None, torch.device("cpu"), resume=resume, show_progress=False)  # fmt: skip
+        fit_tiny(adapter, data, folder, settings, resume, crash_after=crash_after)
         return adapter
 
     straight = train(tmp_path / "a")

@@ -9,12 +9,12 @@ from peft import PeftModel
 from torch import nn
 
 import peftlab
-import peftlab.train.loop as loop
 from peftlab.errors import InputError
 from peftlab.methods.dylora import DyLoraHooks, DyLoraLinear, report_ranks, set_rank
 from peftlab.run import RunOptions, build_model, prepare_data
-from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+from peftlab.train.loop import TrainSettings
 from tests.conftest import tiny_classifier
+from tests.short_fit import fit_tiny
 from tests.test_lora import TOKENS
 
 
@@ -159,27 +159,7 @@ def test_an_interrupted_run_resumes_exactly(tiny_model_dir, tiny_csv, tmp_path):
     def train(folder, crash_after=None, resume=False):
         adapter = peftlab.attach(build_model(options, data, 0), "dylora", r=4, dropout=0.1)
         settings = TrainSettings(max_steps=8, batch_size=8, lr=1e-2, warmup=0, checkpoint_every=3, seed=0)
-        save = loop.save_checkpoint
-
-        def save_then_crash(path, attachment, optimizer, scheduler, state, *rest, **kw):
-            save(path, attachment, optimizer, scheduler, state, *rest, **kw)
-            if state["step"] == crash_after:
-                raise KeyboardInterrupt
-
-        with mock.patch.object(loop, "save_checkpoint", save_then_crash):
-            fit(
-                adapter,
-                ClassificationTask(2),
-                data.splits["train"],
-                data.splits["validation"],
-                settings,
-                1e-2,
-                folder,
-                lambda m, s: None,
-                torch.device("cpu"),
-                resume=resume,
-                show_progress=False,
-            )
+        fit_tiny(adapter, data, folder, settings, resume, crash_after=crash_after)
         return adapter
 
     straight = train(tmp_path / "a")

@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-import peftlab.train.loop as loop
 from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.data.batches import length_grouped
 from peftlab.methods.lora import LoraConfig
 from peftlab.run import run_training
 from peftlab.train.loop import TrainSettings
+from tests.short_fit import crash_after_checkpoint
 from tests.test_train import options
 
 
@@ -33,21 +33,12 @@ def test_length_grouped_is_a_permutation_with_less_padding():
     assert padded_tokens(grouped, lengths, 32) < 0.75 * padded_tokens(order, lengths, 32)
 
 
-def test_a_length_grouped_run_resumes_bit_for_bit(tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+def test_a_length_grouped_run_resumes_bit_for_bit(tiny_model_dir, tiny_csv, tmp_path):
     settings = TrainSettings(epochs=2, batch_size=16, lr=1e-2, checkpoint_every=5, seed=3, group_by_length=True)
     config = LoraConfig(r=4)
     reference = run_training(options(tiny_model_dir, tiny_csv, tmp_path / "a"), settings, config, show_progress=False)
-    original = loop.save_checkpoint
-
-    def crash_after_step_5(path, attachment, optimizer, scheduler, state, *rest, **kw):
-        original(path, attachment, optimizer, scheduler, state, *rest, **kw)
-        if state["step"] == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), crash_after_checkpoint(5):
         run_training(options(tiny_model_dir, tiny_csv, tmp_path / "b"), settings, config, show_progress=False)
-    monkeypatch.setattr(loop, "save_checkpoint", original)
     resumed = run_training(
         options(tiny_model_dir, tiny_csv, tmp_path / "b"), settings, config, resume=True, show_progress=False
     )

@@ -2,20 +2,18 @@
 LoRA parameters are magnitude-pruned, the learning rate restarts on a jagged schedule, the adapter file holds the
 whole change (loading onto a fresh pretrained base reproduces the outputs), and a resumed run is exact."""
 
-from unittest import mock
-
 import pytest
 import torch
 from torch import nn
 
 import peftlab
-import peftlab.train.loop as loop
 from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.errors import InputError
 from peftlab.methods.relora import ReLoraHooks, ReLoraLinear, prune_smallest_
 from peftlab.run import RunOptions, build_model, prepare_data
-from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+from peftlab.train.loop import TrainSettings
 from tests.conftest import tiny_classifier
+from tests.short_fit import fit_tiny
 from tests.test_lora import TOKENS
 
 
@@ -112,28 +110,8 @@ def train(prepared, folder, steps, crash_after=None, resume=False, hooks_factory
     adapter = peftlab.attach(build_model(run_options, data, 0), "relora", **options)
     hooks = hooks_factory(adapter, adapter.config)
     settings = TrainSettings(max_steps=steps, batch_size=8, lr=1e-2, warmup=0, checkpoint_every=3, seed=0)
-    save = loop.save_checkpoint
-
-    def save_then_crash(path, attachment, optimizer, scheduler, state, *rest, **kw):
-        save(path, attachment, optimizer, scheduler, state, *rest, **kw)
-        if state["step"] == crash_after:
-            raise KeyboardInterrupt
-
-    with mock.patch.object(loop, "save_checkpoint", save_then_crash):
-        fit(
-            adapter,
-            ClassificationTask(2),
-            data.splits["train"],
-            data.splits["validation"],
-            settings,
-            1e-2,
-            folder / "ckpt",
-            lambda m, s: adapter.save(folder / "adapter"),
-            torch.device("cpu"),
-            resume=resume,
-            show_progress=False,
-            hooks=hooks,
-        )
+    on_best = lambda m, s: adapter.save(folder / "adapter")  # noqa: E731
+    fit_tiny(adapter, data, folder / "ckpt", settings, resume, hooks, crash_after, on_best)
     return adapter, hooks
 
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-import peftlab.train.loop as loop
 from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.core.attach import attach
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import LoraConfig
 from peftlab.run import RunOptions, build_model, prepare_data, run_training
 from peftlab.train.loop import ClassificationTask, TrainSettings, fit
+from tests.short_fit import crash_after_checkpoint
 
 
 def options(tiny_model_dir, tiny_csv, out, **kw):
@@ -60,28 +60,19 @@ def test_gradient_accumulation_equals_the_large_batch(tiny_model_dir, tiny_csv, 
         torch.testing.assert_close(accumulated[key], big[key], rtol=1e-5, atol=1e-6)
 
 
-def test_an_interrupted_run_resumes_bit_for_bit(tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_bit_for_bit(tiny_model_dir, tiny_csv, tmp_path):
     settings = TrainSettings(epochs=2, batch_size=16, lr=1e-2, checkpoint_every=5, seed=3)
     reference = run_training(
         options(tiny_model_dir, tiny_csv, tmp_path / "a"), settings, LoraConfig(r=4, dropout=0.1), show_progress=False
     )
 
-    original = loop.save_checkpoint
-
-    def crash_after_step_15(path, attachment, optimizer, scheduler, state, *rest, **kw):
-        original(path, attachment, optimizer, scheduler, state, *rest, **kw)
-        if state["step"] == 15:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_15)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), crash_after_checkpoint(15):
         run_training(
             options(tiny_model_dir, tiny_csv, tmp_path / "b"),
             settings,
             LoraConfig(r=4, dropout=0.1),
             show_progress=False,
         )
-    monkeypatch.setattr(loop, "save_checkpoint", original)
     resumed = run_training(
         options(tiny_model_dir, tiny_csv, tmp_path / "b"),
         settings,
