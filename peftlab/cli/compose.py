@@ -1,0 +1,167 @@
+"""``peftlab compose``: merge LoRA adapters, LoRAHub weights for a target task, the mixed-batch serving benchmark."""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import InputError
+from ..fileio import check_output, check_output_file, write_text
+from ..report import make_console
+from .options import Parser, overwrite_argument
+
+
+def cmd_compose(argv: list[str], show_progress: bool) -> int:
+    """Adapter composition: weighted merge with SVD re-compression, LoRAHub, mixed-batch serving benchmark."""
+    parser = Parser(prog="peftlab compose", description="Compose LoRA adapters of one base model.")
+    sub = parser.add_subparsers(dest="action", required=True, parser_class=Parser)
+    m = sub.add_parser("merge", help="weighted sum of LoRA adapters, re-compressed to --rank by truncated SVD")
+    m.add_argument("adapters", nargs="+", help="LoRA adapter folders or run folders (same base body)")
+    m.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: all 1)")
+    m.add_argument("--rank", type=int, required=True, help="rank of the merged adapter")
+    m.add_argument("--out", required=True, help="folder for the merged adapter (new or empty)")
+    overwrite_argument(m)
+    m.add_argument(
+        "--head",
+        default=None,
+        help="whose task head the merged adapter takes: an adapter's name or "
+        "index (default: the first), or 'none' for the body only",
+    )
+    m.add_argument("--model", help="base model (default: the one the first adapter records)")
+    m.add_argument("--json", action="store_true", help="print the re-compression errors as JSON")
+    h = sub.add_parser("lorahub", help="LoRAHub weights from k examples of a target task, against the baselines")
+    h.add_argument("adapters", nargs="+", help="LoRA adapter folders or run folders (same base body)")
+    h.add_argument("--data", required=True, help="target task (packaged name or file)")
+    h.add_argument("--model", default="minilm")
+    h.add_argument("--k", type=int, default=32, help="few-shot examples of the target task (default: 32)")
+    h.add_argument("--budget", type=int, default=40, help="objective evaluations of the search (default: 40)")
+    h.add_argument("--l1", type=float, default=0.05, help="L1 penalty on the weights (default: 0.05)")
+    h.add_argument("--ridge", type=float, default=0.1, help="ridge head strength, relative (default: 0.1)")
+    h.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds: one draw of k examples each")
+    h.add_argument("--test-limit", type=int, default=1000, help="score on the first N test examples")
+    h.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
+    h.add_argument("--out", help="also write the results to this JSON file (a new file)")
+    overwrite_argument(h)
+    b = sub.add_parser("bench", help="mixed-batch throughput against Hugging Face PEFT's adapter_names path")
+    b.add_argument("--model", default="minilm")
+    b.add_argument("--adapters", type=int, default=8)
+    b.add_argument("--rank", type=int, default=8)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--length", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    b.add_argument("--out", help="also write the results to this JSON file (a new file)")
+    overwrite_argument(b)
+    args = parser.parse_args(argv)
+    return {"merge": _compose_merge, "lorahub": _compose_lorahub, "bench": _compose_bench}[args.action](
+        args, show_progress
+    )
+
+
+def _compose_merge(args, show_progress: bool) -> int:
+    from ..compose.library import read_library
+    from ..compose.merge import merge_loras, merged_attachment
+    from ..models import load_classifier, resolve_model
+
+    check_output(args.out, args.adapters, args.overwrite)
+    modules = read_library(args.adapters)
+    weights = args.weights if args.weights is not None else [1.0] * len(modules)
+    merged = merge_loras(modules, weights, args.rank)
+    names = [m.name for m in modules]
+    if args.head is None:
+        head = 0
+    elif args.head == "none":
+        head = None
+    elif args.head in names:
+        head = names.index(args.head)
+    elif args.head.isdigit() and int(args.head) < len(modules):
+        head = int(args.head)
+    else:
+        raise InputError(
+            f"--head: expected an adapter name ({', '.join(names)}), an index or 'none', got {args.head!r}"
+        )
+    source = modules[0 if head is None else head]
+    model_name = args.model or source.meta.get("model")
+    if not model_name:
+        raise InputError(f"{source.folder}: the adapter records no base model; give it with --model")
+    labels = source.labels
+    if not labels:
+        raise InputError(f"{source.folder}: the adapter records no classification labels")
+    path = resolve_model(model_name, quiet=not show_progress)
+    check_output(args.out, [*args.adapters, path], args.overwrite)
+    model = load_classifier(path, labels)
+    attachment = merged_attachment(model, modules, merged, head)
+    report = {
+        "sources": {m.name: str(m.folder) for m in modules},
+        "weights": weights,
+        "rank": args.rank,
+        "head": None if head is None else names[head],
+        "relative_error": {"total": merged.total_error, "per_module": merged.errors},
+    }
+    task = {"task": {"type": "classification", "labels": labels}} if head is not None else {}
+    attachment.save(args.out, extra={**task, "model": model_name, "composition": report})
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"merged {len(modules)} LoRA adapters at rank {args.rank}: relative Frobenius error")
+    table.add_column("module")
+    table.add_column("error", justify="right")
+    for name, error in merged.errors.items():
+        table.add_row(name, f"{error:.4f}")
+    table.add_row("total", f"{merged.total_error:.4f}")
+    make_console().print(table)
+    print(f"wrote a rank-{args.rank} LoRA adapter to {args.out} (head: {report['head'] or 'none'})")
+    return 0
+
+
+def _compose_lorahub(args, show_progress: bool) -> int:
+    from ..compose.lorahub import compare
+
+    if args.out:
+        check_output_file(args.out, args.overwrite)
+    results = compare(
+        args.adapters,
+        args.data,
+        args.model,
+        args.k,
+        args.budget,
+        args.l1,
+        args.ridge,
+        args.seeds,
+        args.test_limit,
+        args.max_length,
+        quiet=not show_progress,
+    )
+    text = json.dumps(results, indent=2)
+    if args.out:
+        write_text(args.out, text + "\n")
+    print(text)
+    return 0
+
+
+def _compose_bench(args, show_progress: bool) -> int:
+    import torch
+
+    if args.out:
+        check_output_file(args.out, args.overwrite)
+    from ..compose.bench import benchmark
+    from ..models import load_classifier, resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model(args.model, quiet=not show_progress)
+    results = benchmark(
+        lambda: load_classifier(path, ["a", "b"]),
+        args.adapters,
+        args.rank,
+        args.batch_size,
+        args.length,
+        args.repeats,
+    )
+    results["model"] = args.model
+    text = json.dumps(results, indent=2)
+    if args.out:
+        write_text(args.out, text + "\n")
+    print(text)
+    return 0
