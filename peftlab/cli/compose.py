@@ -6,7 +6,7 @@ import json
 
 from ..errors import InputError
 from ..fileio import check_output, check_output_file, write_text
-from ..report import make_console
+from ..report import make_console, merge_errors_table
 from .options import Parser, overwrite_argument
 
 
@@ -102,15 +102,8 @@ def _compose_merge(args, show_progress: bool) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    from rich.table import Table
-
-    table = Table(title=f"merged {len(modules)} LoRA adapters at rank {args.rank}: relative Frobenius error")
-    table.add_column("module")
-    table.add_column("error", justify="right")
-    for name, error in merged.errors.items():
-        table.add_row(name, f"{error:.4f}")
-    table.add_row("total", f"{merged.total_error:.4f}")
-    make_console().print(table)
+    title = f"merged {len(modules)} LoRA adapters at rank {args.rank}: relative Frobenius error"
+    make_console().print(merge_errors_table(merged.errors, merged.total_error, title))
     print(f"wrote a rank-{args.rank} LoRA adapter to {args.out} (head: {report['head'] or 'none'})")
     return 0
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..fileio import check_output_file
-from ..report import make_console
+from ..report import generation_table, make_console, pet_table
 from .options import Parser, model_code_arguments, overwrite_argument, proxy_arguments, rebuild_run
 
 
@@ -119,23 +119,6 @@ def _read_prompts(source: str) -> list[list[dict[str, str]]]:
     if not prompts:
         raise InputError(f"{source}: no prompts found")
     return prompts
-
-
-def generation_table(metrics: dict[str, dict], title: str):
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("set", "answer accuracy", "token F1", "exact match", "examples"):
-        table.add_column(column, justify="left" if column == "set" else "right")
-    for name, m in metrics.items():
-        if not m:
-            continue
-        accuracy = f"{m['answer_accuracy']:.4f}" if "answer_accuracy" in m else "-"
-        table.add_row(name, accuracy, f"{m['token_f1']:.4f}", f"{m['exact_match']:.4f}", str(m["examples"]))
-        for task, t in m.get("tasks", {}).items():
-            accuracy = f"{t['answer_accuracy']:.4f}" if "answer_accuracy" in t else "-"
-            table.add_row(f"  {task}", accuracy, f"{t['token_f1']:.4f}", f"{t['exact_match']:.4f}", str(t["examples"]))
-    return table
 
 
 def cmd_generate(argv: list[str], show_progress: bool) -> int:
@@ -282,14 +265,5 @@ def cmd_baseline(argv: list[str], show_progress: bool) -> int:
     for shots in args.shots:
         console.print(generation_table(results[f"{shots}-shot"], f"{args.model}: {shots}-shot generation"))
     if results.get("pet"):
-        from rich.table import Table
-
-        table = Table(title=f"{args.model}: PET-style classification (pattern + verbalizer)")
-        for column in ("set", "accuracy", "examples"):
-            table.add_column(column, justify="left" if column == "set" else "right")
-        for name, r in results["pet"].items():
-            table.add_row(name, f"{r['accuracy']:.4f}", str(r["examples"]))
-            for task, t in r["tasks"].items():
-                table.add_row(f"  {task}", f"{t['accuracy']:.4f}", str(t["examples"]))
-        console.print(table)
+        console.print(pet_table(results["pet"], f"{args.model}: PET-style classification (pattern + verbalizer)"))
     return 0
