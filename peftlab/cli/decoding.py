@@ -5,36 +5,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 from ..errors import InputError
 from ..fileio import check_output_file
 from ..report import generation_table, make_console, pet_table
-from .options import Parser, model_code_arguments, overwrite_argument, proxy_arguments, rebuild_run
+from .options import Parser, model_code_arguments, overwrite_argument, proxy_arguments
 
 
 def _decoder(args, show_progress: bool):
     """(model, tokenizer, label) for generate/chat: a run folder's best adapter, or --model with an optional
     --adapter."""
-    from ..core.attach import load_adapter
-    from ..models import load_causal_lm, load_tokenizer, resolve_model
+    from ..decode import load_decoder
 
-    if args.run:
-        run, options, _, prepared, attachment = rebuild_run(args, show_progress)
-        if prepared.kind != "sft":
-            raise InputError(f"{run}: a {prepared.kind} run has no language-model head to generate with")
-        return attachment.model, prepared.tokenizer, f"{run} ({attachment.method.name})"
-    if not args.model:
-        raise InputError("give a run folder, or --model (and optionally --adapter)")
-    path = resolve_model(args.model, quiet=not show_progress, allow_pickle=args.allow_pickle)
-    model = load_causal_lm(path, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    label = args.model
-    if args.adapter:
-        attachment = load_adapter(model, args.adapter)
-        label += f" + {attachment.method.name} adapter"
-    return model, load_tokenizer(path, args.trust_remote_code), label
+    return load_decoder(
+        args.run, args.model, args.adapter, not show_progress, args.trust_remote_code, args.allow_pickle
+    )
 
 
 def _decoder_arguments(parser) -> None:
@@ -52,76 +38,26 @@ def _decoder_arguments(parser) -> None:
 
 def proxy_reply(args, expert, tokenizer, expert_base: str, show_progress: bool):
     """(reply(prompts, max_new_tokens, seed) -> replies, label) decoding ``--proxy-base`` steered by the expert
-    (the run's or --model's model with its adapter) minus the anti-expert. The vocabularies are checked first,
-    from the tokenizers alone, before any model is loaded."""
-    trust = getattr(args, "trust_remote_code", False)
-    temperature, top_p = getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0)
-    from ..core.attach import load_adapter
-    from ..evaluate.proxy import check_shared_vocabulary, proxy_generate
-    from ..models import load_causal_lm, load_tokenizer, resolve_model
+    (the run's or --model's model with its adapter) minus the anti-expert."""
+    from ..decode import proxy_decoder
 
-    anti_name = args.anti_expert or expert_base
-    base_path = resolve_model(args.proxy_base, quiet=not show_progress)
-    anti_path = resolve_model(anti_name, quiet=not show_progress)
-    base_tokenizer = load_tokenizer(base_path, trust)
-    vocab = check_shared_vocabulary(
-        {
-            f"{args.proxy_base} (base)": base_tokenizer,
-            f"{expert_base} + adapter (expert)": tokenizer,
-            f"{anti_name} (anti-expert)": load_tokenizer(anti_path, trust),
-        }
+    return proxy_decoder(
+        expert,
+        tokenizer,
+        expert_base,
+        args.proxy_base,
+        args.proxy_base_adapter,
+        args.anti_expert,
+        args.proxy_alpha,
+        temperature=getattr(args, "temperature", 0.0),
+        top_p=getattr(args, "top_p", 1.0),
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+        quiet=not show_progress,
     )
-    base = load_causal_lm(base_path, trust_remote_code=trust)
-    if args.proxy_base_adapter:
-        load_adapter(base, args.proxy_base_adapter)
-    anti = load_causal_lm(anti_path, trust_remote_code=trust)
-    device = next(expert.parameters()).device
-    base.to(device)
-    anti.to(device)
-
-    def steered(prompts, max_new_tokens, seed):
-        options = {"temperature": temperature, "top_p": top_p, "seed": seed, "alpha": args.proxy_alpha}
-        return proxy_generate(base, expert, anti, base_tokenizer, prompts, max_new_tokens, vocab=vocab, **options)
-
-    label = f"proxy-tuned {args.proxy_base}" + (" + adapter" if args.proxy_base_adapter else "")
-    return steered, f"{label} (alpha {args.proxy_alpha:g}; expert - anti-expert {anti_name})"
-
-
-def _expert_base(args) -> str:
-    """The base model of the expert: a run's configured model, or --model."""
-    if args.run:
-        from ..fileio import read_json
-
-        return str(read_json(Path(args.run) / "config.json", "run config").get("model"))
-    return args.model
-
-
-def _read_prompts(source: str) -> list[list[dict[str, str]]]:
-    """Prompts from a file or stdin ("-"): JSONL records with "prompt" or "messages", else one prompt per line."""
-    from ..data.conversations import ROLES
-
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    prompts = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{source}:{number}: malformed JSON line ({e.msg})") from None
-            messages = record.get("messages") or [{"role": "user", "content": record.get("prompt", "")}]
-            if not all(isinstance(m, dict) and m.get("role") in ROLES for m in messages):
-                raise InputError(f"{source}:{number}: 'messages' must be a list of {{role, content}} objects")
-            prompts.append(messages)
-        else:
-            prompts.append([{"role": "user", "content": line.strip()}])
-    if not prompts:
-        raise InputError(f"{source}: no prompts found")
-    return prompts
 
 
 def cmd_generate(argv: list[str], show_progress: bool) -> int:
+    from ..decode import expert_base, read_prompts
     from ..evaluate.generation import generate
 
     parser = Parser(prog="peftlab generate", description="Answer prompts from a file or stdin.")
@@ -130,11 +66,11 @@ def cmd_generate(argv: list[str], show_progress: bool) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON lines {prompt, reply}")
     args = parser.parse_args(argv)
     model, tokenizer, _ = _decoder(args, show_progress)
-    prompts = _read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts)
     if args.system:
         prompts = [[{"role": "system", "content": args.system}, *p] for p in prompts]
     if args.proxy_base:
-        reply, _ = proxy_reply(args, model, tokenizer, _expert_base(args), show_progress)
+        reply, _ = proxy_reply(args, model, tokenizer, expert_base(args.run, args.model), show_progress)
         replies = reply(prompts, args.max_new_tokens, args.seed)
     else:
         replies = generate(
@@ -156,6 +92,7 @@ def cmd_generate(argv: list[str], show_progress: bool) -> int:
 
 def cmd_chat(argv: list[str], show_progress: bool) -> int:
     """An interactive chat in the terminal: the history stays in context; /reset starts over, /exit (or EOF) ends."""
+    from ..decode import expert_base
     from ..evaluate.generation import generate
 
     parser = Parser(prog="peftlab chat", description="Chat with a model (and adapter) in the terminal.")
@@ -164,7 +101,7 @@ def cmd_chat(argv: list[str], show_progress: bool) -> int:
     model, tokenizer, label = _decoder(args, show_progress)
     steered = None
     if args.proxy_base:
-        steered, label = proxy_reply(args, model, tokenizer, _expert_base(args), show_progress)
+        steered, label = proxy_reply(args, model, tokenizer, expert_base(args.run, args.model), show_progress)
     console = make_console()
     console.print(f"[bold]peftlab chat[/bold] with {label}. /reset clears the history, /exit ends.")
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -205,11 +142,8 @@ def cmd_chat(argv: list[str], show_progress: bool) -> int:
 def cmd_baseline(argv: list[str], show_progress: bool) -> int:
     """Training-free baselines on an sft dataset's test and held-out sets: zero-shot and few-shot generation,
     PET-style classification."""
-    from ..core.attach import load_adapter
-    from ..data.sft import load_sft
-    from ..evaluate.baselines import demonstration_pool, generation_baseline, pet_baseline
+    from ..decode import baselines
     from ..fileio import write_json
-    from ..models import load_causal_lm, load_tokenizer, resolve_model
 
     parser = Parser(
         prog="peftlab baseline",
@@ -235,27 +169,20 @@ def cmd_baseline(argv: list[str], show_progress: bool) -> int:
         raise InputError("peftlab baseline: --shots must be >= 0 and --limit positive")
     if args.out:
         check_output_file(args.out, args.overwrite)
-    path = resolve_model(args.model, quiet=not show_progress)
-    tokenizer = load_tokenizer(path, args.trust_remote_code)
-    model = load_causal_lm(path, trust_remote_code=args.trust_remote_code)
-    if args.adapter:
-        load_adapter(model, args.adapter)
-    data = load_sft(args.data, args.split_seed)
-    sets = {"test": data.splits["test"], **data.extra_eval}
-    sets = {name: [c for c in convs if not c.is_text][: args.limit] for name, convs in sets.items()}
-    sets = {name: convs for name, convs in sets.items() if convs}
-    pool = demonstration_pool(data)
-    results: dict[str, Any] = {"model": args.model, "adapter": args.adapter, "data": args.data, "limit": args.limit}
-    for shots in args.shots:
-        results[f"{shots}-shot"] = {
-            name: generation_baseline(
-                model, tokenizer, convs, pool, shots, args.max_new_tokens, args.batch_size, args.seed
-            )
-            for name, convs in sets.items()
-        }
-    if args.pet:
-        pet = {name: pet_baseline(model, tokenizer, convs) for name, convs in sets.items()}
-        results["pet"] = {name: r for name, r in pet.items() if r is not None}
+    results = baselines(
+        args.model,
+        args.adapter,
+        args.data,
+        args.shots,
+        args.pet,
+        args.limit,
+        args.max_new_tokens,
+        args.batch_size,
+        args.split_seed,
+        args.seed,
+        args.trust_remote_code,
+        quiet=not show_progress,
+    )
     if args.out:
         write_json(Path(args.out), results)
     if args.json:
