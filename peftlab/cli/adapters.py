@@ -15,8 +15,7 @@ from .options import Parser, model_code_arguments, overwrite_argument, proxy_arg
 
 def cmd_eval(argv: list[str], show_progress: bool) -> int:
     from ..report import metrics_table
-    from ..run import encode_file, make_task, pick_device
-    from ..train.loop import autocast_for
+    from ..run import evaluate_run, pick_device
 
     parser = Parser(prog="peftlab eval", description="Evaluate a run's best adapter.")
     parser.add_argument("run", help="run folder")
@@ -38,16 +37,7 @@ def cmd_eval(argv: list[str], show_progress: bool) -> int:
     attachment.model.to(device)
     if args.generate is not None or args.proxy_base:
         return _eval_generation(args, run, options, settings, prepared, attachment, show_progress)
-    task = make_task(prepared)
-    autocast = autocast_for(settings.precision, device)
-    if args.data:
-        splits = {Path(args.data).name: encode_file(options, prepared, args.data)}
-    else:
-        names = ["train", "validation", "test"] if args.split == "all" else [args.split]
-        splits = {n: prepared.splits[n] for n in names}
-    metrics = {
-        n: task.evaluate(attachment.model, e, settings.eval_batch_size, device, autocast) for n, e in splits.items()
-    }
+    metrics = evaluate_run(options, settings, prepared, attachment, device, args.data, args.split)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -82,7 +72,7 @@ def _eval_generation(args, run, options, settings, prepared, attachment, show_pr
 
 
 def cmd_merge(argv: list[str], show_progress: bool) -> int:
-    from ..fileio import atomic_folder
+    from ..run import save_merged
 
     parser = Parser(prog="peftlab merge", description="Write the model with the adapter merged into its weights.")
     parser.add_argument("run", help="run folder")
@@ -93,11 +83,7 @@ def cmd_merge(argv: list[str], show_progress: bool) -> int:
     check_output(args.out, [args.run], args.overwrite)
     run, options, settings, prepared, attachment = rebuild_run(args, show_progress)
     check_output(args.out, [run, prepared.model_path], args.overwrite)
-    attachment.merge()
-    model = attachment.unload()
-    with atomic_folder(args.out) as tmp:
-        model.save_pretrained(str(tmp))
-        prepared.tokenizer.save_pretrained(str(tmp))
+    save_merged(attachment, prepared.tokenizer, args.out)
     print(f"merged {attachment.method.name} adapter of {run} into {args.out} (loads with plain transformers)")
     return 0
 
@@ -122,10 +108,7 @@ def cmd_export(argv: list[str], show_progress: bool) -> int:
 
 
 def cmd_import(argv: list[str], show_progress: bool) -> int:
-    from ..core.attach import read_tensors
-    from ..core.hf_peft import HF_CONFIG, HF_WEIGHTS, import_hf
-    from ..fileio import read_json
-    from ..models import load_classifier, resolve_model
+    from ..run import import_hf_adapter
 
     parser = Parser(
         prog="peftlab import",
@@ -139,26 +122,8 @@ def cmd_import(argv: list[str], show_progress: bool) -> int:
     overwrite_argument(parser)
     args = parser.parse_args(argv)
     check_output(args.out, [args.adapter], args.overwrite)
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    attachment = import_hf_adapter(args.adapter, args.out, args.model, labels, args.overwrite, not show_progress)
     src = Path(args.adapter)
-    cfg = read_json(src / HF_CONFIG, "PEFT adapter config")
-    model_name = args.model or cfg.get("base_model_name_or_path")
-    if not model_name:
-        raise InputError(f"{src / HF_CONFIG}: no base_model_name_or_path; give the base with --model")
-    path = resolve_model(model_name, quiet=not show_progress)
-    check_output(args.out, [args.adapter, path], args.overwrite)
-    if args.labels:
-        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
-    else:
-        tensors = read_tensors(src / HF_WEIGHTS)
-        heads = [v.shape[0] for k, v in tensors.items() if "lora_" not in k and k.endswith(".weight") and v.ndim == 2]
-        if not heads:
-            raise InputError(f"{src}: the adapter has no task head; give its classes with --labels")
-        labels = [f"LABEL_{i}" for i in range(min(heads))]
-    model = load_classifier(path, labels)
-    attachment = import_hf(model, src)
-    attachment.save(
-        args.out,
-        extra={"task": {"type": "classification", "labels": labels}, "model": model_name, "imported_from": str(src)},
-    )
     print(f"imported {len(attachment.targets)} LoRA modules from {src} into {args.out}")
     return 0
