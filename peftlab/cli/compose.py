@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from ..errors import InputError
 from ..fileio import check_output, check_output_file, write_text
 from ..report import make_console, merge_errors_table
 from .options import Parser, overwrite_argument
@@ -58,51 +57,16 @@ def cmd_compose(argv: list[str], show_progress: bool) -> int:
 
 
 def _compose_merge(args, show_progress: bool) -> int:
-    from ..compose.library import read_library
-    from ..compose.merge import merge_loras, merged_attachment
-    from ..models import load_classifier, resolve_model
+    from ..compose.merge import merge_to_folder
 
     check_output(args.out, args.adapters, args.overwrite)
-    modules = read_library(args.adapters)
-    weights = args.weights if args.weights is not None else [1.0] * len(modules)
-    merged = merge_loras(modules, weights, args.rank)
-    names = [m.name for m in modules]
-    if args.head is None:
-        head = 0
-    elif args.head == "none":
-        head = None
-    elif args.head in names:
-        head = names.index(args.head)
-    elif args.head.isdigit() and int(args.head) < len(modules):
-        head = int(args.head)
-    else:
-        raise InputError(
-            f"--head: expected an adapter name ({', '.join(names)}), an index or 'none', got {args.head!r}"
-        )
-    source = modules[0 if head is None else head]
-    model_name = args.model or source.meta.get("model")
-    if not model_name:
-        raise InputError(f"{source.folder}: the adapter records no base model; give it with --model")
-    labels = source.labels
-    if not labels:
-        raise InputError(f"{source.folder}: the adapter records no classification labels")
-    path = resolve_model(model_name, quiet=not show_progress)
-    check_output(args.out, [*args.adapters, path], args.overwrite)
-    model = load_classifier(path, labels)
-    attachment = merged_attachment(model, modules, merged, head)
-    report = {
-        "sources": {m.name: str(m.folder) for m in modules},
-        "weights": weights,
-        "rank": args.rank,
-        "head": None if head is None else names[head],
-        "relative_error": {"total": merged.total_error, "per_module": merged.errors},
-    }
-    task = {"task": {"type": "classification", "labels": labels}} if head is not None else {}
-    attachment.save(args.out, extra={**task, "model": model_name, "composition": report})
+    report, merged = merge_to_folder(
+        args.adapters, args.weights, args.rank, args.head, args.model, args.out, args.overwrite, not show_progress
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    title = f"merged {len(modules)} LoRA adapters at rank {args.rank}: relative Frobenius error"
+    title = f"merged {len(report['weights'])} LoRA adapters at rank {args.rank}: relative Frobenius error"
     make_console().print(merge_errors_table(merged.errors, merged.total_error, title))
     print(f"wrote a rank-{args.rank} LoRA adapter to {args.out} (head: {report['head'] or 'none'})")
     return 0
