@@ -3,7 +3,6 @@ a run folder's saved configuration."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from .options import Parser, add_fields, cli_values, flag, read_config_file
 def cmd_train(argv: list[str], show_progress: bool) -> int:
     from ..methods import get_method
     from ..report import print_results
-    from ..run import RunOptions, load_run, run_training, split_config, without_command_line_only
+    from ..run import RunOptions, resume_config, run_training, split_config, without_command_line_only
     from ..train.loop import TrainSettings
 
     pre = Parser(prog="peftlab train", add_help=False)
@@ -29,7 +28,7 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
     file_values: dict[str, Any] = {}
     source = "command line"
     if known.resume:
-        run, file_values = load_run_config(known.resume, load_run)
+        run, file_values = resume_config(known.resume)
         source = str(Path(run) / "config.json")
     elif known.config:
         file_values = read_config_file(known.config)
@@ -74,10 +73,9 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
 
 
 def launch_processes(nproc: int, argv: list[str]) -> int:
-    """``peftlab train --nproc N ...``: the same command under ``torchrun --standalone --nproc_per_node N`` on this
-    machine (data-parallel; for several machines call torchrun yourself, see the README)."""
-    import os
-    import subprocess
+    """``peftlab train --nproc N ...``: the same command, less --nproc and with the global options before it, under
+    torchrun on this machine."""
+    from ..launch import torchrun
 
     if nproc < 1:
         raise InputError(f"--nproc: expected a positive integer, got {nproc}")
@@ -93,27 +91,4 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
             continue
         rest.append(arg)
     prefix = [a for a in sys.argv[1 : sys.argv.index("train")] if a != "--debug"] if "train" in sys.argv else []
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "peftlab.launch",
-    ]
-    env = {
-        **os.environ,
-        "PEFTLAB_ARGV": json.dumps([*prefix, "train", *rest]),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-    }
-    return subprocess.call(command, env=env)
-
-
-def load_run_config(run: str, load_run) -> tuple[Path, dict]:
-    path = Path(run)
-    if not (path / "config.json").exists():
-        raise InputError(f"{path}: no run to resume (config.json not found)")
-    from ..fileio import read_json
-
-    return path, read_json(path / "config.json", "run config")
+    return torchrun(nproc, [*prefix, "train", *rest])
