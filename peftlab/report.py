@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
@@ -74,3 +76,70 @@ def print_results(results: dict, console: Console | None = None) -> None:
     for table in results_tables(results):
         console.print(table)
     console.print(f"run folder: {results['run_dir']}")
+
+
+def generation_table(metrics: dict[str, dict], title: str) -> Table:
+    """Generation metrics of an sft run or a baseline: one row per set, indented rows for its tasks."""
+    table = Table(title=title)
+    for column in ("set", "answer accuracy", "token F1", "exact match", "examples"):
+        table.add_column(column, justify="left" if column == "set" else "right")
+    for name, m in metrics.items():
+        if not m:
+            continue
+        accuracy = f"{m['answer_accuracy']:.4f}" if "answer_accuracy" in m else "-"
+        table.add_row(name, accuracy, f"{m['token_f1']:.4f}", f"{m['exact_match']:.4f}", str(m["examples"]))
+        for task, t in m.get("tasks", {}).items():
+            accuracy = f"{t['answer_accuracy']:.4f}" if "answer_accuracy" in t else "-"
+            table.add_row(f"  {task}", accuracy, f"{t['token_f1']:.4f}", f"{t['exact_match']:.4f}", str(t["examples"]))
+    return table
+
+
+def pet_table(results: dict[str, dict], title: str) -> Table:
+    """PET-style classification accuracy: one row per set, indented rows for its tasks."""
+    table = Table(title=title)
+    for column in ("set", "accuracy", "examples"):
+        table.add_column(column, justify="left" if column == "set" else "right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['accuracy']:.4f}", str(r["examples"]))
+        for task, t in r["tasks"].items():
+            table.add_row(f"  {task}", f"{t['accuracy']:.4f}", str(t["examples"]))
+    return table
+
+
+def merge_errors_table(errors: dict[str, float], total: float, title: str) -> Table:
+    """The relative error of each re-compressed module of a merged adapter, and the total."""
+    table = Table(title=title)
+    table.add_column("module")
+    table.add_column("error", justify="right")
+    for name, error in errors.items():
+        table.add_row(name, f"{error:.4f}")
+    table.add_row("total", f"{total:.4f}")
+    return table
+
+
+def methods_table(methods) -> Table:
+    table = Table("method", "family", "default lr", "merges", "summary", title="methods")
+    for m in methods:
+        table.add_row(m.name, m.family, f"{m.lr:g}", "yes" if m.mergeable else "no", m.summary)
+    return table
+
+
+def method_options_table(method, flag) -> Table:
+    """A method's config fields as the flags they are (``flag(field name)``), with defaults and meanings."""
+    import dataclasses
+
+    table = Table("flag", "default", "meaning")
+    for f in dataclasses.fields(method.config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        table.add_row(flag(f.name), str(default), f.metadata.get("help", ""))
+    return table
+
+
+def assets_table(assets, cache: Path, is_pulled) -> Table:
+    """The asset registry and, by ``is_pulled(asset)``, what is in the cache."""
+    table = Table("name", "kind", "download", "pulled", "licence", "what", title=f"assets (cache: {cache})")
+    for a in assets:
+        table.add_row(
+            a.name, a.kind, f"{a.download_mb:.0f} MB", "yes" if is_pulled(a) else "no", a.licence, a.description
+        )
+    return table

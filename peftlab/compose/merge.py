@@ -109,3 +109,60 @@ def merged_attachment(
                 state[key] = source.head[key]
     load_state(attachment, state, Path("merged adapter"))
     return attachment
+
+
+def pick_head(names: Sequence[str], head: str | None) -> int | None:
+    """Whose head a merged adapter takes: an adapter's name or index, None (the first) or "none" (no head)."""
+    if head is None:
+        return 0
+    if head == "none":
+        return None
+    if head in names:
+        return names.index(head)
+    if head.isdigit() and int(head) < len(names):
+        return int(head)
+    raise InputError(f"--head: expected an adapter name ({', '.join(names)}), an index or 'none', got {head!r}")
+
+
+def merge_to_folder(
+    adapters: Sequence[str],
+    weights: Sequence[float] | None,
+    rank: int,
+    head: str | None,
+    model: str | None,
+    out: str,
+    overwrite: bool,
+    quiet: bool,
+) -> tuple[dict, MergedLora]:
+    """The LoRA adapters (folders or run folders) merged with ``weights`` (default: all 1) at ``rank``, on the
+    base ``model`` (default: the one the head's adapter records), saved to ``out`` as one adapter with the head of
+    ``head`` (see pick_head). Returns the composition report saved with it, and the merge."""
+    from ..fileio import check_output
+    from ..models import load_classifier, resolve_model
+    from .library import read_library
+
+    modules = read_library(adapters)
+    weights = weights if weights is not None else [1.0] * len(modules)
+    merged = merge_loras(modules, weights, rank)
+    names = [m.name for m in modules]
+    index = pick_head(names, head)
+    source = modules[0 if index is None else index]
+    model_name = model or source.meta.get("model")
+    if not model_name:
+        raise InputError(f"{source.folder}: the adapter records no base model; give it with --model")
+    labels = source.labels
+    if not labels:
+        raise InputError(f"{source.folder}: the adapter records no classification labels")
+    path = resolve_model(model_name, quiet=quiet)
+    check_output(out, [*adapters, path], overwrite)
+    attachment = merged_attachment(load_classifier(path, labels), modules, merged, index)
+    report = {
+        "sources": {m.name: str(m.folder) for m in modules},
+        "weights": weights,
+        "rank": rank,
+        "head": None if index is None else names[index],
+        "relative_error": {"total": merged.total_error, "per_module": merged.errors},
+    }
+    task = {"task": {"type": "classification", "labels": labels}} if index is not None else {}
+    attachment.save(out, extra={**task, "model": model_name, "composition": report})
+    return report, merged

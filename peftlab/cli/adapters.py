@@ -1,0 +1,129 @@
+"""``peftlab eval``, ``merge``, ``export`` and ``import``: a run's adapter evaluated, merged into its model, or
+converted to and from Hugging Face PEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from ..fileio import check_output
+from ..report import generation_table, make_console
+from .decoding import proxy_reply
+from .options import Parser, model_code_arguments, overwrite_argument, proxy_arguments, rebuild_run
+
+
+def cmd_eval(argv: list[str], show_progress: bool) -> int:
+    from ..report import metrics_table
+    from ..run import evaluate_run, pick_device
+
+    parser = Parser(prog="peftlab eval", description="Evaluate a run's best adapter.")
+    parser.add_argument("run", help="run folder")
+    parser.add_argument("--data", help="evaluate on this data file instead of the run's own splits")
+    parser.add_argument("--split", choices=["test", "validation", "train", "all"], default="test")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument(
+        "--generate",
+        type=int,
+        metavar="N",
+        help="sft: also answer the first N test and held-out conversations by generation and score the replies",
+    )
+    parser.add_argument("--max-new-tokens", type=int, help="sft: longest generated reply (default: the run's)")
+    model_code_arguments(parser)
+    proxy_arguments(parser)
+    args = parser.parse_args(argv)
+    run, options, settings, prepared, attachment = rebuild_run(args, show_progress)
+    device = pick_device(options.device)
+    attachment.model.to(device)
+    if args.generate is not None or args.proxy_base:
+        return _eval_generation(args, run, options, settings, prepared, attachment, show_progress)
+    metrics = evaluate_run(options, settings, prepared, attachment, device, args.data, args.split)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        make_console().print(metrics_table(metrics, f"{run}: {attachment.method.name} adapter"))
+    return 0
+
+
+def _eval_generation(args, run, options, settings, prepared, attachment, show_progress: bool) -> int:
+    """``peftlab eval RUN --generate N``: generation metrics of the run's adapter, or of a proxy-tuned base steered
+    by it (``--proxy-base``)."""
+    from ..run import generation_metrics
+
+    if prepared.kind != "sft":
+        raise InputError(f"{run}: --generate and --proxy-base need an sft run")
+    if args.max_new_tokens is not None:
+        options.max_new_tokens = args.max_new_tokens
+    limit = args.generate if args.generate is not None else options.eval_generate
+    answer, label = None, None
+    if args.proxy_base:
+        steered, label = proxy_reply(args, attachment.model, prepared.tokenizer, options.model, show_progress)
+
+        def answer(prompts):
+            return steered(prompts, options.max_new_tokens, 0)
+
+    metrics = generation_metrics(options, prepared, attachment.model, settings.eval_batch_size, limit, answer)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        title = f"{run}: {label or attachment.method.name + ' adapter'}, generation"
+        make_console().print(generation_table(metrics, title))
+    return 0
+
+
+def cmd_merge(argv: list[str], show_progress: bool) -> int:
+    from ..run import save_merged
+
+    parser = Parser(prog="peftlab merge", description="Write the model with the adapter merged into its weights.")
+    parser.add_argument("run", help="run folder")
+    parser.add_argument("--out", required=True, help="folder for the merged Hugging Face model (new or empty)")
+    overwrite_argument(parser)
+    model_code_arguments(parser)
+    args = parser.parse_args(argv)
+    check_output(args.out, [args.run], args.overwrite)
+    run, options, settings, prepared, attachment = rebuild_run(args, show_progress)
+    check_output(args.out, [run, prepared.model_path], args.overwrite)
+    save_merged(attachment, prepared.tokenizer, args.out)
+    print(f"merged {attachment.method.name} adapter of {run} into {args.out} (loads with plain transformers)")
+    return 0
+
+
+def cmd_export(argv: list[str], show_progress: bool) -> int:
+    from ..core.hf_peft import export_hf
+    from ..run import hf_task_type
+
+    parser = Parser(prog="peftlab export", description="Convert a run's adapter to another format.")
+    parser.add_argument("run", help="run folder")
+    parser.add_argument("--format", choices=["hf"], required=True, help="hf: Hugging Face PEFT")
+    parser.add_argument("--out", required=True, help="output folder (new or empty)")
+    overwrite_argument(parser)
+    model_code_arguments(parser)
+    args = parser.parse_args(argv)
+    check_output(args.out, [args.run], args.overwrite)
+    run, options, settings, prepared, attachment = rebuild_run(args, show_progress)
+    check_output(args.out, [run, prepared.model_path], args.overwrite)
+    export_hf(attachment, args.out, base_model_name_or_path=prepared.model.reference, task_type=hf_task_type(prepared))
+    print(f"wrote a Hugging Face PEFT adapter to {args.out}")
+    return 0
+
+
+def cmd_import(argv: list[str], show_progress: bool) -> int:
+    from ..run import import_hf_adapter
+
+    parser = Parser(
+        prog="peftlab import",
+        description="Convert a Hugging Face PEFT LoRA adapter to peftlab's "
+        "format (for peftlab.load_adapter or peftlab train --adapter).",
+    )
+    parser.add_argument("adapter", help="folder with adapter_config.json and adapter_model.safetensors")
+    parser.add_argument("--out", required=True, help="output adapter folder (new or empty)")
+    parser.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--labels", help="comma-separated class names of the head (default: LABEL_0, ...)")
+    overwrite_argument(parser)
+    args = parser.parse_args(argv)
+    check_output(args.out, [args.adapter], args.overwrite)
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    attachment = import_hf_adapter(args.adapter, args.out, args.model, labels, args.overwrite, not show_progress)
+    src = Path(args.adapter)
+    print(f"imported {len(attachment.targets)} LoRA modules from {src} into {args.out}")
+    return 0
