@@ -33,6 +33,7 @@ LAYERS = {
     "train": 7,
     "run": 8,
     "report": 9,
+    "decode": 9,
     "bench": 10,
     "compose": 10,
     "cli": 11,

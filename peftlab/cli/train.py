@@ -3,6 +3,9 @@ a run folder's saved configuration."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,8 +62,6 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
             raise InputError(f"--resume continues a run with its saved configuration; drop {flag(extra[0])}")
         cli["out"] = str(known.resume)
     options, settings, method_config = split_config({**file_values, **cli}, source)
-    import os
-
     results = run_training(options, settings, method_config, resume=bool(known.resume), show_progress=show_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process prints
         print_results(results)
@@ -75,8 +76,6 @@ def cmd_train(argv: list[str], show_progress: bool) -> int:
 def launch_processes(nproc: int, argv: list[str]) -> int:
     """``peftlab train --nproc N ...``: the same command, less --nproc and with the global options before it, under
     torchrun on this machine."""
-    from ..launch import torchrun
-
     if nproc < 1:
         raise InputError(f"--nproc: expected a positive integer, got {nproc}")
     rest, skip = [], False
@@ -92,3 +91,23 @@ def launch_processes(nproc: int, argv: list[str]) -> int:
         rest.append(arg)
     prefix = [a for a in sys.argv[1 : sys.argv.index("train")] if a != "--debug"] if "train" in sys.argv else []
     return torchrun(nproc, [*prefix, "train", *rest])
+
+
+def torchrun(nproc: int, argv: list[str]) -> int:
+    """``peftlab ARGV`` in ``nproc`` processes under ``torchrun --standalone --nproc_per_node N`` on this machine
+    (data-parallel; for several machines call torchrun yourself, see the README); its exit status."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "peftlab.launch",
+    ]
+    env = {
+        **os.environ,
+        "PEFTLAB_ARGV": json.dumps(argv),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    return subprocess.call(command, env=env)

@@ -1,0 +1,114 @@
+"""A finished run folder: reading it back (``rebuild``), resuming it, evaluating it, merging and importing adapters
+into one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..core.adapter_file import CONFIG_FILE, read_tensors
+from ..core.attach import Attachment, load_adapter
+from ..errors import InputError
+from ..fileio import read_folder, read_json
+from ..models import load_classifier
+from ..train.loop import TrainSettings, autocast_for
+from .options import RunOptions, split_config, without_command_line_only
+from .prepare import Prepared, build_model, encode_file, make_task, prepare_data
+
+
+def load_run(run: str | Path) -> tuple[Path, dict]:
+    run = Path(run)
+    if not run.is_dir():
+        raise InputError(f"{run}: run folder not found")
+    config = read_json(run / "config.json", "run config")
+    adapter = read_folder(run / "adapter")  # also the previous version, if a crash fell between a save's renames
+    if adapter is None or not (adapter / CONFIG_FILE).exists():
+        raise InputError(f"{run}: the run has no adapter yet (did it finish its first epoch?)")
+    return run, config
+
+
+def rebuild(
+    run: str | Path, quiet: bool = True, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> tuple[Path, RunOptions, TrainSettings, Prepared, Attachment]:
+    """The trained model of a run folder: same base, same data split, best adapter loaded. Code shipped with the
+    model runs, and pickle weights load, only when this call (the command line) says so, whatever the run saved."""
+    run, config = load_run(run)
+    config = {**without_command_line_only(config), "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+    options, settings, _ = split_config(config, str(run / "config.json"))
+    prepared = prepare_data(options, quiet=quiet)
+    model = build_model(options, prepared, settings.seed)
+    attachment = load_adapter(model, run / "adapter")
+    return run, options, settings, prepared, attachment
+
+
+def resume_config(run: str | Path) -> tuple[Path, dict]:
+    """The saved configuration of a run folder to resume."""
+    path = Path(run)
+    if not (path / "config.json").exists():
+        raise InputError(f"{path}: no run to resume (config.json not found)")
+    return path, read_json(path / "config.json", "run config")
+
+
+def evaluate_run(
+    options: RunOptions,
+    settings: TrainSettings,
+    prepared: Prepared,
+    attachment: Attachment,
+    device: torch.device,
+    data: str | None = None,
+    split: str = "test",
+) -> dict[str, dict]:
+    """Metrics of a rebuilt run's adapter on a data file (keyed by its file name), else on the run's own split
+    (``split``; "all": train, validation and test)."""
+    task = make_task(prepared)
+    autocast = autocast_for(settings.precision, device)
+    if data:
+        splits = {Path(data).name: encode_file(options, prepared, data)}
+    else:
+        names = ["train", "validation", "test"] if split == "all" else [split]
+        splits = {n: prepared.splits[n] for n in names}
+    return {
+        n: task.evaluate(attachment.model, e, settings.eval_batch_size, device, autocast) for n, e in splits.items()
+    }
+
+
+def save_merged(attachment: Attachment, tokenizer, out: str | Path) -> None:
+    """The model with the adapter merged into its weights, and its tokenizer, as a plain Hugging Face folder."""
+    from ..fileio import atomic_folder
+
+    attachment.merge()
+    model = attachment.unload()
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+
+def import_hf_adapter(
+    adapter: str | Path, out: str | Path, model: str | None, labels: list[str] | None, overwrite: bool, quiet: bool
+) -> Attachment:
+    """A Hugging Face PEFT LoRA adapter converted to peftlab's format in ``out``, on a classifier of ``model``
+    (default: the adapter's base_model_name_or_path) with ``labels`` (default: LABEL_0, ... for its head's rows)."""
+    from ..core.hf_peft import HF_CONFIG, HF_WEIGHTS, import_hf
+    from ..fileio import check_output
+    from ..models import resolve_model
+
+    src = Path(adapter)
+    cfg = read_json(src / HF_CONFIG, "PEFT adapter config")
+    model_name = model or cfg.get("base_model_name_or_path")
+    if not model_name:
+        raise InputError(f"{src / HF_CONFIG}: no base_model_name_or_path; give the base with --model")
+    path = resolve_model(model_name, quiet=quiet)
+    check_output(out, [adapter, path], overwrite)
+    if labels is None:
+        tensors = read_tensors(src / HF_WEIGHTS)
+        heads = [v.shape[0] for k, v in tensors.items() if "lora_" not in k and k.endswith(".weight") and v.ndim == 2]
+        if not heads:
+            raise InputError(f"{src}: the adapter has no task head; give its classes with --labels")
+        labels = [f"LABEL_{i}" for i in range(min(heads))]
+    attachment = import_hf(load_classifier(path, labels), src)
+    attachment.save(
+        out,
+        extra={"task": {"type": "classification", "labels": labels}, "model": model_name, "imported_from": str(src)},
+    )
+    return attachment

@@ -1,0 +1,187 @@
+"""One fine-tuning run, from names to a finished run folder.
+
+``run_training`` resolves the model and data (pulling packaged assets on first use), tokenises once, attaches the
+method, trains with the shared loop, evaluates the best validation state on the test split, counts parameters
+honestly and writes the run folder:
+
+    <out>/config.json      the full resolved configuration (a valid --config file: it reproduces the run)
+    <out>/adapter/         the best adapter (peftlab format: adapter.safetensors + adapter.json)
+    <out>/checkpoint/      the last training checkpoint, for --resume
+    <out>/results.json     metrics, parameter counts, adapter bytes, memory, time, versions
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.accounting import delta_ranks, folder_bytes, parameter_counts, rank_summary
+from ..core.adapter_file import WEIGHTS_FILE, read_tensors
+from ..core.attach import attach, load_adapter, load_state
+from ..errors import InputError
+from ..fileio import LOCK_FILE, folder_lock, remove_stale_temporaries, write_json
+from ..methods import get_method
+from ..train.distributed import from_environment, shard_model
+from ..train.loop import TrainSettings, autocast_for, fit, make_hooks
+from .machine import git_commit, machine, peak_memory, versions
+from .options import RunOptions, default_out, flat_config, pick_device
+from .prepare import (
+    build_model,
+    forgetting_report,
+    forgetting_samples,
+    generation_metrics,
+    make_task,
+    prepare_data,
+    recorded,
+    task_meta,
+)
+
+
+def run_training(
+    options: RunOptions, settings: TrainSettings, method_config: Any, resume: bool = False, show_progress: bool = True
+) -> dict:
+    wall_start = time.perf_counter()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    dist, dist_device = from_environment(options.device)  # torchrun's process group, if launched by it
+    device = dist_device or pick_device(options.device)
+    if options.fsdp and not dist.enabled:
+        raise InputError("fsdp: shards the model across processes; start several with --nproc N or torchrun")
+    method = get_method(options.method)
+    out = Path(options.out) if options.out else default_out(options)
+    if dist.enabled and not options.out:
+        out = Path(dist.broadcast(str(out)))  # one folder for every process
+    # One process trains into a folder at a time; a lock left by a killed run is reported and taken over.
+    lock = folder_lock(out, report=lambda note: print(note, file=sys.stderr)) if dist.main else nullcontext()
+    with lock:
+        if not resume and out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
+            raise InputError(
+                f"{out}: run folder already exists and is not empty (continue it with --resume {out}, "
+                "or choose another --out)"
+            )
+        dist.barrier()  # every process checked the folder before rank 0 writes into it
+        if resume and dist.main:
+            remove_stale_temporaries(out)
+        prepared = prepare_data(options, quiet=not show_progress)
+        options = recorded(options, prepared)
+        model = build_model(options, prepared, settings.seed)
+        task = make_task(prepared)
+        autocast = autocast_for(settings.precision, device)
+        general = forgetting_samples(options, prepared)
+        if general:  # the pretrained model, before any method is attached
+            model.to(device)
+            before = {
+                n: task.evaluate(model, e, settings.eval_batch_size, device, autocast) for n, e in general.items()
+            }
+        if options.adapter:
+            attachment = load_adapter(model, options.adapter)
+            if attachment.method.name != method.name:
+                raise InputError(
+                    f"adapter: {options.adapter} holds a {attachment.method.name!r} adapter, "
+                    f"but --method is {method.name!r}"
+                )
+        else:
+            attachment = attach(model, method, method_config)
+        model.to(device)
+        if options.fsdp:
+            shard_model(model)
+            dist = dataclasses.replace(dist, sharded=True)
+        lr = settings.lr if settings.lr is not None else method.lr
+        if dist.main:
+            write_json(out / "config.json", flat_config(options, settings, attachment.config))
+        meta = task_meta(options, prepared)
+
+        def save_best(metrics: dict, step: int) -> None:
+            if dist.main or dist.sharded:  # sharded tensors are gathered by every process; rank 0 writes
+                attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step}, write=dist.main)
+
+        hooks = make_hooks(attachment, settings)
+        result = fit(
+            attachment,
+            task,
+            prepared.splits["train"],
+            prepared.splits["validation"],
+            settings,
+            lr,
+            out / "checkpoint",
+            save_best,
+            device,
+            resume=resume,
+            show_progress=show_progress,
+            hooks=hooks,
+            dist=dist,
+        )
+        dist.barrier()  # rank 0 has written the best adapter; every process loads it
+        # A method trained through a reparameterisation takes the form its adapter file holds (prefix tuning's MLP
+        # computed into the prefixes); "trainable" still counts what the optimiser updated.
+        trained = attachment.trainable_count()
+        folded = attachment.fold()
+        load_state(attachment, read_tensors(out / "adapter" / WEIGHTS_FILE), out / "adapter" / WEIGHTS_FILE)
+        evaluation = dist.for_evaluation
+        forgetting = {}
+        if general:
+            after = {
+                n: task.evaluate(model, e, settings.eval_batch_size, device, autocast, evaluation)
+                for n, e in general.items()
+            }
+            forgetting = forgetting_report(before, after)
+        test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast, evaluation)
+        generating = dist.main or dist.sharded  # under FSDP every process must take part in every forward pass
+        generated = generation_metrics(options, prepared, model, settings.eval_batch_size) if generating else {}
+        test.update({k: v for k, v in generated.pop("test", {}).items()})
+        method_report = hooks.report(
+            lambda: task.evaluate(
+                model, prepared.splits["validation"], settings.eval_batch_size, device, autocast, evaluation
+            )
+        )
+        accounted = attachment
+        if dist.sharded:  # count on a whole (unsharded) copy: the base plus the adapter rank 0 wrote
+            accounted = load_adapter(build_model(options, prepared, settings.seed), out / "adapter")
+        counts = parameter_counts(accounted)
+        if folded:
+            counts["trainable"] = trained
+        ranks = delta_ranks(accounted)
+        if ranks:
+            counts["delta_rank"] = rank_summary(ranks)
+        memory, memory_source = peak_memory()
+        results = {
+            "method": method.name,
+            "model": options.model,
+            "data": options.data,
+            "seed": settings.seed,
+            "metrics": {"validation": result.best, "test": test, **generated},
+            "params": counts,
+            **({"forgetting": forgetting} if forgetting else {}),
+            "method_report": method_report,
+            "adapter_bytes": folder_bytes(out / "adapter"),
+            "peak_memory_bytes": memory,
+            "peak_memory_source": memory_source,
+            "train_seconds": result.train_seconds,
+            "wall_seconds": time.perf_counter() - wall_start,
+            "examples_per_second": result.examples / max(result.train_seconds, 1e-9),
+            "tokens_per_second": result.tokens / max(result.train_seconds, 1e-9),
+            "steps": result.steps,
+            "best_step": result.best_step,
+            "lr": lr,
+            "data_sizes": prepared.data.sizes(),
+            "labels": prepared.labels,
+            "truncated": {k: v.truncated for k, v in prepared.splits.items()},
+            "notes": prepared.data.notes,
+            "history": result.history,
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "machine": machine(),
+            "device": str(device),
+            "run_dir": str(out),
+            "processes": dist.world,
+        }
+        if dist.main:
+            write_json(out / "results.json", results)
+        dist.barrier()
+        return results
