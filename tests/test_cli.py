@@ -202,6 +202,14 @@ def test_resume_continues_a_run(tiny_model_dir, tiny_csv, cli, tmp_path):
     assert code == 2 and "drop --epochs" in err
 
 
+@pytest.mark.parametrize("method", [m.name for m in peftlab.all_methods()])
+def test_every_method_has_train_help(cli, method):
+    """Every method's options show as flags (a literal % in a help text once broke argparse's formatting)."""
+    with pytest.raises(SystemExit) as exit:
+        cli("train", "--method", method, "--help")
+    assert exit.value.code == 0
+
+
 def test_methods_lists_and_explains(cli):
     code, out, _ = cli("methods")
     assert code == 0 and "lora" in out and "full" in out

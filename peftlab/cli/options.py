@@ -40,7 +40,8 @@ def add_fields(group, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         if default not in (None, [], {}):
             help_text += f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        # argparse formats help with %: a literal % in a field's help ("30% of the run") must be doubled.
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
         origin = typing.get_origin(hint)
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         if hint is bool:
