@@ -10,7 +10,7 @@ from ..errors import InputError
 from ..fileio import check_output
 from ..report import generation_table, make_console
 from .decoding import proxy_reply
-from .options import Parser, model_code_arguments, overwrite_argument, proxy_arguments, rebuild_run
+from .options import Parser, model_code_arguments, overwrite_argument, proxy_arguments, rebuild_run, run_into_new_folder
 
 
 def cmd_eval(argv: list[str], show_progress: bool) -> int:
@@ -75,14 +75,8 @@ def cmd_merge(argv: list[str], show_progress: bool) -> int:
     from ..run import save_merged
 
     parser = Parser(prog="peftlab merge", description="Write the model with the adapter merged into its weights.")
-    parser.add_argument("run", help="run folder")
     parser.add_argument("--out", required=True, help="folder for the merged Hugging Face model (new or empty)")
-    overwrite_argument(parser)
-    model_code_arguments(parser)
-    args = parser.parse_args(argv)
-    check_output(args.out, [args.run], args.overwrite)
-    run, options, settings, prepared, attachment = rebuild_run(args, show_progress)
-    check_output(args.out, [run, prepared.model_path], args.overwrite)
+    args, (run, _, _, prepared, attachment) = run_into_new_folder(parser, argv, show_progress)
     save_merged(attachment, prepared.tokenizer, args.out)
     print(f"merged {attachment.method.name} adapter of {run} into {args.out} (loads with plain transformers)")
     return 0
@@ -93,15 +87,9 @@ def cmd_export(argv: list[str], show_progress: bool) -> int:
     from ..run import hf_task_type
 
     parser = Parser(prog="peftlab export", description="Convert a run's adapter to another format.")
-    parser.add_argument("run", help="run folder")
     parser.add_argument("--format", choices=["hf"], required=True, help="hf: Hugging Face PEFT")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
-    overwrite_argument(parser)
-    model_code_arguments(parser)
-    args = parser.parse_args(argv)
-    check_output(args.out, [args.run], args.overwrite)
-    run, options, settings, prepared, attachment = rebuild_run(args, show_progress)
-    check_output(args.out, [run, prepared.model_path], args.overwrite)
+    args, (run, _, _, prepared, attachment) = run_into_new_folder(parser, argv, show_progress)
     export_hf(attachment, args.out, base_model_name_or_path=prepared.model.reference, task_type=hf_task_type(prepared))
     print(f"wrote a Hugging Face PEFT adapter to {args.out}")
     return 0

@@ -147,6 +147,23 @@ def rebuild_run(args, show_progress: bool):
     return rebuild(args.run, not show_progress, args.trust_remote_code, args.allow_pickle)
 
 
+def run_into_new_folder(parser, argv: list[str], show_progress: bool):
+    """A command that reads a run folder and writes ``--out``: the run and ``--out`` arguments with their switches,
+    the output checked before the slow rebuild and again once the base model's folder is known (``--out`` is never
+    one of the inputs). Returns (parsed arguments, the rebuilt run as ``rebuild`` gives it)."""
+    from ..fileio import check_output
+
+    parser.add_argument("run", help="run folder")
+    overwrite_argument(parser)
+    model_code_arguments(parser)
+    args = parser.parse_args(argv)
+    check_output(args.out, [args.run], args.overwrite)
+    rebuilt = rebuild_run(args, show_progress)
+    run, _, _, prepared, _ = rebuilt
+    check_output(args.out, [run, prepared.model_path], args.overwrite)
+    return args, rebuilt
+
+
 def proxy_arguments(parser) -> None:
     group = parser.add_argument_group(
         "proxy-tuning", "decode base + alpha * (expert - anti-expert); the run or --model/--adapter is the expert"
