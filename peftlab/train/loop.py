@@ -233,6 +233,30 @@ class LoopState:
     def from_dict(cls, state: dict) -> LoopState:
         return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
+    def add_step(self, examples: int, tokens: int, seconds: float, loss: float) -> None:
+        self.step += 1
+        self.examples += examples
+        self.tokens += tokens
+        self.train_seconds += seconds
+        self.loss_sum += loss
+        self.loss_count += 1
+
+    def add_evaluation(self, metrics: dict, metric: str, epoch: float, lr: float) -> tuple[dict, bool]:
+        """Record the validation ``metrics`` at the current step; (the history entry, whether it is a new best)."""
+        entry = {
+            "step": self.step,
+            "epoch": epoch,
+            "train_loss": self.loss_sum / max(self.loss_count, 1),
+            "lr": lr,
+            "validation": metrics,
+        }
+        self.history.append(entry)
+        self.loss_sum, self.loss_count = 0.0, 0
+        is_best = self.best is None or better(metrics[metric], self.best[metric], metric)
+        if is_best:
+            self.best, self.best_step = metrics, self.step
+        return entry, is_best
+
 
 def fit(
     attachment: Attachment,
@@ -296,12 +320,9 @@ def fit(
                 step_loss = trainer.take(step, trainer.micro_batches(chunk, train))
             except Diverged as e:
                 raise _diverged(str(e), step, checkpoint_dir) from None
-            state.tokens += sum(len(train.input_ids[i]) for i in chunk)
-            state.train_seconds += time.perf_counter() - started
-            state.examples += len(chunk)
-            state.step = step = step + 1
-            state.loss_sum += step_loss
-            state.loss_count += 1
+            tokens = sum(len(train.input_ids[i]) for i in chunk)
+            state.add_step(len(chunk), tokens, time.perf_counter() - started, step_loss)
+            step = state.step
             rate = state.examples / max(state.train_seconds, 1e-9)
             bar.update(job, completed=step, info=f"loss {step_loss:.4f}  {rate:.0f} ex/s")
 
@@ -310,22 +331,14 @@ def fit(
                 metrics = task.evaluate(
                     model, validation, settings.eval_batch_size, device, trainer.autocast, dist.for_evaluation
                 )
-                entry = {
-                    "step": step,
-                    "epoch": round(step / steps_per_epoch, 3),
-                    "train_loss": state.loss_sum / max(state.loss_count, 1),
-                    "lr": trainer.scheduler.get_last_lr()[0],
-                    "validation": metrics,
-                }
-                state.history.append(entry)
-                state.loss_sum, state.loss_count = 0.0, 0
-                if state.best is None or better(metrics[metric], state.best[metric], metric):
-                    state.best, state.best_step = metrics, step
+                lr_now = trainer.scheduler.get_last_lr()[0]
+                entry, is_best = state.add_evaluation(metrics, metric, round(step / steps_per_epoch, 3), lr_now)
+                if is_best:
                     on_best(metrics, step)
                 if dist.main:
                     bar.console.print(
                         f"epoch {entry['epoch']:g}  step {step}  train loss {entry['train_loss']:.4f}  "
-                        f"validation {metric} {metrics[metric]:.4f}" + ("  (best)" if state.best_step == step else "")
+                        f"validation {metric} {metrics[metric]:.4f}" + ("  (best)" if is_best else "")
                     )
             checkpoint_due = epoch_end or (settings.checkpoint_every and step % settings.checkpoint_every == 0)
             if checkpoint_due and (dist.main or dist.sharded):  # only rank 0 writes; every rank reads it on resume
