@@ -122,7 +122,7 @@ def build_peer(attachment, fresh_model: nn.Module, kind: str, folder: Path, tota
         raise InputError(f"{attachment.method.name}: exported as PEFT {peft_kind(config)!r}, not {expected!r}")
     if expected == "ADALORA":
         _adalora_for_training(attachment, folder, config, total_steps)
-    if expected in PROMPT_LEARNING:
+    if attachment.method.peft.full_keys:  # PEFT's prompt-learning kinds
         model = _prompt_learning_for_training(fresh_model, folder)
     else:
         model = PeftModel.from_pretrained(fresh_model, str(folder), is_trainable=True)
@@ -134,9 +134,6 @@ def build_peer(attachment, fresh_model: nn.Module, kind: str, folder: Path, tota
             "not a like-for-like peer"
         )
     return peer
-
-
-PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 
 
 def _prompt_learning_for_training(fresh_model: nn.Module, folder: Path) -> nn.Module:
