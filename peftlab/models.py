@@ -242,7 +242,13 @@ def load_classifier(
     return model
 
 
-def load_tagger(path: Path, labels: Sequence[str], trust_remote_code: bool = False, allow_pickle: bool = False):
+def load_tagger(
+    path: Path,
+    labels: Sequence[str],
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
     """A token classifier (sequence labelling) on the pretrained body; its head is new and trains with the method."""
     check_remote_code(path, trust_remote_code)
     try:
@@ -256,6 +262,7 @@ def load_tagger(path: Path, labels: Sequence[str], trust_remote_code: bool = Fal
         return AutoModelForTokenClassification.from_pretrained(
             str(path),
             config=config,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=safetensors_only(allow_pickle),
         )

@@ -1,5 +1,9 @@
-"""The memory levers of decoder training keep the numbers: the chunked, target-only loss equals the loss over full
-logits (value and gradients) and never saves full-vocabulary logits for backward."""
+"""The memory levers of training keep the numbers: the chunked, target-only loss equals the loss over full logits
+(value and gradients) and never saves full-vocabulary logits for backward; a frozen base stored in bf16 or fp16
+trains as the fp32 one does, with fp32 master copies of what trains, and resumes exactly."""
+
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -8,8 +12,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftlab
 from peftlab.bench.measure import saved_activation_bytes
+from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
+from peftlab.core.precision import STORAGE, keep_trainable_fp32
 from peftlab.data.lm import IGNORE
+from peftlab.models import load_classifier
+from peftlab.run import RunOptions, build_model, prepare_data, rebuild
 from peftlab.train.lm_task import token_losses
+from peftlab.train.loop import ClassificationTask, autocast_for
+from tests.short_fit import crash_after_checkpoint
 
 VOCAB = 5000
 
@@ -100,3 +110,114 @@ def test_soft_capped_logits_take_the_full_logit_path():
         loss, _ = token_losses(model, b, chunk=4)
         expected, _ = full_logit_loss(model, b)
     torch.testing.assert_close(loss, expected)
+
+
+# --- the frozen base in bf16 / fp16 -----------------------------------------------------------------------------
+
+
+def train_run(cli, model_dir, data, out, *extra):
+    args = ["train", "--model", model_dir, "--data", data, "--out", out, "--epochs", "2", "--batch-size", "16"]
+    code, _, err = cli(*args, "--lr", "0.01", "--max-length", "32", "--r", "4", *extra)
+    assert code == 0, err
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_half_precision_base_trains_like_fp32_with_fp32_masters(cli, tiny_model_dir, tiny_csv, tmp_path, dtype):
+    reference = train_run(cli, tiny_model_dir, tiny_csv, tmp_path / "fp32")
+    half = train_run(cli, tiny_model_dir, tiny_csv, tmp_path / dtype, "--dtype", dtype)
+    config = json.loads((tmp_path / dtype / "config.json").read_text())
+    assert config["dtype"] == dtype and config["precision"] == dtype  # the forward runs in the base's dtype
+    ours = read_tensors(tmp_path / dtype / "adapter" / WEIGHTS_FILE)
+    theirs = read_tensors(tmp_path / "fp32" / "adapter" / WEIGHTS_FILE)
+    assert all(t.dtype == torch.float32 for t in ours.values())  # the adapter and head trained as fp32 masters
+    assert ours.keys() == theirs.keys()
+    # The same training up to half-precision rounding in the forward pass, which Adam's normalised steps carry into
+    # different weights: compare what the runs learned, not the weights.
+    assert abs(half["metrics"]["test"]["accuracy"] - reference["metrics"]["test"]["accuracy"]) <= 0.1
+    losses = [entry["train_loss"] for entry in half["history"]]
+    assert losses[-1] < losses[0]
+    _, _, _, _, rebuilt = rebuild(tmp_path / dtype)  # the run folder reads back with the base in its dtype
+    frozen = {p.dtype for p in rebuilt.model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in rebuilt.model.parameters() if p.requires_grad}
+    assert frozen == {STORAGE[dtype]} and trained == {torch.float32}
+    code, out, _ = cli("eval", tmp_path / dtype)
+    assert code == 0 and f"{half['metrics']['test']['accuracy']:.4f}" in out
+
+
+GRADIENT_TOLERANCE = {"bf16": 0.25, "fp16": 0.05}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_half_precision_base_gives_the_fp32_outputs_and_gradients_up_to_rounding(tiny_model_dir, tiny_csv, dtype):
+    options = RunOptions(model=str(tiny_model_dir), data=str(tiny_csv), max_length=32)
+    prepared = prepare_data(options, quiet=True)
+    b = prepared.splits["train"].batch(range(16), torch.device("cpu"))
+    results = {}
+    for storage in ("fp32", dtype):
+        model = build_model(dataclasses.replace(options, dtype=storage), prepared, 0)
+        adapter = peftlab.attach(model, "lora", r=4, init="gaussian")  # A and B both non-zero: gradients in both
+        with torch.no_grad():
+            for layer in adapter.layers().values():
+                layer.lora_B.normal_(0, 0.1)
+        keep_trainable_fp32(model, adapter.initial)
+        with autocast_for(storage, torch.device("cpu"))():
+            loss = ClassificationTask(2).loss(model, b)
+        loss.backward()
+        results[storage] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    (loss32, grads32), (loss16, grads16) = results["fp32"], results[dtype]
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=2e-2)
+    for name, grad in grads32.items():
+        assert grads16[name].dtype == torch.float32
+        # bf16 keeps 8 significant bits, fp16 11: relative gradient error of a few percent, more for bf16
+        assert (grads16[name] - grad).norm() <= GRADIENT_TOLERANCE[dtype] * grad.norm() + 1e-4, name
+
+
+def test_half_precision_storage_halves_the_frozen_weights(tiny_model_dir):
+    sizes = {}
+    for dtype in ("fp32", "bf16"):
+        model = load_classifier(tiny_model_dir, ["neg", "pos"], dtype=STORAGE[dtype])
+        adapter = peftlab.attach(model, "lora", r=4)
+        keep_trainable_fp32(model, adapter.initial)
+        sizes[dtype] = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+        assert all(p.dtype == torch.float32 for p in adapter.trainable_parameters())
+    assert sizes["bf16"] * 2 == sizes["fp32"]
+
+
+def test_an_fp16_run_resumes_with_its_gradient_scale(cli, tiny_model_dir, tiny_csv, tmp_path):
+    extra = ("--dtype", "fp16", "--checkpoint-every", "5", "--seed", "3")
+    train_run(cli, tiny_model_dir, tiny_csv, tmp_path / "a", *extra)
+    # the CLI turns the interruption into exit status 130 and an "interrupted" line
+    with crash_after_checkpoint(5), pytest.raises(AssertionError, match="interrupted"):
+        train_run(cli, tiny_model_dir, tiny_csv, tmp_path / "b", *extra)
+    trainer = json.loads((tmp_path / "b" / "checkpoint" / "trainer.json").read_text())
+    assert trainer["grad_scaler"]["scale"] > 0
+    code, _, err = cli("train", "--resume", tmp_path / "b")
+    assert code == 0, err
+    a = read_tensors(tmp_path / "a" / "adapter" / WEIGHTS_FILE)
+    b = read_tensors(tmp_path / "b" / "adapter" / WEIGHTS_FILE)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_precision_that_cannot_run_the_base_is_refused(cli, tiny_model_dir, tiny_csv, tmp_path):
+    args = ("train", "--model", tiny_model_dir, "--data", tiny_csv, "--out", tmp_path / "x")
+    code, _, err = cli(*args, "--max-length", "32", "--dtype", "fp16", "--precision", "bf16")
+    assert code == 2 and err.startswith("error: precision: bf16 autocast cannot run a base stored in fp16")
+
+
+def test_sft_with_a_bf16_base_trains_evaluates_and_generates(cli, tiny_llama_dir, tmp_path):
+    from tests.test_sft import instruction_rows
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in instruction_rows(64)))
+    out = tmp_path / "run"
+    args = ("train", "--task", "sft", "--model", tiny_llama_dir, "--data", data, "--out", out, "--max-length", "48")
+    code, _, err = cli(*args, "--dtype", "bf16", "--epochs", "2", "--lr", "0.01", "--eval-generate", "4")
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["history"][-1]["train_loss"] < results["history"][0]["train_loss"]
+    assert "exact_match" in results["metrics"]["test"]  # generation ran on the mixed-storage model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello how are you\n")
+    code, text, err = cli("generate", out, "--prompts", prompts)
+    assert code == 0 and text.strip(), err

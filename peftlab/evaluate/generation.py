@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..core.precision import autocast_of
 from ..data.conversations import Conversation
 from ..data.lm import render
 
@@ -57,6 +58,7 @@ def generate(
 ) -> list[str]:
     """Replies to each prompt (a list of messages ending with a user turn), greedy when temperature is 0."""
     device = next(model.parameters()).device
+    autocast = autocast_of(model)  # a half-precision base under fp32 adapters runs in the base's dtype
     was_training = model.training
     model.eval()
     eos = tokenizer.eos_token_id
@@ -69,14 +71,15 @@ def generate(
         if temperature > 0:
             kwargs.update(temperature=temperature, top_p=top_p)
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            **kwargs,
-        )
+        with autocast():
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                **kwargs,
+            )
         for row in out[:, ids.shape[1] :].tolist():
             if eos in row:
                 row = row[: row.index(eos)]

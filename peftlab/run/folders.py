@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..core.adapter_file import CONFIG_FILE, read_tensors
-from ..core.attach import Attachment, load_adapter
+from ..core.adapter_file import CONFIG_FILE, WEIGHTS_FILE, read_tensors
+from ..core.attach import Attachment, load_adapter, load_state
+from ..core.precision import keep_trainable_fp32
 from ..errors import InputError
 from ..fileio import read_folder, read_json
 from ..models import load_classifier
@@ -39,6 +40,10 @@ def rebuild(
     prepared = prepare_data(options, quiet=quiet)
     model = build_model(options, prepared, settings.seed)
     attachment = load_adapter(model, run / "adapter")
+    if options.dtype != "fp32":  # a half-precision base: the adapter in fp32, as it trained
+        keep_trainable_fp32(model, attachment.initial)
+        adapter = read_folder(run / "adapter")
+        load_state(attachment, read_tensors(adapter / WEIGHTS_FILE), adapter / WEIGHTS_FILE)
     return run, options, settings, prepared, attachment
 
 

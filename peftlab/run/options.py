@@ -66,6 +66,13 @@ class RunOptions:
         default="classify",
         metadata={"help": "classify: a label per text; tag: a tag per word (NER); sft: instruction/chat/text"},
     )
+    dtype: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32",
+        metadata={
+            "help": "dtype the frozen base weights are stored in (bf16 / fp16 halve their memory; what trains keeps "
+            "fp32 master copies, and the forward pass runs under autocast in this dtype)"
+        },
+    )
     packing: bool = field(default=False, metadata={"help": "sft: pack several conversations into each sequence"})
     eval_generate: int = field(
         default=64, metadata={"help": "sft: test conversations answered by generation at the end (0: none)"}

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..core.precision import STORAGE
 from ..data.batches import encode
 from ..data.classification import Columns, load_classification, read_examples
 from ..data.conversations import read_conversations
@@ -172,15 +173,19 @@ def max_positions(model_path: Path, tokenizer) -> int | None:
 
 
 def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
+    """The base model with its task head, its weights stored in ``options.dtype`` (see ``core.precision``)."""
     torch.manual_seed(settings_seed)  # the new head's initialisation, then the method's
-    trust, pickled = options.trust_remote_code, options.allow_pickle
+    trust, pickled, dtype = options.trust_remote_code, options.allow_pickle, STORAGE[options.dtype]
     if prepared.kind == "sft":
-        return load_causal_lm(prepared.model_path, trust_remote_code=trust, allow_pickle=pickled)
+        return load_causal_lm(prepared.model_path, dtype=dtype, trust_remote_code=trust, allow_pickle=pickled)
     if prepared.kind == "tag":
-        return load_tagger(prepared.model_path, prepared.labels, trust_remote_code=trust, allow_pickle=pickled)
+        return load_tagger(
+            prepared.model_path, prepared.labels, dtype=dtype, trust_remote_code=trust, allow_pickle=pickled
+        )
     return load_classifier(
         prepared.model_path,
         prepared.data.labels,
+        dtype=dtype,
         trust_remote_code=trust,
         pad_token_id=prepared.tokenizer.pad_token_id,
         allow_pickle=pickled,

@@ -24,8 +24,9 @@ import torch
 from ..core.accounting import delta_ranks, folder_bytes, parameter_counts, rank_summary
 from ..core.adapter_file import WEIGHTS_FILE, read_tensors
 from ..core.attach import attach, load_adapter, load_state
+from ..core.precision import keep_trainable_fp32
 from ..errors import InputError
-from ..fileio import LOCK_FILE, folder_lock, remove_stale_temporaries, write_json
+from ..fileio import LOCK_FILE, folder_lock, read_folder, remove_stale_temporaries, write_json
 from ..methods import get_method
 from ..train.distributed import from_environment, shard_model
 from ..train.loop import TrainSettings, autocast_for, fit, make_hooks
@@ -70,6 +71,7 @@ def run_training(
             remove_stale_temporaries(out)
         prepared = prepare_data(options, quiet=not show_progress)
         options = recorded(options, prepared)
+        settings = compute_precision(options, settings)
         model = build_model(options, prepared, settings.seed)
         task = make_task(prepared)
         autocast = autocast_for(settings.precision, device)
@@ -88,6 +90,11 @@ def run_training(
                 )
         else:
             attachment = attach(model, method, method_config)
+        if options.dtype != "fp32":  # a half-precision base: what trains is kept in fp32
+            keep_trainable_fp32(model, attachment.initial)
+            if options.adapter:  # the continued adapter's saved fp32 values, not their half-precision copies
+                adapter = read_folder(Path(options.adapter))
+                load_state(attachment, read_tensors(adapter / WEIGHTS_FILE), adapter / WEIGHTS_FILE)
         model.to(device)
         if options.fsdp:
             shard_model(model)
@@ -185,3 +192,16 @@ def run_training(
             write_json(out / "results.json", results)
         dist.barrier()
         return results
+
+
+def compute_precision(options: RunOptions, settings: TrainSettings) -> TrainSettings:
+    """The settings with the forward pass's autocast matching the base's storage: a bf16 or fp16 base computes in
+    its own dtype (fp32 compute with a half-precision base is not offered: it would cast every weight up each step)."""
+    if options.dtype == "fp32" or settings.precision == options.dtype:
+        return settings
+    if settings.precision != "fp32":
+        raise InputError(
+            f"precision: {settings.precision} autocast cannot run a base stored in {options.dtype}; "
+            f"use --precision {options.dtype} (or leave it out)"
+        )
+    return dataclasses.replace(settings, precision=options.dtype)

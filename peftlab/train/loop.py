@@ -65,7 +65,10 @@ class TrainSettings:
     schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay after warmup"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0 turns clipping off)"})
-    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "bf16 autocast or plain fp32"})
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32",
+        metadata={"help": "autocast of the forward pass: bf16, fp16 (with loss scaling) or plain fp32"},
+    )
     metric: Literal["auto", "accuracy", "f1", "loss"] = field(
         default="auto",
         metadata={"help": "validation metric that picks the best state (auto: accuracy, or loss for sft)"},
@@ -222,11 +225,13 @@ class LoopState:
     loss_sum: float = 0.0  # the training loss summed since the last evaluation, over loss_count steps
     loss_count: int = 0
     prepare_seconds: float | None = None  # the hooks' preparation, when this run (or the one it resumes) made it
+    grad_scaler: dict | None = None  # fp16: the gradient scaler's state (its scale and growth count)
 
     def as_dict(self) -> dict:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.prepare_seconds is None:
-            del state["prepare_seconds"]
+        for optional in ("prepare_seconds", "grad_scaler"):
+            if state[optional] is None:
+                del state[optional]
         return state
 
     @classmethod
@@ -295,6 +300,8 @@ def fit(
         state = LoopState.from_dict(
             load_checkpoint(checkpoint_dir, attachment, trainer.optimizer, trainer.scheduler, hooks)
         )
+        if trainer.scaler is not None and state.grad_scaler is not None:
+            trainer.scaler.load_state_dict(state.grad_scaler)
     else:
         state = LoopState()
         # Dropout draws from the global RNG: seed it here, so the masks depend on the seed alone, not on what built
@@ -342,6 +349,7 @@ def fit(
                     )
             checkpoint_due = epoch_end or (settings.checkpoint_every and step % settings.checkpoint_every == 0)
             if checkpoint_due and (dist.main or dist.sharded):  # only rank 0 writes; every rank reads it on resume
+                state.grad_scaler = trainer.scaler.state_dict() if trainer.scaler is not None else None
                 save_checkpoint(
                     checkpoint_dir,
                     attachment,

@@ -2,15 +2,16 @@
 (``peftlab.bench.measure.TrainStep``).
 
 A ``Step`` owns the optimiser (AdamW, no weight decay on biases and norms), the learning-rate schedule (linear
-warmup, then linear or cosine decay or constant), the bf16 autocast (fp32 runs use no autocast and no gradient
-scaler) and the order of one step:
+warmup, then linear or cosine decay or constant), the autocast (bf16; fp16 with a gradient scaler, whose scale
+skips the steps whose gradients overflow; fp32 runs use neither) and the order of one step:
 
 1. ``hooks.before_step``;
 2. per micro-batch: the task loss, plus ``hooks.penalty()``, backward with the micro-batch's weight (gradient
    accumulation; under data parallelism each process weighs its share so that the sum over processes is the mean
    over the step's examples);
 3. gradients summed over processes (plain data parallelism; FSDP exchanges them itself);
-4. ``hooks.after_backward``, the static masks on base parameters applied to the gradients, gradient clipping;
+4. (fp16) the gradients unscaled; ``hooks.after_backward``, the static masks on base parameters applied to the
+   gradients, gradient clipping;
 5. the optimiser step, the scheduler step, ``zero_grad``, masked-out entries restored, ``hooks.after_step``.
 
 Its state (optimiser, scheduler, hooks) goes into the loop's checkpoints through ``peftlab.train.checkpoint`` with
@@ -37,10 +38,13 @@ class Diverged(Exception):
     """A loss or gradient norm that is NaN or infinite; the message says which (``loss is nan``, ...)."""
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_for(precision: str, device: torch.device) -> Callable:
-    """A factory of autocast contexts: bf16 autocast on ``device``, or no-op contexts for fp32."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    """A factory of autocast contexts: bf16 or fp16 autocast on ``device``, or no-op contexts for fp32."""
+    if precision in AUTOCAST:
+        return lambda: torch.autocast(device.type, dtype=AUTOCAST[precision])
     return nullcontext
 
 
@@ -97,6 +101,8 @@ class Step:
             num_training_steps=total_steps,
         )
         self.autocast = autocast_for(settings.precision, device)
+        # fp16's narrow range: the loss is scaled up before backward and the gradients down before they are used.
+        self.scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The task loss of ``batch`` under the autocast, through the training forward."""
@@ -147,7 +153,8 @@ class Step:
                 raise Diverged(f"loss is {loss.item()}")
             penalty = self.hooks.penalty()
             objective = loss if penalty is None else loss + penalty
-            (objective * (n * scale)).backward()
+            weighted = objective * (n * scale)
+            (weighted if self.scaler is None else self.scaler.scale(weighted)).backward()
             if self.checked:
                 step_loss += loss.item() * n * scale / (dist.world if dist.sharded else 1)
         if not dist.sharded:
@@ -161,14 +168,21 @@ class Step:
 
     def update(self, index: int) -> None:
         """``after_backward``, gradient masks, clipping, the optimiser and scheduler steps, ``zero_grad``, masked
-        entries restored, ``after_step``."""
+        entries restored, ``after_step``. Under fp16 a step whose gradients overflowed is skipped by the scaler
+        (which lowers its scale), not reported as divergence."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # the hooks and the clipping see the true gradients
         self.hooks.after_backward(index)
         self.attachment.mask_gradients()
         if self.settings.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-            if self.checked and not torch.isfinite(norm):
+            if self.checked and self.scaler is None and not torch.isfinite(norm):
                 raise Diverged(f"the gradient norm is {norm.item()}")
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.attachment.restore_masked()
