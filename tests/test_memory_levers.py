@@ -18,7 +18,7 @@ from peftlab.data.lm import IGNORE
 from peftlab.models import load_classifier
 from peftlab.run import RunOptions, build_model, prepare_data, rebuild
 from peftlab.train.lm_task import token_losses
-from peftlab.train.loop import ClassificationTask, autocast_for
+from peftlab.train.loop import ClassificationTask, autocast_for, enable_gradient_checkpointing
 from tests.short_fit import crash_after_checkpoint
 
 VOCAB = 5000
@@ -221,3 +221,70 @@ def test_sft_with_a_bf16_base_trains_evaluates_and_generates(cli, tiny_llama_dir
     prompts.write_text("hello how are you\n")
     code, text, err = cli("generate", out, "--prompts", prompts)
     assert code == 0 and text.strip(), err
+
+
+# --- gradient checkpointing --------------------------------------------------------------------------------------
+
+CHECKPOINTED = [
+    ("lora", {"r": 4}),
+    ("ia3", {}),
+    ("houlsby", {"bottleneck": 8}),
+    ("prefix_tuning", {"num_virtual_tokens": 3, "encoder_hidden": 16}),
+    ("p_tuning_v2", {"num_virtual_tokens": 3}),
+    ("prompt_tuning", {"num_virtual_tokens": 3}),
+    ("unipelt", {"num_virtual_tokens": 3, "encoder_hidden": 16, "bottleneck": 8, "lora_r": 4}),
+    ("full", {}),
+]
+
+
+def loss_and_grads(model, method, options, b, checkpointed):
+    adapter = peftlab.attach(model, method, **options)
+    with torch.no_grad():  # adapters away from their identity start, so every part has a gradient
+        for p in adapter.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    if checkpointed:
+        enable_gradient_checkpointing(adapter.model)
+    adapter.model.train()
+    stats = {}
+    with saved_activation_bytes(adapter.model, stats):
+        loss = (token_losses(adapter.model, b)[0] if "labels" in b and b["labels"].dim() == 2 else
+                ClassificationTask(2).loss(adapter.model, b))  # fmt: skip
+        loss.backward()
+    grads = {n: p.grad for n, p in adapter.model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads, stats["activations"]
+
+
+@pytest.mark.parametrize("method, options", CHECKPOINTED)
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_gradient_checkpointing_keeps_loss_and_gradients_and_saves_less(kind, method, options, tiny_model_dir):
+    if kind == "bert":
+        make = lambda: load_classifier(tiny_model_dir, ["neg", "pos"]).train()  # noqa: E731
+        g = torch.Generator().manual_seed(0)
+        vocab = make().config.vocab_size
+        b = {"input_ids": torch.randint(5, vocab, (4, 24), generator=g), "attention_mask": torch.ones(4, 24, dtype=int)}
+        b["labels"] = torch.tensor([0, 1, 1, 0])
+    else:
+        make, b = llama, batch(rows=4, length=24)
+    torch.manual_seed(0)
+    plain_loss, plain_grads, plain_saved = loss_and_grads(make(), method, options, b, False)
+    torch.manual_seed(0)
+    loss, grads, saved = loss_and_grads(make(), method, options, b, True)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert saved < plain_saved
+
+
+def test_a_checkpointed_run_trains_exactly_as_a_plain_one(cli, tiny_model_dir, tiny_csv, tmp_path):
+    train_run(cli, tiny_model_dir, tiny_csv, tmp_path / "plain")
+    train_run(cli, tiny_model_dir, tiny_csv, tmp_path / "gc", "--gradient-checkpointing")
+    a = read_tensors(tmp_path / "plain" / "adapter" / WEIGHTS_FILE)
+    b = read_tensors(tmp_path / "gc" / "adapter" / WEIGHTS_FILE)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_model_without_gradient_checkpointing_is_refused():
+    with pytest.raises(peftlab.InputError, match="gradient_checkpointing: Sequential does not support"):
+        enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
