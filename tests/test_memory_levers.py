@@ -14,7 +14,7 @@ import peftlab
 from peftlab.bench.measure import saved_activation_bytes
 from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.core.precision import STORAGE, keep_trainable_fp32
-from peftlab.data.lm import IGNORE
+from peftlab.data.lm import IGNORE, LMEncoded, _pack, model_inputs
 from peftlab.models import load_classifier
 from peftlab.run import RunOptions, build_model, prepare_data, rebuild
 from peftlab.train.lm_task import token_losses
@@ -288,3 +288,83 @@ def test_a_checkpointed_run_trains_exactly_as_a_plain_one(cli, tiny_model_dir, t
 def test_a_model_without_gradient_checkpointing_is_refused():
     with pytest.raises(peftlab.InputError, match="gradient_checkpointing: Sequential does not support"):
         enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+# --- packing without cross-contamination -------------------------------------------------------------------------
+
+
+def conversations_alone_and_packed(vocab=VOCAB):
+    g = torch.Generator().manual_seed(5)
+    examples = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (7, 11, 5, 9, 6)]
+    labels = [[IGNORE] * (len(e) // 2) + e[len(e) // 2 :] for e in examples]
+    plain = LMEncoded(examples, labels, 0, 0)
+    packed = encode_packed(examples, labels, max_length=24)
+    return plain, packed
+
+
+def encode_packed(examples, labels, max_length):
+    """The examples packed as ``encode_conversations(..., packing=True)`` packs them."""
+    ids, labs, segments = _pack(examples, labels, max_length)
+    return LMEncoded(ids, labs, 0, 0, segments)
+
+
+@pytest.mark.parametrize("method, options", [(None, {}), ("lora", {"r": 4}), ("ia3", {}),
+                                             ("prefix_tuning", {"num_virtual_tokens": 3, "encoder_hidden": 16}),
+                                             ("houlsby", {"bottleneck": 8})])  # fmt: skip
+def test_a_packed_row_gives_each_conversation_the_logits_it_has_alone(method, options):
+    model = llama().eval()
+    if method:
+        adapter = peftlab.attach(model, method, **options)
+        with torch.no_grad():
+            for p in adapter.trainable_parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        model = adapter.model.eval()
+    plain, packed = conversations_alone_and_packed()
+    assert len(packed) < len(plain) and packed.segments  # several conversations share a row
+    rows = packed.batch(range(len(packed)))
+    with torch.no_grad():
+        together = model(**model_inputs(rows)).logits  # (rows, T, V)
+        start_of = {}
+        k = 0
+        for r, lengths in enumerate(packed.segments):
+            offset = 0
+            for n in lengths:
+                start_of[k] = (r, offset, n)
+                offset, k = offset + n, k + 1
+        for i in range(len(plain)):
+            alone = model(**model_inputs(plain.batch([i]))).logits[0]  # (n, V)
+            r, offset, n = start_of[i]
+            torch.testing.assert_close(together[r, offset : offset + n], alone, rtol=1e-4, atol=1e-4)
+        loss_packed, count_packed = token_losses(model, rows)
+        loss_plain, count_plain = token_losses(model, plain.batch(range(len(plain))))
+    assert count_packed == count_plain
+    torch.testing.assert_close(loss_packed, loss_plain, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_sft_trains_and_soft_prompts_are_refused(cli, tiny_llama_dir, tmp_path):
+    from tests.test_sft import instruction_rows
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in instruction_rows(64)))
+    args = ("train", "--task", "sft", "--model", tiny_llama_dir, "--data", data, "--max-length", "96", "--packing")
+    code, _, err = cli(*args, "--out", tmp_path / "run", "--epochs", "2", "--lr", "0.01", "--eval-generate", "0")
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["history"][-1]["train_loss"] < results["history"][0]["train_loss"]
+    code, _, err = cli(*args, "--out", tmp_path / "soft", "--method", "prompt_tuning")
+    assert code == 2 and err.startswith("error: packing: prompt_tuning puts its virtual tokens in front of each row")
+    assert not (tmp_path / "soft" / "adapter").exists()
+
+
+def test_the_optimiser_keeps_state_for_the_trainable_parameters_only(tiny_model_dir, tiny_csv):
+    from peftlab.core.hooks import TrainingHooks
+    from peftlab.train.loop import TrainSettings
+    from peftlab.train.step import Step
+
+    options = RunOptions(model=str(tiny_model_dir), data=str(tiny_csv), max_length=32)
+    prepared = prepare_data(options, quiet=True)
+    adapter = peftlab.attach(build_model(options, prepared, 0), "lora", r=4)
+    step = Step(adapter, ClassificationTask(2), TrainSettings(), 1e-3, 10, torch.device("cpu"), TrainingHooks())
+    step.take(0, [Step.whole(prepared.splits["train"].batch(range(8)))])
+    state = [t for s in step.optimizer.state.values() for t in s.values() if t.dim() > 0]
+    assert sum(t.numel() for t in state) == 2 * adapter.trainable_count()  # Adam's two moments, nothing frozen

@@ -16,8 +16,11 @@ Truncation policy, when a conversation is longer than ``max_length`` tokens, app
 Each conversation cut in any way is counted in ``truncated``. Raw text (``Conversation.text``) is tokenised,
 joined with end-of-sequence tokens and cut into ``max_length`` blocks in which every token is a target.
 
-Packing (optional) fills each row greedily with whole examples up to ``max_length`` tokens; examples in one row
-may attend to the earlier ones there (the usual trade of packing), but the loss still covers only their own targets.
+Packing (optional) fills each row greedily with whole examples up to ``max_length`` tokens, without
+cross-contamination: a packed row records its examples' lengths (``segments``), its batches carry ``position_ids``
+that restart at 0 for every example (and for the padding after them), and no attention mask, so that transformers
+builds a block-diagonal causal mask from the restarting positions: each example attends only to itself, at the
+positions it would have alone, and its logits equal those of the example run alone.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class LMEncoded:
     labels: list[list[int]]  # IGNORE where no loss falls
     truncated: int
     pad_id: int
+    # Packed rows: the lengths of the examples in each row, in order (None: one example per row).
+    segments: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -60,7 +65,33 @@ class LMEncoded:
             ids[j, :n] = torch.tensor(self.input_ids[i])
             mask[j, :n] = 1
             labels[j, :n] = torch.tensor(self.labels[i])
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if self.segments is not None:
+            out["position_ids"] = torch.stack([restarting_positions(self.segments[i], width) for i in indices])
+        return {k: v.to(device) for k, v in out.items()}
+
+
+def restarting_positions(lengths: Sequence[int], width: int) -> torch.Tensor:
+    """Positions 0, 1, ... restarting at every example of a packed row, and once more for the padding: (width,)."""
+    parts = [torch.arange(n) for n in lengths]
+    used = sum(lengths)
+    if used < width:
+        parts.append(torch.arange(width - used))
+    return torch.cat(parts)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """What a causal LM is called with for ``batch``: packed batches pass their restarting positions, no attention
+    mask and no KV cache (transformers then isolates the examples; a mask or a cache would turn that detection
+    off)."""
+    if "position_ids" in batch:
+        return {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch["position_ids"],
+            "attention_mask": None,
+            "use_cache": False,
+        }
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:
@@ -147,10 +178,11 @@ def encode_conversations(
         blocks, _ = _text_blocks(tokenizer, texts, max_length)
         ids_rows.extend(blocks)
         label_rows.extend(list(b) for b in blocks)
+    segments = None
     if packing:
-        ids_rows, label_rows = _pack(ids_rows, label_rows, max_length)
+        ids_rows, label_rows, segments = _pack(ids_rows, label_rows, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return LMEncoded(ids_rows, label_rows, truncated, pad if pad is not None else 0)
+    return LMEncoded(ids_rows, label_rows, truncated, pad if pad is not None else 0, segments)
 
 
 def text_sample(tokenizer, texts: Sequence[str], block: int, count: int, min_tokens: int = 16) -> LMEncoded:
@@ -196,24 +228,44 @@ def replay_rows(tokenizer, texts: Sequence[str], max_length: int, target_tokens:
 
 def with_rows(data: LMEncoded, rows: list[list[int]], packing: bool, max_length: int) -> LMEncoded:
     """``data`` plus extra rows in which every token is a target (e.g. replayed general text), packed if asked."""
-    ids, labels = data.input_ids + rows, data.labels + [list(r) for r in rows]
+    if data.segments is not None:  # already packed: unpack into its examples first
+        ids, labels = _unpack(data.input_ids, data.segments), _unpack(data.labels, data.segments)
+    else:
+        ids, labels = list(data.input_ids), list(data.labels)
+    ids, labels = ids + rows, labels + [list(r) for r in rows]
+    segments = None
     if packing:
-        ids, labels = _pack(ids, labels, max_length)
-    return LMEncoded(ids, labels, data.truncated, data.pad_id)
+        ids, labels, segments = _pack(ids, labels, max_length)
+    return LMEncoded(ids, labels, data.truncated, data.pad_id, segments)
+
+
+def _unpack(rows: list[list[int]], segments: list[list[int]]) -> list[list[int]]:
+    out = []
+    for row, lengths in zip(rows, segments, strict=True):
+        start = 0
+        for n in lengths:
+            out.append(row[start : start + n])
+            start += n
+    return out
 
 
 def _pack(ids_rows, label_rows, max_length):
-    packed_ids, packed_labels = [], []
+    """Rows filled greedily with whole examples up to ``max_length`` tokens: (ids, labels, example lengths)."""
+    packed_ids, packed_labels, segments = [], [], []
     row_ids: list[int] = []
     row_labels: list[int] = []
+    row_lengths: list[int] = []
     for ids, labels in zip(ids_rows, label_rows, strict=True):
         if row_ids and len(row_ids) + len(ids) > max_length:
             packed_ids.append(row_ids)
             packed_labels.append(row_labels)
-            row_ids, row_labels = [], []
+            segments.append(row_lengths)
+            row_ids, row_labels, row_lengths = [], [], []
         row_ids = row_ids + ids
         row_labels = row_labels + labels
+        row_lengths = row_lengths + [len(ids)]
     if row_ids:
         packed_ids.append(row_ids)
         packed_labels.append(row_labels)
-    return packed_ids, packed_labels
+        segments.append(row_lengths)
+    return packed_ids, packed_labels, segments

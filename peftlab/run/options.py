@@ -73,7 +73,13 @@ class RunOptions:
             "fp32 master copies, and the forward pass runs under autocast in this dtype)"
         },
     )
-    packing: bool = field(default=False, metadata={"help": "sft: pack several conversations into each sequence"})
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "sft: pack several conversations into each sequence; positions restart and attention stays "
+            "inside each conversation, so each trains as if alone"
+        },
+    )
     eval_generate: int = field(
         default=64, metadata={"help": "sft: test conversations answered by generation at the end (0: none)"}
     )

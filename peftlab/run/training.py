@@ -28,6 +28,7 @@ from ..core.precision import keep_trainable_fp32
 from ..errors import InputError
 from ..fileio import LOCK_FILE, folder_lock, read_folder, remove_stale_temporaries, write_json
 from ..methods import get_method
+from ..methods.prompt_tuning import SoftPrompt
 from ..train.distributed import from_environment, shard_model
 from ..train.loop import TrainSettings, autocast_for, fit, make_hooks
 from .machine import git_commit, machine, peak_memory, versions
@@ -90,6 +91,11 @@ def run_training(
                 )
         else:
             attachment = attach(model, method, method_config)
+        if options.packing and any(isinstance(layer, SoftPrompt) for layer in attachment.layers().values()):
+            raise InputError(
+                f"packing: {method.name} puts its virtual tokens in front of each row, and a packed row's later "
+                "conversations cannot see them (each attends only to itself); train it without --packing"
+            )
         if options.dtype != "fp32":  # a half-precision base: what trains is kept in fp32
             keep_trainable_fp32(model, attachment.initial)
             if options.adapter:  # the continued adapter's saved fp32 values, not their half-precision copies

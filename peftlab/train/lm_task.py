@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..data.lm import IGNORE, LMEncoded
+from ..data.lm import IGNORE, LMEncoded, model_inputs
 from .distributed import SINGLE, Distributed
 
 LOSS_CHUNK = 1024  # target positions whose full-vocabulary logits are computed at once
@@ -66,14 +66,14 @@ def token_losses(model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK)
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     count = int((targets != IGNORE).sum())
     if not output_layer_separable(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        logits = model(**model_inputs(batch)).logits  # (B, T, V)
         shifted = logits[:, :-1].float()
         total = F.cross_entropy(
             shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
         )
         return total, count
     with output_layer_set_aside(model) as head:
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, H)
+        hidden = model(**model_inputs(batch)).logits  # (B, T, H)
         keep = targets != IGNORE
         states, wanted = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
         total = hidden.new_zeros((), dtype=torch.float32)
