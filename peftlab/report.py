@@ -143,3 +143,36 @@ def assets_table(assets, cache: Path, is_pulled) -> Table:
             a.name, a.kind, f"{a.download_mb:.0f} MB", "yes" if is_pulled(a) else "no", a.licence, a.description
         )
     return table
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f}"
+
+
+def estimate_table(rows: list[dict], options) -> Table:
+    """``peftlab estimate``'s table: per method, trainable parameters, the memory split in GiB, FLOPs per token and,
+    given ``--gpu-memory``, whether the step fits."""
+    title = (
+        f"{options.model}: batch {options.batch_size} x {options.length} tokens, base in {options.dtype}"
+        + (", gradient checkpointing" if options.gradient_checkpointing else "")
+        + (f", FSDP over {options.nproc}" if options.nproc > 1 else "")
+        + " (GiB)"
+    )
+    table = Table(title=title)
+    for name in ("method", "trainable", "weights", "gradients", "optimizer", "activations", "total", "GFLOPs/token"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    if options.gpu_memory is not None:
+        table.add_column(f"fits {options.gpu_memory:g} GiB")
+    skipped = [f"{row['method']}: {row['skipped']}" for row in rows if "memory" not in row]
+    if skipped:
+        table.caption = "not estimated: " + "; ".join(skipped)
+    for row in rows:
+        if "memory" not in row:
+            continue
+        m = row["memory"]
+        cells = [row["method"], f"{row['trainable']:,}", *(_gib(m[k]) for k in ("weights", "gradients", "optimizer",
+                 "activations", "total")), f"{row['flops_per_token'] / 1e9:.2f}"]  # fmt: skip
+        if options.gpu_memory is not None:
+            cells.append("yes" if m["total"] <= options.gpu_memory * 1024**3 else "no")
+        table.add_row(*cells)
+    return table

@@ -34,6 +34,7 @@ LAYERS = {
     "run": 8,
     "report": 9,
     "decode": 9,
+    "estimate": 9,
     "bench": 10,
     "compose": 10,
     "cli": 11,

@@ -13,6 +13,7 @@
     peftlab compose lorahub ADAPTER... --data TARGET [--k 32] [--budget 40] [--seeds 0 1 2]
     peftlab compose bench [--model M] [--adapters 8] [--rank 8] [--batch-size 32] [--length 64]
     peftlab methods [NAME]
+    peftlab estimate [--model M] [--method NAME] [--batch-size B] [--length T] [--dtype bf16] [--gpu-memory GB]
     peftlab assets list | pull NAME... | verify NAME...
     peftlab bench [--suite NAME|FILE | --quick] [--out DIR] [--report] [--methods L...] [--list]
 
@@ -32,6 +33,7 @@ from .bench import cmd_bench
 from .catalog import cmd_assets, cmd_methods
 from .compose import cmd_compose
 from .decoding import cmd_baseline, cmd_chat, cmd_generate
+from .estimate import cmd_estimate
 from .options import Parser
 from .train import cmd_train
 
@@ -46,6 +48,7 @@ COMMANDS = {
     "baseline": cmd_baseline,
     "compose": cmd_compose,
     "methods": cmd_methods,
+    "estimate": cmd_estimate,
     "assets": cmd_assets,
     "bench": cmd_bench,
 }

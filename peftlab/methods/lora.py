@@ -204,6 +204,7 @@ class LoraLinear(AdapterLayer):
         base = self.base
         return (
             self.fused
+            and not x.is_meta  # shapes only (memory estimates): the plain ops, which autocast knows nothing of here
             and type(base) is nn.Linear
             and (isinstance(self.dropout, nn.Identity) or not self.training)
             and self.lora_A0 is None

@@ -64,7 +64,7 @@ def _chunk_loss(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) ->
 def token_losses(model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
     """(sum of the cross-entropy over the batch's target tokens, number of target tokens)."""
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    count = int((targets != IGNORE).sum())
+    count = int((targets != IGNORE).sum()) if not targets.is_meta else targets.numel()  # meta: shapes only
     if not output_layer_separable(model):
         logits = model(**model_inputs(batch)).logits  # (B, T, V)
         shifted = logits[:, :-1].float()
@@ -75,7 +75,10 @@ def token_losses(model, batch: dict[str, torch.Tensor], chunk: int = LOSS_CHUNK)
     with output_layer_set_aside(model) as head:
         hidden = model(**model_inputs(batch)).logits  # (B, T, H)
         keep = targets != IGNORE
-        states, wanted = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
+        if keep.is_meta:  # shapes only (memory estimates): every position a target
+            states, wanted = hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        else:
+            states, wanted = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, len(wanted), chunk):
             part = (head, states[start : start + chunk], wanted[start : start + chunk])
