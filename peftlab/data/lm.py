@@ -81,9 +81,9 @@ def restarting_positions(lengths: Sequence[int], width: int) -> torch.Tensor:
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """What a causal LM is called with for ``batch``: packed batches pass their restarting positions, no attention
-    mask and no KV cache (transformers then isolates the examples; a mask or a cache would turn that detection
-    off)."""
+    """What a causal LM is called with for ``batch`` to score it: no KV cache (nothing is generated), and for packed
+    batches their restarting positions and no attention mask (transformers then isolates the examples; a mask or a
+    cache would turn that detection off)."""
     if "position_ids" in batch:
         return {
             "input_ids": batch["input_ids"],
@@ -91,7 +91,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Non
             "attention_mask": None,
             "use_cache": False,
         }
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:

@@ -206,7 +206,10 @@ def enable_gradient_checkpointing(model) -> None:
     works with frozen inputs, prefix-style methods and FSDP); effective in training mode only."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise InputError(f"gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def stream_seed(seed: int, stream: int) -> int:
