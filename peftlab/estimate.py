@@ -260,8 +260,8 @@ def estimate(options: EstimateOptions, method: str, method_config: Any | None = 
         method_config = get_method("lora").config(**lora_options)
     attachment = attach(model, "lora" if quantised else method, method_config)
     # Activations first, with every tensor in the base's dtype: autocast cannot run on the meta device, so a half-
-    # precision base is estimated as if autocast computed everything in its dtype (its fp32 softmax and norm
-    # outputs count at half size).
+    # precision base is estimated as if autocast computed everything in its dtype (plus, below, the half-precision
+    # copies autocast makes of the fp32 matrices that train).
     batch = meta_batch(task, options.batch_size, options.length, options.labels)
     model.train()
     activations = saved_bytes(model, lambda: training_loss(model, task, batch, options.labels))
@@ -272,6 +272,8 @@ def estimate(options: EstimateOptions, method: str, method_config: Any | None = 
         activations = kept + (activations - kept) // max(blocks, 1)  # one block recomputed at a time
     keep_trainable_fp32(model, attachment.initial)  # then the state, as peftlab train keeps it
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if dtype != torch.float32:  # autocast saves a half-precision copy of every fp32 matrix a product uses
+        activations += sum(p.numel() * dtype.itemsize for p in _autocast_matrices(model, trainable))
     gradient_bytes = unique_bytes(trainable)
     weights = unique_bytes([*model.parameters(), *model.buffers()])
     if quantised:
@@ -289,6 +291,17 @@ def estimate(options: EstimateOptions, method: str, method_config: Any | None = 
     count = sum(p.numel() for p in trainable)
     flops = flops_per_token(model, count, config, options.length, options.gradient_checkpointing, task)
     return {"method": method, "task": task, "trainable": count, "memory": split, "flops_per_token": flops}
+
+
+def _autocast_matrices(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The trainable matrices that enter matrix products (cast by autocast): all but input embeddings that are not
+    also the output layer."""
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    lookup_only = {id(embedding.weight)} if embedding is not None else set()
+    if output is not None and getattr(output, "weight", None) is not None:
+        lookup_only.discard(id(output.weight))
+    return [p for p in trainable if p.ndim >= 2 and id(p) not in lookup_only]
 
 
 def _block_count(model: nn.Module) -> int:
