@@ -20,6 +20,12 @@ def cmd_methods(argv: list[str], show_progress: bool) -> int:
             f"default learning rate: {m.lr:g}; merges into the weights: {'yes' if m.mergeable else 'no'}"
         )
         console.print(method_options_table(m, flag))
+        groups = m.param_groups(m.config()) if m.param_groups else []
+        console.print(
+            "parameter groups: "
+            + ("; ".join(f"{g.pattern} at {g.lr_scale:g}x the rate ({g.why})" for g in groups) or "one rate for all")
+            + (f"; set by {', '.join(_group_options(m))}" if _group_options(m) else "")
+        )
         return 0
     console.print(methods_table(all_methods()))
     return 0
@@ -49,3 +55,9 @@ def cmd_assets(argv: list[str], show_progress: bool) -> int:
         if any(bad.values()):
             return 1
     return 0
+
+
+def _group_options(method) -> list[str]:
+    """The options that set a method's parameter groups' rates."""
+    names = {f for f in method.config.__dataclass_fields__}
+    return [flag(n) for n in ("lora_plus_ratio", "mlp_lr_scale") if n in names]

@@ -48,7 +48,8 @@ from .adapter_file import (
     task_head_names,
     write_adapter_folder,
 )
-from .registry import Method, config_from_dict, config_to_dict, get_method
+from .registry import Method, ParamGroup, config_from_dict, config_to_dict, get_method
+from .targets import matches
 
 
 @dataclass
@@ -149,6 +150,20 @@ class Attachment:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[tuple[ParamGroup, list[nn.Parameter]]]:
+        """The trainable parameters by the method's ``param_groups`` (first matching pattern wins), the rest in a
+        last group at the base rate; groups that match nothing are left out."""
+        groups = self.method.param_groups(self.config) if self.method.param_groups else []
+        members: list[list[nn.Parameter]] = [[] for _ in groups]
+        rest: list[nn.Parameter] = []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            index = next((i for i, g in enumerate(groups) if matches(g.pattern, name)), None)
+            (rest if index is None else members[index]).append(p)
+        out = [(g, params) for g, params in zip(groups, members, strict=True) if params]
+        return out + ([(ParamGroup("*"), rest)] if rest else [])
 
     def trainable_count(self) -> int:
         """Entries the optimiser may change: a masked parameter counts only its True entries."""

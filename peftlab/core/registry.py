@@ -17,6 +17,11 @@ that adapter's ``state()`` keys them), computed from the current parameters; Non
 ``Attachment.save`` writes that folded form, so ``load_adapter`` rebuilds the adapter without the
 reparameterisation; training checkpoints keep the unfolded state for an exact resume.
 
+A method whose parts want their own learning rate (LoRA+'s B, a prefix MLP) gives ``param_groups``:
+``param_groups(config) -> [ParamGroup]``, each a parameter-name pattern (the glob rule of ``peftlab.core.targets``)
+with a learning-rate scale and optionally its own weight decay; the trainer builds the optimiser from them, first
+matching group first, the rest at the base rate, with no method-name branching.
+
 A method with a Hugging Face PEFT counterpart gives ``peft``, a ``PeftFormat``: the PEFT kind it converts to and its
 own converters; ``peftlab.core.hf_peft`` only dispatches to them.
 """
@@ -63,6 +68,17 @@ class PeftFormat:
 
 
 @dataclass(frozen=True)
+class ParamGroup:
+    """Trainable parameters whose names match ``pattern`` learn at ``lr_scale`` times the run's learning rate, with
+    ``weight_decay`` when given (else the run's; vectors such as biases never decay)."""
+
+    pattern: str
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+    why: str = ""  # shown by ``peftlab methods NAME``
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     config: type
@@ -80,6 +96,8 @@ class Method:
     fold: Callable[[Attachment], tuple[Any, dict] | None] | None = None
     # The method's conversion to and from the Hugging Face PEFT format, or None when PEFT cannot hold it.
     peft: PeftFormat | None = None
+    # Parts that learn at their own rate: param_groups(config) -> [ParamGroup], or None (one rate for all).
+    param_groups: Callable[[Any], list[ParamGroup]] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}

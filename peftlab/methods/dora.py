@@ -132,5 +132,6 @@ METHOD = register(
         lr=1e-3,
         mergeable=True,
         peft=PeftFormat("LORA+DORA", export=export_dora, load=import_dora),
+        param_groups=lora.lora_plus_groups,
     )
 )

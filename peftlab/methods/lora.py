@@ -47,7 +47,7 @@ from torch import nn
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.attach import Attachment, attach, load_state
 from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
-from ..core.registry import Method, PeftFormat, get_method, register
+from ..core.registry import Method, ParamGroup, PeftFormat, get_method, register
 from ..core.targets import find_targets, matches
 from ..errors import InputError, require
 
@@ -75,6 +75,13 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(
         default_factory=dict, metadata={"help": "per-module alpha overrides, PATTERN=ALPHA (same glob rule)"}
     )
+    lora_plus_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "LoRA+ (Hayou et al. 2024): B learns at this many times A's rate (the paper suggests 16; "
+            "1 is plain LoRA)"
+        },
+    )
 
     def __post_init__(self):
         require(isinstance(self.r, int) and self.r > 0, "r", "a positive integer", self.r)
@@ -84,6 +91,8 @@ class LoraConfig:
             require(isinstance(r, int) and r > 0, f"rank_pattern.{pattern}", "a positive integer", r)
         for pattern, a in self.alpha_pattern.items():
             require(a > 0, f"alpha_pattern.{pattern}", "a positive number", a)
+        ratio = self.lora_plus_ratio
+        require(math.isfinite(ratio) and ratio > 0, "lora_plus_ratio", "a positive number", ratio)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """The rank and alpha for one module: the last matching pattern wins, else the global values."""
@@ -242,6 +251,14 @@ class LoraLinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.lora_weight()  # (out, in)
+
+
+def lora_plus_groups(config: LoraConfig) -> list[ParamGroup]:
+    """LoRA+ (Hayou, Ghosh and Yu 2024, https://arxiv.org/abs/2402.12354): with A and B trained at one rate, B's
+    update is too small for wide layers; B at ``lora_plus_ratio`` times A's rate fixes the imbalance."""
+    if config.lora_plus_ratio == 1:
+        return []
+    return [ParamGroup("lora_B", config.lora_plus_ratio, why="LoRA+: B at lora_plus_ratio times A's rate")]
 
 
 def check_rank(name: str, base: nn.Linear, r: int, field: str = "r") -> None:
@@ -466,5 +483,6 @@ METHOD = register(
         lr=1e-3,
         mergeable=True,
         peft=PeftFormat("LORA", export=export_lora, load=import_lora),
+        param_groups=lora_plus_groups,
     )
 )

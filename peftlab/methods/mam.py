@@ -107,5 +107,6 @@ METHOD = register(
         mergeable=False,
         identity_at_init=False,
         fold=fold,
+        param_groups=MamConfig.param_groups,
     )
 )

@@ -72,5 +72,6 @@ METHOD = register(
         identity_at_init=False,
         fold=fold,
         peft=PeftFormat("PREFIX_TUNING", export=export_prefixes, load=_import_prefix_tuning, full_keys=True),
+        param_groups=PrefixTuningConfig.param_groups,
     )
 )

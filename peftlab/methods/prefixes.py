@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from ..core.attach import attach, load_state
 from ..core.attention import attention_modules, extend_keys_values, remove_extension, restore
 from ..core.hf_peft import HF_CONFIG, head_modules, head_tensors
 from ..core.kv_cache import cache_length
+from ..core.registry import ParamGroup
 from ..errors import InputError, require
 
 
@@ -64,6 +66,13 @@ class PrefixOptions:
         default=True, metadata={"help": "real tokens' positions start at P, as after a KV cache (as PEFT does)"}
     )
     keep_encoder: bool = field(default=False, metadata={"help": "save the prefix MLP instead of the prefixes"})
+    mlp_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "the prefix MLP learns at this times the run's rate (each prefix entry sums the same-signed "
+            "updates of every hidden unit, so the MLP multiplies Adam's step on the prefixes)"
+        },
+    )
 
     def __post_init__(self):
         require(
@@ -78,6 +87,14 @@ class PrefixOptions:
             "a positive integer",
             self.encoder_hidden,
         )
+        scale = self.mlp_lr_scale
+        require(math.isfinite(scale) and scale > 0, "mlp_lr_scale", "a positive number", scale)
+
+    def param_groups(self) -> list[ParamGroup]:
+        """The prefix MLP at its own rate, when ``mlp_lr_scale`` says so."""
+        if not self.projection or self.mlp_lr_scale == 1:
+            return []
+        return [ParamGroup("mlp.*", self.mlp_lr_scale, why="the prefix MLP at mlp_lr_scale times the rate")]
 
     @property
     def mlp_hidden(self) -> int | None:

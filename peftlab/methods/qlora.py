@@ -43,7 +43,7 @@ from ..core.hooks import TrainingHooks
 from ..core.registry import Method, PeftFormat, register
 from ..errors import InputError, PeftlabError, require
 from ..quant.nf4 import ABSMAX_BLOCK_SIZE, NF4_BLOCK_SIZE, NF4Linear
-from .lora import LoraConfig, LoraLinear, export_lora, wrap_linear_layers
+from .lora import LoraConfig, LoraLinear, export_lora, lora_plus_groups, wrap_linear_layers
 
 MergeInto = Literal["dequantized", "requantized"]
 
@@ -231,5 +231,6 @@ METHOD = register(
         hooks=QLoraHooks,
         # A QLoRA adapter is a LoRA adapter in the PEFT format (imported back as ``lora``).
         peft=PeftFormat("LORA", export=export_lora),
+        param_groups=lora_plus_groups,
     )
 )

@@ -239,5 +239,6 @@ METHOD = register(
         mergeable=False,
         identity_at_init=False,
         fold=fold,
+        param_groups=UniPeltConfig.param_groups,
     )
 )

@@ -182,6 +182,16 @@ def run_training(
             "steps": result.steps,
             "best_step": result.best_step,
             "lr": lr,
+            "param_groups": [
+                {
+                    "pattern": g.pattern,
+                    "lr": lr * g.lr_scale,
+                    "lr_scale": g.lr_scale,
+                    "weight_decay": g.weight_decay,
+                    "parameters": sum(p.numel() for p in params),
+                }
+                for g, params in attachment.parameter_groups()
+            ],  # fmt: skip
             "data_sizes": prepared.data.sizes(),
             "labels": prepared.labels,
             "truncated": {k: v.truncated for k, v in prepared.splits.items()},

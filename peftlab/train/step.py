@@ -48,12 +48,22 @@ def autocast_for(precision: str, device: torch.device) -> Callable:
     return nullcontext
 
 
-def param_groups(attachment, weight_decay: float) -> list[dict]:
-    """The optimiser's parameter groups: weight decay on matrices, none on biases and norms (vectors)."""
-    decay, no_decay = [], []
-    for p in attachment.trainable_parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(attachment, weight_decay: float, lr: float) -> list[dict]:
+    """The optimiser's parameter groups: the method's parts (``Attachment.parameter_groups``: their own learning-rate
+    scale and weight decay), each split into matrices, which decay, and vectors (biases, norms), which do not."""
+    if not hasattr(attachment, "parameter_groups"):  # the PEFT peer: one rate for all
+        parts = [(None, attachment.trainable_parameters())]
+    else:
+        parts = attachment.parameter_groups()
+    out = []
+    for group, params in parts:
+        scale = group.lr_scale if group is not None else 1.0
+        decay = group.weight_decay if group is not None and group.weight_decay is not None else weight_decay
+        matrices, vectors = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+        name = group.pattern if group is not None else "*"
+        out.append({"params": matrices, "weight_decay": decay, "lr": lr * scale, "name": name, "lr_scale": scale})
+        out.append({"params": vectors, "weight_decay": 0.0, "lr": lr * scale, "name": name, "lr_scale": scale})
+    return out
 
 
 class Step:
@@ -90,7 +100,7 @@ class Step:
         self.dist = dist
         self.checked = checked
         self.params = attachment.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(param_groups(attachment, settings.weight_decay), lr=lr)
+        self.optimizer = torch.optim.AdamW(param_groups(attachment, settings.weight_decay, lr), lr=lr)
         schedule = settings.schedule if settings.schedule != "constant" else "constant_with_warmup"
         from transformers import get_scheduler  # not at module level: its import sets TORCHINDUCTOR_CACHE_DIR
 

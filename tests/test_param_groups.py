@@ -1,0 +1,89 @@
+"""Per-part learning rates: a method's parameter groups reach the optimiser with their scales, keep them through the
+schedule and a resume, and are recorded in results.json and shown by ``peftlab methods``."""
+
+import json
+
+import pytest
+import torch
+
+import peftlab
+from peftlab.core.hooks import TrainingHooks
+from peftlab.train.loop import ClassificationTask, TrainSettings
+from peftlab.train.step import Step
+from tests.conftest import tiny_classifier
+
+
+def step_for(adapter, lr=1e-3, warmup=0.0):
+    settings = TrainSettings(warmup=warmup, schedule="linear")
+    return Step(adapter, ClassificationTask(2), settings, lr, 10, torch.device("cpu"), TrainingHooks())
+
+
+def groups_by_pattern(step) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for group in step.optimizer.param_groups:
+        out.setdefault(group["name"], []).append(group)
+    return out
+
+
+def test_lora_plus_puts_b_at_its_ratio_of_the_rate_and_a_at_the_rate():
+    adapter = peftlab.attach(tiny_classifier(), "lora", r=2, lora_plus_ratio=16.0)
+    step = step_for(adapter)
+    groups = groups_by_pattern(step)
+    b = {id(p) for g in groups["lora_B"] for p in g["params"]}
+    named = dict(adapter.model.named_parameters())
+    assert b == {id(p) for n, p in named.items() if n.endswith(".lora_B")}
+    assert all(g["lr"] == pytest.approx(16e-3) for g in groups["lora_B"])
+    assert all(g["lr"] == pytest.approx(1e-3) for g in groups["*"])  # A, and the head
+    a = {id(p) for g in groups["*"] for p in g["params"]}
+    assert {id(p) for n, p in named.items() if n.endswith(".lora_A")} <= a
+    assert b.isdisjoint(a) and len(b | a) == len(adapter.trainable_parameters())
+
+
+def test_the_scales_survive_the_schedule():
+    adapter = peftlab.attach(tiny_classifier(), "lora", r=2, lora_plus_ratio=4.0)
+    step = step_for(adapter, warmup=0.5)
+    batch = {"input_ids": torch.randint(5, 60, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=int)}
+    batch["labels"] = torch.tensor([0, 1, 0, 1])
+    for i in range(3):
+        step.take(i, [Step.whole(batch)])
+        rates = {g["name"]: g["lr"] for g in step.optimizer.param_groups}
+        assert rates["lora_B"] == pytest.approx(4 * rates["*"])
+
+
+def test_the_prefix_mlp_gets_its_own_rate_in_prefix_tuning_mam_and_unipelt():
+    for method, options in [
+        ("prefix_tuning", {"encoder_hidden": 8, "num_virtual_tokens": 2}),
+        ("mam", {"encoder_hidden": 8, "num_virtual_tokens": 2, "bottleneck": 4}),
+        ("unipelt", {"encoder_hidden": 8, "num_virtual_tokens": 2, "bottleneck": 4, "lora_r": 2}),
+    ]:
+        adapter = peftlab.attach(tiny_classifier(), method, mlp_lr_scale=0.1, **options)
+        groups = groups_by_pattern(step_for(adapter, lr=2e-3))
+        mlp = [p for g in groups["mlp.*"] for p in g["params"]]
+        names = {id(p): n for n, p in adapter.model.named_parameters()}
+        assert mlp and all(".mlp." in names[id(p)] for p in mlp), method
+        assert all(g["lr"] == pytest.approx(2e-4) for g in groups["mlp.*"]), method
+        assert all(g["lr"] == pytest.approx(2e-3) for g in groups["*"]), method
+
+
+def test_without_groups_the_optimiser_is_as_before():
+    adapter = peftlab.attach(tiny_classifier(), "lora", r=2)
+    groups = step_for(adapter).optimizer.param_groups
+    assert [g["name"] for g in groups] == ["*", "*"] and [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim < 2 for p in groups[1]["params"])
+
+
+def test_a_bad_ratio_is_refused():
+    with pytest.raises(peftlab.InputError, match="lora_plus_ratio: expected a positive number"):
+        peftlab.attach(tiny_classifier(), "lora", lora_plus_ratio=0.0)
+
+
+def test_results_record_the_groups_and_methods_shows_them(cli, tiny_model_dir, tiny_csv, tmp_path):
+    args = ["train", "--model", tiny_model_dir, "--data", tiny_csv, "--out", tmp_path / "run", "--max-length", "32"]
+    code, _, err = cli(*args, "--max-steps", "4", "--lr", "0.002", "--r", "2", "--lora-plus-ratio", "8")
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    recorded = {g["pattern"]: g for g in results["param_groups"]}
+    assert recorded["lora_B"]["lr"] == pytest.approx(0.016) and recorded["*"]["lr"] == pytest.approx(0.002)
+    assert sum(g["parameters"] for g in results["param_groups"]) == results["params"]["trainable"]
+    code, out, _ = cli("methods", "lora")
+    assert code == 0 and "parameter groups" in out and "--lora-plus-ratio" in out
