@@ -87,3 +87,14 @@ def test_results_record_the_groups_and_methods_shows_them(cli, tiny_model_dir, t
     assert sum(g["parameters"] for g in results["param_groups"]) == results["params"]["trainable"]
     code, out, _ = cli("methods", "lora")
     assert code == 0 and "parameter groups" in out and "--lora-plus-ratio" in out
+
+
+def test_results_record_the_groups_training_used_even_when_the_saved_adapter_is_folded(
+    cli, tiny_model_dir, tiny_csv, tmp_path
+):
+    args = ["train", "--model", tiny_model_dir, "--data", tiny_csv, "--out", tmp_path / "run", "--max-length", "32"]
+    options = ["--method", "prefix_tuning", "--encoder-hidden", "8", "--num-virtual-tokens", "2"]
+    code, _, err = cli(*args, *options, "--max-steps", "2", "--lr", "0.01", "--mlp-lr-scale", "0.1")
+    assert code == 0, err
+    recorded = {g["pattern"]: g for g in json.loads((tmp_path / "run" / "results.json").read_text())["param_groups"]}
+    assert recorded["mlp.*"]["lr"] == pytest.approx(0.001) and recorded["*"]["lr"] == pytest.approx(0.01)

@@ -115,6 +115,17 @@ def run_training(
                 attachment.save(out / "adapter", extra={**meta, "validation": metrics, "step": step}, write=dist.main)
 
         hooks = make_hooks(attachment, settings)
+        # The optimiser's groups, as training builds them (a folded adapter no longer has its reparameterisation).
+        trained_groups = [
+            {
+                "pattern": g.pattern,
+                "lr": lr * g.lr_scale,
+                "lr_scale": g.lr_scale,
+                "weight_decay": g.weight_decay,
+                "parameters": sum(p.numel() for p in params),
+            }
+            for g, params in attachment.parameter_groups()
+        ]
         result = fit(
             attachment,
             task,
@@ -182,16 +193,7 @@ def run_training(
             "steps": result.steps,
             "best_step": result.best_step,
             "lr": lr,
-            "param_groups": [
-                {
-                    "pattern": g.pattern,
-                    "lr": lr * g.lr_scale,
-                    "lr_scale": g.lr_scale,
-                    "weight_decay": g.weight_decay,
-                    "parameters": sum(p.numel() for p in params),
-                }
-                for g, params in attachment.parameter_groups()
-            ],  # fmt: skip
+            "param_groups": trained_groups,  # fmt: skip
             "data_sizes": prepared.data.sizes(),
             "labels": prepared.labels,
             "truncated": {k: v.truncated for k, v in prepared.splits.items()},
