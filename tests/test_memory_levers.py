@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import peftlab
+from peftlab.bench.assets import tiny_llama_config
 from peftlab.bench.measure import saved_activation_bytes
 from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
 from peftlab.core.precision import STORAGE, keep_trainable_fp32
@@ -26,18 +27,7 @@ VOCAB = 5000
 
 def llama(vocab: int = VOCAB, seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        **overrides,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(tiny_llama_config(vocab, **overrides))
 
 
 def batch(rows: int = 3, length: int = 24, vocab: int = VOCAB, seed: int = 1) -> dict[str, torch.Tensor]:

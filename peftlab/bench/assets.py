@@ -120,25 +120,24 @@ def build_tiny_bert(folder: Path, words: list[str] = WORDS) -> None:
     BertModel(tiny_bert_config(len(vocab)), add_pooling_layer=True).save_pretrained(folder)
 
 
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A tiny Llama configuration: 2 layers of width 32, 4 heads sharing 2 key/value heads, 128 positions."""
+    from transformers import LlamaConfig
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)  # fmt: skip
+    return LlamaConfig(vocab_size=vocab_size, **(shape | overrides))
+
+
 def build_tiny_llama(folder: Path, words: list[str] = WORDS) -> None:
     """A randomly initialised (seed 0) tiny Llama causal LM (tied head) with a ChatML word tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer, vocab = word_tokenizer(words, chat=True)
     tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=vocab["<|im_start|>"],
-        eos_token_id=vocab["<|im_end|>"],
-        tie_word_embeddings=True,
+    config = tiny_llama_config(
+        len(vocab), bos_token_id=vocab["<|im_start|>"], eos_token_id=vocab["<|im_end|>"], tie_word_embeddings=True
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
