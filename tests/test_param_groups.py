@@ -98,3 +98,23 @@ def test_results_record_the_groups_training_used_even_when_the_saved_adapter_is_
     assert code == 0, err
     recorded = {g["pattern"]: g for g in json.loads((tmp_path / "run" / "results.json").read_text())["param_groups"]}
     assert recorded["mlp.*"]["lr"] == pytest.approx(0.001) and recorded["*"]["lr"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    "method, options, expected",
+    [
+        ("prompt_tuning", ["--num-virtual-tokens", "2"], "note: prompt tuning learns little on a model of"),
+        ("dylora", ["--r", "4"], "note: DyLoRA trains one of its r = 4 rank components per step"),
+        ("lora", ["--r", "2"], None),
+    ],
+)
+def test_a_method_says_what_to_expect_where_its_paper_warns(cli, tiny_model_dir, tiny_csv, tmp_path, method, options,
+                                                              expected):  # fmt: skip
+    args = ["train", "--model", tiny_model_dir, "--data", tiny_csv, "--out", tmp_path / "run", "--max-length", "32"]
+    code, _, err = cli(*args, "--method", method, *options, "--max-steps", "8")
+    assert code == 0, err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    if expected is None:
+        assert "note:" not in err and "caution" not in results
+    else:
+        assert err.count(expected) == 1 and results["caution"] == err.split("note: ", 1)[1].splitlines()[0]

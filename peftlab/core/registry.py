@@ -98,6 +98,9 @@ class Method:
     peft: PeftFormat | None = None
     # Parts that learn at their own rate: param_groups(config) -> [ParamGroup], or None (one rate for all).
     param_groups: Callable[[Any], list[ParamGroup]] | None = None
+    # What to expect when the setting is one the method's paper warns about: caution(model, config, total_steps)
+    # -> one line said at the start of training (and recorded in results.json), or None.
+    caution: Callable[[nn.Module, Any, int], str | None] | None = None
 
 
 _REGISTRY: dict[str, Method] = {}

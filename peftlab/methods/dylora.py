@@ -210,6 +210,17 @@ def _export_dylora(attachment: Attachment) -> tuple[dict, dict[str, torch.Tensor
     return fields, tensors
 
 
+def caution(model: nn.Module, config: DyLoraConfig, total_steps: int) -> str | None:
+    """DyLoRA (frozen, the paper's scheme) trains one of its r rank components per step."""
+    if not config.frozen or config.r == 1:
+        return None
+    return (
+        f"DyLoRA trains one of its r = {config.r} rank components per step, so each gets about "
+        f"{max(total_steps // config.r, 1)} of the {total_steps} steps: expect it to need several times LoRA's "
+        "steps to match it (or --no-frozen, which trains every rank up to the sampled one)"
+    )
+
+
 METHOD = register(
     Method(
         name="dylora",
@@ -222,5 +233,6 @@ METHOD = register(
         mergeable=True,
         hooks=DyLoraHooks,
         peft=PeftFormat("LORA", export=_export_dylora),  # a plain LoRA at the serving rank; imported as ``lora``
+        caution=caution,
     )
 )

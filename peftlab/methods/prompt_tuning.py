@@ -262,6 +262,21 @@ def _import_prompt_tuning(model, cfg: dict, tensors: dict, weights: Path):
     return import_peft_prompt(model, cfg, tensors, weights, "prompt_tuning", config)
 
 
+LARGE_MODEL = 1_000_000_000  # parameters
+
+
+def caution(model: nn.Module, config: PromptTuningConfig, total_steps: int) -> str | None:
+    """Lester et al. (2021): prompt tuning matches fine-tuning only as models reach billions of parameters."""
+    size = sum(p.numel() for p in model.parameters())
+    if size >= LARGE_MODEL:
+        return None
+    return (
+        f"prompt tuning learns little on a model of {size / 1e6:.0f}M parameters: Lester et al. (2021) match "
+        "fine-tuning only from billions of parameters; expect it to trail the other methods here "
+        "(p_tuning_v2 or lora learn more on small models)"
+    )
+
+
 METHOD = register(
     Method(
         name="prompt_tuning",
@@ -274,5 +289,6 @@ METHOD = register(
         mergeable=False,
         identity_at_init=False,
         peft=PeftFormat("PROMPT_TUNING", export=_export_prompt_tuning, load=_import_prompt_tuning, full_keys=True),
+        caution=caution,
     )
 )

@@ -30,7 +30,7 @@ from ..fileio import LOCK_FILE, folder_lock, read_folder, remove_stale_temporari
 from ..methods import get_method
 from ..methods.prompt_tuning import SoftPrompt
 from ..train.distributed import from_environment, shard_model
-from ..train.loop import TrainSettings, autocast_for, fit, make_hooks
+from ..train.loop import TrainSettings, autocast_for, fit, make_hooks, total_steps
 from .machine import git_commit, machine, peak_memory, versions
 from .options import RunOptions, default_out, flat_config, pick_device
 from .prepare import (
@@ -96,6 +96,13 @@ def run_training(
                 f"packing: {method.name} puts its virtual tokens in front of each row, and a packed row's later "
                 "conversations cannot see them (each attends only to itself); train it without --packing"
             )
+        caution = (
+            method.caution(model, attachment.config, total_steps(len(prepared.splits["train"]), settings))
+            if method.caution
+            else None
+        )
+        if caution and dist.main:
+            print(f"note: {caution}", file=sys.stderr)
         if options.dtype != "fp32":  # a half-precision base: what trains is kept in fp32
             keep_trainable_fp32(model, attachment.initial)
             if options.adapter:  # the continued adapter's saved fp32 values, not their half-precision copies
@@ -193,7 +200,8 @@ def run_training(
             "steps": result.steps,
             "best_step": result.best_step,
             "lr": lr,
-            "param_groups": trained_groups,  # fmt: skip
+            "param_groups": trained_groups,
+            **({"caution": caution} if caution else {}),  # fmt: skip
             "data_sizes": prepared.data.sizes(),
             "labels": prepared.labels,
             "truncated": {k: v.truncated for k, v in prepared.splits.items()},

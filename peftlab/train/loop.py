@@ -201,6 +201,12 @@ def make_hooks(attachment: Attachment, settings: TrainSettings) -> TrainingHooks
     return hooks[0] if hooks else TrainingHooks()
 
 
+def total_steps(examples: int, settings: TrainSettings) -> int:
+    """The optimiser steps of a run over ``examples`` training examples."""
+    steps_per_epoch = max(1, math.ceil(examples / (settings.batch_size * settings.grad_accum)))
+    return settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Activation checkpointing of every transformer block, through transformers' own switch (non-reentrant, so it
     works with frozen inputs, prefix-style methods and FSDP); effective in training mode only."""
@@ -300,7 +306,7 @@ def fit(
     model.train()
     per_step = settings.batch_size * settings.grad_accum
     steps_per_epoch = max(1, math.ceil(len(train) / per_step))
-    total = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+    total = total_steps(len(train), settings)
     hooks = hooks or make_hooks(attachment, settings)
     metric = task.metric if settings.metric == "auto" else settings.metric
     if settings.gradient_checkpointing:
