@@ -2,8 +2,9 @@
 
 The model is built on the meta device (shapes and dtypes, no weights: a 70B configuration builds in seconds), the
 method is attached as for training, and one training forward pass runs on meta tensors of the given batch and
-length while ``saved_tensors_hooks`` record what the backward pass would keep: the same accounting the benchmark
-uses for its measured memory split (``peftlab.bench.measure``), so estimate and measurement count the same things:
+length while ``saved_tensors_hooks`` record what the backward pass would keep, by the rule the benchmark's measured
+memory split uses (``peftlab.bench.measure``: each storage once, parameters and buffers left out; meta tensors have
+no storage, so here a tensor's root view stands for it), so estimate and measurement count the same things:
 
 - ``weights``: every parameter and buffer, in its storage dtype (``--dtype``; what trains is kept in fp32, as
   ``peftlab train`` keeps it; QLoRA's base counts its 4-bit codes and double-quantised constants);
@@ -41,11 +42,10 @@ from torch import nn
 
 from .core.attach import attach
 from .core.precision import STORAGE, keep_trainable_fp32
-from .core.registry import get_method
+from .core.registry import all_methods, get_method
 from .errors import InputError, require
 
 PARTS = ("weights", "gradients", "optimizer", "activations")
-GIB = 1024**3
 
 
 @dataclass
@@ -263,13 +263,14 @@ def estimate(options: EstimateOptions, method: str, method_config: Any | None = 
     # precision base is estimated as if autocast computed everything in its dtype (plus, below, the half-precision
     # copies autocast makes of the fp32 matrices that train).
     batch = meta_batch(task, options.batch_size, options.length, options.labels)
+    blocks = _blocks(model)
     model.train()
     activations = saved_bytes(model, lambda: training_loss(model, task, batch, options.labels))
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(model)
         kept = saved_bytes(model, lambda: training_loss(model, task, batch, options.labels))
-        blocks = _block_count(model)
-        activations = kept + (activations - kept) // max(blocks, 1)  # one block recomputed at a time
+        block_count = len(blocks) if blocks is not None else 1
+        activations = kept + (activations - kept) // block_count  # one block recomputed at a time
     keep_trainable_fp32(model, attachment.initial)  # then the state, as peftlab train keeps it
     trainable = [p for p in model.parameters() if p.requires_grad]
     if dtype != torch.float32:  # autocast saves a half-precision copy of every fp32 matrix a product uses
@@ -283,7 +284,7 @@ def estimate(options: EstimateOptions, method: str, method_config: Any | None = 
             weights += nf4_bytes(w.numel(), qlora.quant_block_size, qlora.double_quant, qlora.double_quant_block_size)
     split = {"weights": weights, "gradients": gradient_bytes, "optimizer": 2 * gradient_bytes}
     if options.nproc > 1:  # FSDP: state split across processes, one gathered block besides
-        largest_block = _largest_block_bytes(model)
+        largest_block = max((unique_bytes(list(b.parameters())) for b in blocks or []), default=0)
         split = {k: math.ceil(v / options.nproc) for k, v in split.items()}
         split["weights"] += largest_block
     split["activations"] = int(activations)
@@ -304,23 +305,14 @@ def _autocast_matrices(model: nn.Module, trainable: list[nn.Parameter]) -> list[
     return [p for p in trainable if p.ndim >= 2 and id(p) not in lookup_only]
 
 
-def _block_count(model: nn.Module) -> int:
+def _blocks(model: nn.Module) -> nn.Module | None:
+    """The model's list of transformer blocks, or None when it has none."""
     from .core.layouts import find_blocks
 
     try:
-        return len(model.get_submodule(find_blocks(model)))
+        return model.get_submodule(find_blocks(model))
     except InputError:
-        return 1
-
-
-def _largest_block_bytes(model: nn.Module) -> int:
-    from .core.layouts import find_blocks
-
-    try:
-        blocks = model.get_submodule(find_blocks(model))
-    except InputError:
-        return 0
-    return max(unique_bytes(list(block.parameters())) for block in blocks)
+        return None
 
 
 def estimate_all(options: EstimateOptions) -> list[dict]:
@@ -328,24 +320,12 @@ def estimate_all(options: EstimateOptions) -> list[dict]:
     attach, such as AdapterFusion without stage-one adapters or BitFit on a model without biases, are skipped)."""
     config = load_config(options)
     rows = []
-    for method in _methods():
+    for method in (m.name for m in all_methods()):
         try:
             rows.append(estimate(options, method, config=config))
         except InputError as e:
             rows.append({"method": method, "skipped": str(e).splitlines()[0]})
     return rows
-
-
-def _methods() -> list[str]:
-    from .core.registry import all_methods
-
-    return [m.name for m in all_methods()]
-
-
-def fits(row: dict, gpu_memory: float | None) -> bool | None:
-    if gpu_memory is None or "memory" not in row:
-        return None
-    return row["memory"]["total"] <= gpu_memory * GIB
 
 
 def as_json(rows: list[dict]) -> str:

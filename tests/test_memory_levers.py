@@ -358,3 +358,17 @@ def test_the_optimiser_keeps_state_for_the_trainable_parameters_only(tiny_model_
     step.take(0, [Step.whole(prepared.splits["train"].batch(range(8)))])
     state = [t for s in step.optimizer.state.values() for t in s.values() if t.dim() > 0]
     assert sum(t.numel() for t in state) == 2 * adapter.trainable_count()  # Adam's two moments, nothing frozen
+
+
+def test_an_adapter_loads_exactly_onto_a_half_precision_base_with_fp32_trainable(tiny_model_dir, tmp_path):
+    trained = peftlab.attach(load_classifier(tiny_model_dir, ["neg", "pos"]), "lora", r=4, init="gaussian")
+    with torch.no_grad():
+        for layer in trained.layers().values():
+            layer.lora_B.normal_(0, 0.1)
+    trained.save(tmp_path / "adapter")
+    half = load_classifier(tiny_model_dir, ["neg", "pos"], dtype=torch.bfloat16)
+    loaded = peftlab.load_adapter(half, tmp_path / "adapter", fp32_trainable=True)
+    saved = read_tensors(tmp_path / "adapter" / WEIGHTS_FILE)
+    state = loaded.state()
+    assert all(state[k].dtype == torch.float32 and torch.equal(state[k], saved[k]) for k in saved)
+    assert {p.dtype for p in loaded.model.parameters() if not p.requires_grad} == {torch.bfloat16}

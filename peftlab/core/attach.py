@@ -48,6 +48,7 @@ from .adapter_file import (
     task_head_names,
     write_adapter_folder,
 )
+from .precision import keep_trainable_fp32
 from .registry import Method, ParamGroup, config_from_dict, config_to_dict, get_method
 from .targets import matches
 
@@ -280,6 +281,7 @@ def attach(
     config: Any = None,
     *,
     trainable_modules: Sequence[str] | str = "auto",
+    fp32_trainable: bool = False,
     **options: Any,
 ) -> Attachment:
     """Attach ``method`` to ``model`` in place and return the handle.
@@ -287,6 +289,7 @@ def attach(
     ``config`` is the method's config dataclass (built from ``options`` when omitted; ``options`` also override
     fields of a given config). ``trainable_modules`` are modules that train in full beside the method and are
     saved with it; ``"auto"`` picks the task head of a Hugging Face task model (``classifier``, ``score``).
+    ``fp32_trainable`` keeps what trains in fp32 on a base stored in half precision (``core.precision``).
     """
     method = get_method(method) if isinstance(method, str) else method
     if config is None:
@@ -305,6 +308,8 @@ def attach(
     targets = method.apply(model, config, heads)
     for head in heads:
         model.get_submodule(head).requires_grad_(True)
+    if fp32_trainable:
+        keep_trainable_fp32(model)
     attachment = Attachment(model, method, config, list(targets), heads, signature, initial={})
     layers = attachment.layers()
     own = {id(p) for layer in layers.values() for p in layer.adapter_parameters().values()}
@@ -386,14 +391,17 @@ def _grown_buffers(attachment: Attachment, tensors: dict[str, torch.Tensor]) -> 
     return grown
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> Attachment:
-    """Attach the adapter saved in ``path`` to ``model`` (which must be the same base it was trained on)."""
+def load_adapter(model: nn.Module, path: str | Path, fp32_trainable: bool = False) -> Attachment:
+    """Attach the adapter saved in ``path`` to ``model`` (which must be the same base it was trained on); with
+    ``fp32_trainable`` its trainable tensors are fp32 whatever the base's dtype, so the saved values load exactly."""
     folder, meta = read_adapter_meta(path)
     source = folder / CONFIG_FILE
     check_base(model, meta, source)
     method = get_method(meta["method"])
     config = config_from_dict(method.config, meta["config"], source=f"{source}: config")
-    attachment = attach(model, method, config, trainable_modules=meta["trainable_modules"])
+    attachment = attach(
+        model, method, config, trainable_modules=meta["trainable_modules"], fp32_trainable=fp32_trainable
+    )
     if attachment.targets != list(meta["targets"]):
         raise InputError(f"{source}: the config selects other modules than the adapter was saved with")
     load_state(attachment, read_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)

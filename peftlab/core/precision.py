@@ -3,7 +3,8 @@
 The optimiser then updates fp32 values (a bf16 parameter would lose small updates to rounding), and the forward
 pass runs under autocast in the base's dtype, which casts both sides of every matrix product to it: no method needs
 code of its own for a half-precision base. ``STORAGE`` maps the ``--dtype`` names to torch dtypes;
-``keep_trainable_fp32`` upcasts what trains after a method is attached; ``autocast_of`` gives the autocast a model of
+``keep_trainable_fp32`` upcasts what trains after a method is attached (``attach(..., fp32_trainable=True)`` and
+``load_adapter`` call it); ``autocast_of`` gives the autocast a model of
 mixed storage needs, for code that runs it outside the training loop (generation, decoding).
 """
 
@@ -18,20 +19,16 @@ from torch import nn
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def keep_trainable_fp32(model: nn.Module, initial: dict[str, torch.Tensor] | None = None) -> int:
-    """Upcast every trainable floating-point parameter of ``model`` (and its pretrained values in ``initial``) to
-    fp32, in place; the frozen ones keep their dtype. Returns how many parameters were upcast."""
-    upcast = 0
+def keep_trainable_fp32(model: nn.Module, initial: dict[str, torch.Tensor] | None = None) -> None:
+    """Upcast every trainable floating-point parameter of ``model`` (and its pretrained values in ``initial``, for an
+    attachment made without ``fp32_trainable``) to fp32, in place; the frozen ones keep their dtype."""
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
                 p.data = p.data.float()
-                upcast += 1
-    if initial is not None:
-        for key, value in initial.items():
-            if value.is_floating_point() and value.dtype != torch.float32:
-                initial[key] = value.float()
-    return upcast
+    for key, value in (initial or {}).items():
+        if value.is_floating_point() and value.dtype != torch.float32:
+            initial[key] = value.float()
 
 
 def half_dtype(model: nn.Module) -> torch.dtype | None:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.adapter_file import CONFIG_FILE, WEIGHTS_FILE, read_tensors
-from ..core.attach import Attachment, load_adapter, load_state
-from ..core.precision import keep_trainable_fp32
+from ..core.adapter_file import CONFIG_FILE, read_tensors
+from ..core.attach import Attachment, load_adapter
 from ..errors import InputError
 from ..fileio import read_folder, read_json
 from ..models import load_classifier
@@ -39,11 +38,7 @@ def rebuild(
     options, settings, _ = split_config(config, str(run / "config.json"))
     prepared = prepare_data(options, quiet=quiet)
     model = build_model(options, prepared, settings.seed)
-    attachment = load_adapter(model, run / "adapter")
-    if options.dtype != "fp32":  # a half-precision base: the adapter in fp32, as it trained
-        keep_trainable_fp32(model, attachment.initial)
-        adapter = read_folder(run / "adapter")
-        load_state(attachment, read_tensors(adapter / WEIGHTS_FILE), adapter / WEIGHTS_FILE)
+    attachment = load_adapter(model, run / "adapter", fp32_trainable=options.dtype != "fp32")  # as it trained
     return run, options, settings, prepared, attachment
 
 

@@ -24,9 +24,8 @@ import torch
 from ..core.accounting import delta_ranks, folder_bytes, parameter_counts, rank_summary
 from ..core.adapter_file import WEIGHTS_FILE, read_tensors
 from ..core.attach import attach, load_adapter, load_state
-from ..core.precision import keep_trainable_fp32
 from ..errors import InputError
-from ..fileio import LOCK_FILE, folder_lock, read_folder, remove_stale_temporaries, write_json
+from ..fileio import LOCK_FILE, folder_lock, remove_stale_temporaries, write_json
 from ..methods import get_method
 from ..methods.prompt_tuning import SoftPrompt
 from ..train.distributed import from_environment, shard_model
@@ -82,15 +81,16 @@ def run_training(
             before = {
                 n: task.evaluate(model, e, settings.eval_batch_size, device, autocast) for n, e in general.items()
             }
+        fp32_trainable = options.dtype != "fp32"  # a half-precision base: what trains is kept in fp32
         if options.adapter:
-            attachment = load_adapter(model, options.adapter)
+            attachment = load_adapter(model, options.adapter, fp32_trainable)
             if attachment.method.name != method.name:
                 raise InputError(
                     f"adapter: {options.adapter} holds a {attachment.method.name!r} adapter, "
                     f"but --method is {method.name!r}"
                 )
         else:
-            attachment = attach(model, method, method_config)
+            attachment = attach(model, method, method_config, fp32_trainable=fp32_trainable)
         if options.packing and any(isinstance(layer, SoftPrompt) for layer in attachment.layers().values()):
             raise InputError(
                 f"packing: {method.name} puts its virtual tokens in front of each row, and a packed row's later "
@@ -103,11 +103,6 @@ def run_training(
         )
         if caution and dist.main:
             print(f"note: {caution}", file=sys.stderr)
-        if options.dtype != "fp32":  # a half-precision base: what trains is kept in fp32
-            keep_trainable_fp32(model, attachment.initial)
-            if options.adapter:  # the continued adapter's saved fp32 values, not their half-precision copies
-                adapter = read_folder(Path(options.adapter))
-                load_state(attachment, read_tensors(adapter / WEIGHTS_FILE), adapter / WEIGHTS_FILE)
         model.to(device)
         if options.fsdp:
             shard_model(model)
