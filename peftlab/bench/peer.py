@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core.hf_peft import HF_CONFIG, HF_WEIGHTS, export_hf, peft_kind
 from ..core.hooks import TrainingHooks
-from ..core.registry import get_method, peft_importer
+from ..core.registry import ParamGroup, get_method, peft_importer
 from ..errors import InputError
 from ..methods.lora import INITIAL_PRODUCT_INITS
 from ..methods.p_tuning import position_index
@@ -83,6 +83,9 @@ class PeerAttachment:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[tuple[ParamGroup, list[nn.Parameter]]]:
+        return [(ParamGroup("*"), self.trainable_parameters())]  # PEFT's model trains at one rate
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())

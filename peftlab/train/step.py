@@ -51,16 +51,11 @@ def autocast_for(precision: str, device: torch.device) -> Callable:
 def param_groups(attachment, weight_decay: float, lr: float) -> list[dict]:
     """The optimiser's parameter groups: the method's parts (``Attachment.parameter_groups``: their own learning-rate
     scale and weight decay), each split into matrices, which decay, and vectors (biases, norms), which do not."""
-    if not hasattr(attachment, "parameter_groups"):  # the PEFT peer: one rate for all
-        parts = [(None, attachment.trainable_parameters())]
-    else:
-        parts = attachment.parameter_groups()
     out = []
-    for group, params in parts:
-        scale = group.lr_scale if group is not None else 1.0
-        decay = group.weight_decay if group is not None and group.weight_decay is not None else weight_decay
+    for group, params in attachment.parameter_groups():
+        scale, name = group.lr_scale, group.pattern
+        decay = group.weight_decay if group.weight_decay is not None else weight_decay
         matrices, vectors = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
-        name = group.pattern if group is not None else "*"
         out.append({"params": matrices, "weight_decay": decay, "lr": lr * scale, "name": name, "lr_scale": scale})
         out.append({"params": vectors, "weight_decay": 0.0, "lr": lr * scale, "name": name, "lr_scale": scale})
     return out
