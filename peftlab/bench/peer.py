@@ -85,7 +85,12 @@ class PeerAttachment:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def parameter_groups(self) -> list[tuple[ParamGroup, list[nn.Parameter]]]:
-        return [(ParamGroup("*"), self.trainable_parameters())]  # PEFT's model trains at one rate
+        """PEFT's model trains at one rate, but its task head (``modules_to_save``) at the head rate, as ours."""
+        trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        head = [p for n, p in trained if ".modules_to_save." in n]
+        rest = [p for n, p in trained if ".modules_to_save." not in n]
+        groups = [(ParamGroup("*.modules_to_save.*", head=True), head), (ParamGroup("*"), rest)]
+        return [(g, params) for g, params in groups if params]
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())

@@ -137,6 +137,7 @@ def merge_to_folder(
     """The LoRA adapters (folders or run folders) merged with ``weights`` (default: all 1) at ``rank``, on the
     base ``model`` (default: the one the head's adapter records), saved to ``out`` as one adapter with the head of
     ``head`` (see pick_head). Returns the composition report saved with it, and the merge."""
+    from ..core.pooling import install_pooling
     from ..fileio import check_output
     from ..models import load_classifier, resolve_model
     from .library import read_library
@@ -155,7 +156,10 @@ def merge_to_folder(
         raise InputError(f"{source.folder}: the adapter records no classification labels")
     path = resolve_model(model_name, quiet=quiet)
     check_output(out, [*adapters, path], overwrite)
-    attachment = merged_attachment(load_classifier(path, labels), modules, merged, index)
+    pooling = str((source.meta.get("task") or {}).get("pooling", "model"))  # how the head was trained to read
+    classifier = load_classifier(path, labels)
+    install_pooling(classifier, pooling)
+    attachment = merged_attachment(classifier, modules, merged, index)
     report = {
         "sources": {m.name: str(m.folder) for m in modules},
         "weights": weights,
@@ -163,6 +167,6 @@ def merge_to_folder(
         "head": None if index is None else names[index],
         "relative_error": {"total": merged.total_error, "per_module": merged.errors},
     }
-    task = {"task": {"type": "classification", "labels": labels}} if index is not None else {}
+    task = {"task": {"type": "classification", "labels": labels, "pooling": pooling}} if index is not None else {}
     attachment.save(out, extra={**task, "model": model_name, "composition": report})
     return report, merged

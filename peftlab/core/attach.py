@@ -48,6 +48,7 @@ from .adapter_file import (
     task_head_names,
     write_adapter_folder,
 )
+from .pooling import use_saved_pooling
 from .precision import keep_trainable_fp32
 from .registry import Method, ParamGroup, config_from_dict, config_to_dict, get_method
 from .targets import matches
@@ -153,9 +154,12 @@ class Attachment:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def parameter_groups(self) -> list[tuple[ParamGroup, list[nn.Parameter]]]:
-        """The trainable parameters by the method's ``param_groups`` (first matching pattern wins), the rest in a
-        last group at the base rate; groups that match nothing are left out."""
-        groups = self.method.param_groups(self.config) if self.method.param_groups else []
+        """The trainable parameters by group: the task head first (``trainable_modules``), then the method's
+        ``param_groups`` (first matching pattern wins), the rest in a last group at the base rate; groups that match
+        nothing are left out."""
+        heads = [ParamGroup(f"{m}.*", why="the task head, new and randomly initialised", head=True)
+                 for m in self.trainable_modules]  # fmt: skip
+        groups = heads + (self.method.param_groups(self.config) if self.method.param_groups else [])
         members: list[list[nn.Parameter]] = [[] for _ in groups]
         rest: list[nn.Parameter] = []
         for name, p in self.model.named_parameters():
@@ -397,6 +401,7 @@ def load_adapter(model: nn.Module, path: str | Path, fp32_trainable: bool = Fals
     folder, meta = read_adapter_meta(path)
     source = folder / CONFIG_FILE
     check_base(model, meta, source)
+    use_saved_pooling(model, meta, source)
     method = get_method(meta["method"])
     config = config_from_dict(method.config, meta["config"], source=f"{source}: config")
     attachment = attach(

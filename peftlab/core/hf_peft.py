@@ -28,6 +28,7 @@ from .registry import all_methods, get_method, peft_importer
 
 PREFIX = "base_model.model."
 HF_CONFIG = "adapter_config.json"
+NOTES_FILE = "peftlab.json"  # beside a PEFT export: what its config cannot say (the classifier's pooling)
 HF_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -51,10 +52,15 @@ def base_reference(model: nn.Module) -> str | None:
 
 
 def export_hf(
-    attachment: Attachment, out: str | Path, base_model_name_or_path: str | None = None, task_type: str | None = None
+    attachment: Attachment,
+    out: str | Path,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    notes: dict | None = None,
 ) -> Path:
     """Write ``attachment`` as a Hugging Face PEFT adapter folder (for the methods PEFT also has). The base is named
-    as given, else as the model says it was loaded (``base_reference``)."""
+    as given, else as the model says it was loaded (``base_reference``). ``notes`` (what PEFT's config has no field
+    for, such as the classifier's pooling) go beside it in ``peftlab.json``."""
     peft = get_method(attachment.method.name).peft
     if peft is None:
         raise InputError(
@@ -79,6 +85,8 @@ def export_hf(
             metadata={"format": "pt"},
         )
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        if notes:
+            (tmp / NOTES_FILE).write_text(json.dumps(notes, indent=2) + "\n", encoding="utf-8")
     return out
 
 

@@ -76,6 +76,7 @@ class ParamGroup:
     lr_scale: float = 1.0
     weight_decay: float | None = None
     why: str = ""  # shown by ``peftlab methods NAME``
+    head: bool = False  # the new task head: learns at the run's head rate when one is set (``--head-lr``)
 
 
 @dataclass(frozen=True)

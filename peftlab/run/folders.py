@@ -9,6 +9,7 @@ import torch
 
 from ..core.adapter_file import CONFIG_FILE, read_tensors
 from ..core.attach import Attachment, load_adapter
+from ..core.pooling import install_pooling, pooling_of, write_pooling_files
 from ..errors import InputError
 from ..fileio import read_folder, read_json
 from ..models import load_classifier
@@ -21,7 +22,7 @@ def load_run(run: str | Path) -> tuple[Path, dict]:
     run = Path(run)
     if not run.is_dir():
         raise InputError(f"{run}: run folder not found")
-    config = read_json(run / "config.json", "run config")
+    config = as_saved(read_json(run / "config.json", "run config"))
     adapter = read_folder(run / "adapter")  # also the previous version, if a crash fell between a save's renames
     if adapter is None or not (adapter / CONFIG_FILE).exists():
         raise InputError(f"{run}: the run has no adapter yet (did it finish its first epoch?)")
@@ -47,7 +48,13 @@ def resume_config(run: str | Path) -> tuple[Path, dict]:
     path = Path(run)
     if not (path / "config.json").exists():
         raise InputError(f"{path}: no run to resume (config.json not found)")
-    return path, read_json(path / "config.json", "run config")
+    return path, as_saved(read_json(path / "config.json", "run config"))
+
+
+def as_saved(config: dict) -> dict:
+    """A run's saved configuration, with what runs saved before an option existed meant then: a classifier read
+    by the model's own readout (``pooling``)."""
+    return {"pooling": "model", **config}
 
 
 def evaluate_run(
@@ -82,6 +89,8 @@ def save_merged(attachment: Attachment, tokenizer, out: str | Path) -> None:
     with atomic_folder(out) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "dim", None)
+        write_pooling_files(tmp, pooling_of(model), hidden)  # how its head reads, for peftlab and sentence-transformers
 
 
 def import_hf_adapter(
@@ -89,7 +98,7 @@ def import_hf_adapter(
 ) -> Attachment:
     """A Hugging Face PEFT LoRA adapter converted to peftlab's format in ``out``, on a classifier of ``model``
     (default: the adapter's base_model_name_or_path) with ``labels`` (default: LABEL_0, ... for its head's rows)."""
-    from ..core.hf_peft import HF_CONFIG, HF_WEIGHTS, import_hf
+    from ..core.hf_peft import HF_CONFIG, HF_WEIGHTS, NOTES_FILE, import_hf
     from ..fileio import check_output
     from ..models import resolve_model
 
@@ -106,9 +115,11 @@ def import_hf_adapter(
         if not heads:
             raise InputError(f"{src}: the adapter has no task head; give its classes with --labels")
         labels = [f"LABEL_{i}" for i in range(min(heads))]
-    attachment = import_hf(load_classifier(path, labels), src)
-    attachment.save(
-        out,
-        extra={"task": {"type": "classification", "labels": labels}, "model": model_name, "imported_from": str(src)},
-    )
+    notes = read_json(src / NOTES_FILE, "peftlab notes") if (src / NOTES_FILE).is_file() else {}
+    pooling = str(notes.get("pooling", "model"))  # written beside our own exports
+    classifier = load_classifier(path, labels)
+    install_pooling(classifier, pooling)
+    attachment = import_hf(classifier, src)
+    task = {"type": "classification", "labels": labels, "pooling": pooling}
+    attachment.save(out, extra={"task": task, "model": model_name, "imported_from": str(src)})
     return attachment

@@ -66,6 +66,14 @@ class RunOptions:
         default="classify",
         metadata={"help": "classify: a label per text; tag: a tag per word (NER); sft: instruction/chat/text"},
     )
+    pooling: Literal["auto", "model", "cls", "mean", "max"] = field(
+        default="auto",
+        metadata={
+            "help": "classify: how the head reads the text: the model's own readout ([CLS] through BERT's pooler, "
+            "a decoder's last token), the first token's state, or the mean or max of all token states; auto: what "
+            "the checkpoint was trained with (sentence-transformers models: mean), else the model's own"
+        },
+    )
     dtype: Literal["fp32", "bf16", "fp16"] = field(
         default="fp32",
         metadata={
@@ -118,6 +126,8 @@ class RunOptions:
         require(self.max_new_tokens > 0, "max_new_tokens", "a positive integer", self.max_new_tokens)
         require(self.train_limit is None or self.train_limit > 0, "train_limit", "a positive integer", self.train_limit)
         require(self.threads is None or 0 < self.threads <= MAX_THREADS, "threads", f"1 to {MAX_THREADS}", self.threads)
+        if self.task != "classify" and self.pooling not in ("auto", "model"):
+            raise InputError(f"pooling: {self.pooling!r} reads one vector per text; it applies to --task classify only")
         require(0 <= self.split_seed < 2**63, "split_seed", "an integer >= 0 within 64 bits", self.split_seed)
 
 

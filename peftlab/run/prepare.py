@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..core.adapter_file import read_adapter_meta
+from ..core.pooling import install_pooling, resolve_pooling
 from ..core.precision import STORAGE
 from ..data.batches import encode
 from ..data.classification import Columns, load_classification, read_examples
@@ -35,6 +37,7 @@ class Prepared:
     splits: dict[str, Any]  # split -> Encoded (classify), TagEncoded (tag) or LMEncoded (sft)
     model: ModelSource
     tokenizer: Any
+    pooling: str = "model"  # classify: how the head reads the text (``peftlab.pooling``), resolved from "auto"
 
     @property
     def labels(self) -> list[str] | None:
@@ -65,6 +68,7 @@ def recorded(options: RunOptions, prepared: Prepared) -> RunOptions:
         revision=prepared.model.revision,
         data=absolute(options.data),
         adapter=absolute(options.adapter),
+        pooling=prepared.pooling if prepared.kind == "classify" else options.pooling,
         replay_data=absolute(options.replay_data),
         forgetting_data=[absolute(d) for d in options.forgetting_data],
     )
@@ -106,7 +110,16 @@ def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
     data = load_classification(options.data, columns, options.split_seed, options.train_limit, quiet, hub_data(options))
     _limit_evaluation(data, options.eval_limit)
     splits = {name: encode(examples, tokenizer, options.max_length) for name, examples in data.splits.items()}
-    return Prepared("classify", data, splits, source, tokenizer)
+    return Prepared("classify", data, splits, source, tokenizer, classifier_pooling(options, model_path))
+
+
+def classifier_pooling(options: RunOptions, model_path: Path) -> str:
+    """The classifier's pooling: as asked; for ``auto``, the pooling of the adapter training continues from (what it
+    was trained with; ``model`` for adapters saved before pooling was recorded), else the checkpoint's own."""
+    if options.pooling == "auto" and options.adapter:
+        task = read_adapter_meta(options.adapter)[1].get("task")
+        return resolve_pooling(str(task.get("pooling", "model")) if isinstance(task, dict) else "model", model_path)
+    return resolve_pooling(options.pooling, model_path)
 
 
 def _limit_evaluation(data, limit: int | None) -> None:
@@ -182,7 +195,7 @@ def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
         return load_tagger(
             prepared.model_path, prepared.labels, dtype=dtype, trust_remote_code=trust, allow_pickle=pickled
         )
-    return load_classifier(
+    model = load_classifier(
         prepared.model_path,
         prepared.data.labels,
         dtype=dtype,
@@ -190,6 +203,8 @@ def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
         pad_token_id=prepared.tokenizer.pad_token_id,
         allow_pickle=pickled,
     )
+    install_pooling(model, prepared.pooling)
+    return model
 
 
 def make_task(prepared: Prepared):
@@ -203,6 +218,8 @@ def make_task(prepared: Prepared):
 def task_meta(options: RunOptions, prepared: Prepared) -> dict:
     kinds = {"classify": "classification", "tag": "tagging", "sft": "sft"}
     task = {"type": kinds[prepared.kind]} | ({"labels": prepared.labels} if prepared.labels else {})
+    if prepared.kind == "classify":
+        task["pooling"] = prepared.pooling
     return {"task": task, "model": options.model, "max_length": options.max_length}
 
 

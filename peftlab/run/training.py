@@ -30,6 +30,7 @@ from ..methods import get_method
 from ..methods.prompt_tuning import SoftPrompt
 from ..train.distributed import from_environment, shard_model
 from ..train.loop import TrainSettings, autocast_for, fit, make_hooks, total_steps
+from ..train.step import group_rate
 from .machine import git_commit, machine, peak_memory, versions
 from .options import RunOptions, default_out, flat_config, pick_device
 from .prepare import (
@@ -121,8 +122,8 @@ def run_training(
         trained_groups = [
             {
                 "pattern": g.pattern,
-                "lr": lr * g.lr_scale,
-                "lr_scale": g.lr_scale,
+                "lr": group_rate(g, lr, settings.head_lr),
+                "lr_scale": group_rate(g, lr, settings.head_lr) / lr,
                 "weight_decay": g.weight_decay,
                 "parameters": sum(p.numel() for p in params),
             }
@@ -180,6 +181,7 @@ def run_training(
             "method": method.name,
             "model": options.model,
             "data": options.data,
+            **({"pooling": prepared.pooling} if prepared.kind == "classify" else {}),
             "seed": settings.seed,
             "metrics": {"validation": result.best, "test": test, **generated},
             "params": counts,

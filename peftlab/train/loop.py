@@ -58,6 +58,10 @@ class TrainSettings:
     epochs: float = field(default=2.0, metadata={"help": "passes over the training set (fractions allowed)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimiser steps"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's own)"})
+    head_lr: float | None = field(
+        default=None,
+        metadata={"help": "peak learning rate of the new task head (default: the run's rate, --lr or the method's)"},
+    )
     batch_size: int = field(default=32, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     eval_batch_size: int = field(default=128, metadata={"help": "examples per evaluation batch"})
@@ -111,6 +115,12 @@ class TrainSettings:
         require(self.grad_accum > 0, "grad_accum", "a positive integer", self.grad_accum)
         require(self.eval_batch_size > 0, "eval_batch_size", "a positive integer", self.eval_batch_size)
         require(0 <= self.warmup < 1, "warmup", "a share in [0, 1)", self.warmup)
+        require(
+            self.head_lr is None or (self.head_lr > 0 and math.isfinite(self.head_lr)),
+            "head_lr",
+            "a positive number",
+            self.head_lr,
+        )
         require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
         require(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0", self.max_grad_norm)
         require(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0", self.checkpoint_every)

@@ -48,12 +48,19 @@ def autocast_for(precision: str, device: torch.device) -> Callable:
     return nullcontext
 
 
-def param_groups(attachment, weight_decay: float, lr: float) -> list[dict]:
-    """The optimiser's parameter groups: the method's parts (``Attachment.parameter_groups``: their own learning-rate
-    scale and weight decay), each split into matrices, which decay, and vectors (biases, norms), which do not."""
+def group_rate(group, lr: float, head_lr: float | None) -> float:
+    """A parameter group's peak learning rate: the head rate for the task head when one is set, else its scale
+    times the run's rate."""
+    return head_lr if group.head and head_lr is not None else lr * group.lr_scale
+
+
+def param_groups(attachment, weight_decay: float, lr: float, head_lr: float | None = None) -> list[dict]:
+    """The optimiser's parameter groups: the task head and the method's parts (``Attachment.parameter_groups``:
+    their own learning rate and weight decay), each split into matrices, which decay, and vectors (biases, norms),
+    which do not. ``lr_scale`` is each group's rate over ``lr``."""
     out = []
     for group, params in attachment.parameter_groups():
-        scale, name = group.lr_scale, group.pattern
+        scale, name = group_rate(group, lr, head_lr) / lr, group.pattern
         decay = group.weight_decay if group.weight_decay is not None else weight_decay
         matrices, vectors = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
         out.append({"params": matrices, "weight_decay": decay, "lr": lr * scale, "name": name, "lr_scale": scale})
@@ -95,7 +102,8 @@ class Step:
         self.dist = dist
         self.checked = checked
         self.params = attachment.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(param_groups(attachment, settings.weight_decay, lr), lr=lr)
+        groups = param_groups(attachment, settings.weight_decay, lr, settings.head_lr)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr)
         schedule = settings.schedule if settings.schedule != "constant" else "constant_with_warmup"
         from transformers import get_scheduler  # not at module level: its import sets TORCHINDUCTOR_CACHE_DIR
 
