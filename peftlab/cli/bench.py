@@ -12,8 +12,8 @@ from .options import Parser, key_value
 def cmd_bench(argv: list[str], show_progress: bool) -> int:
     """Run a benchmark suite (resuming: finished cells are skipped) and write its report."""
     from ..bench import Filters, load_suite, make_plan, packaged_suites, run_bench
-    from ..bench.suite import parse_lr_grid
     from ..bench.report import write_report
+    from ..bench.suite import parse_lr_grid
     from ..fileio import read_text, write_json
 
     parser = Parser(
