@@ -659,7 +659,7 @@ def test_lr_grid_runs_every_rate_and_reports_the_choice_made_on_validation(cli, 
         cell = json.loads(path.read_text())
         assert cell["label"] == "lora"
         folder = path.parent.parent.name
-        assert folder == ("lora" if cell["lr"] == 1e-3 else f"lora@lr{cell['lr']:g}")
+        assert folder == ("lora" if cell["lr"] == 1e-3 else f"lora@lr{cell['lr']:.12g}")
         assert ("lr_base" in cell) == (folder != "lora") and cell.get("lr_base", 1e-3) == 1e-3
         rates.setdefault(cell["lr"], []).append(cell["metrics"]["validation"]["accuracy"])
     assert sorted(rates) == [pytest.approx(1e-4), 1e-3, pytest.approx(1e-2)]

@@ -31,7 +31,7 @@ class Variant:
     entry: MethodEntry
     method: Method
     config: Any
-    lr: float
+    lr: float  # the base rate: the suite's lr for the entry, else the method's own
 
     @property
     def label(self) -> str:
@@ -129,7 +129,7 @@ def _slug(text: str) -> str:
 def rate_folder(label: str, lr: float, base: float) -> str:
     """The folder of a method's cells at rate ``lr``: the label at the base rate, else ``<label>@lr<rate>``
     (labels hold no ``@``, so the two never meet)."""
-    return label if lr == base else f"{label}@lr{lr:g}"
+    return label if lr == base else f"{label}@lr{lr:.12g}"
 
 
 def grid_rates(base: float, factors: list[float] | None) -> list[float]:
