@@ -544,3 +544,164 @@ def test_a_peer_retraces_our_run_with_dropout(tiny_model_dir, tiny_csv, tmp_path
         logits = [m.model.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits for m in (ours, peer)]
     assert not torch.allclose(logits[0], build_model(options, data, 0).eval()(batch["input_ids"]).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+# --- the learning-rate search -----------------------------------------------------------------------------------
+
+GRID_SUITE = """
+name = "grid"
+seeds = [0, 1]
+models = ["tiny:bert"]
+lr_grid = [0.1, 10]
+
+[budget]
+max_steps = 4
+
+[train]
+batch_size = 8
+
+[speed]
+enabled = false
+
+[[tasks]]
+name = "sentiment"
+task = "classify"
+data = ["tiny:sentiment"]
+options = { max_length = 32 }
+
+[[methods]]
+name = "lora"
+lr = 1e-3
+
+[[methods]]
+name = "ia3"
+"""
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ([], "lr_grid: expected a non-empty list of positive numbers"),
+        ([0.5, 0], "lr_grid: expected positive numbers, got 0"),
+        ([-1], "lr_grid: expected positive numbers, got -1"),
+        (["x"], "lr_grid: expected positive numbers, got 'x'"),
+        ([3, 3], "lr_grid: factor 3 is named twice"),
+    ],
+)
+def test_suite_lr_grid_errors_name_the_key(grid, message):
+    with pytest.raises(InputError, match=f"test.toml: {message}"):
+        suite_with(lr_grid=grid)
+
+
+def test_lr_grid_adds_the_base_rate_and_keeps_its_folder(tmp_path):
+    """Factor 1 is always tried; the base rate's cells keep the folder and fingerprint a run without a grid gives
+    them (so old bench folders and --reuse still hold), the other rates go beside them, peers at the base rate only."""
+    from peftlab.bench.plan import cell_config
+    from peftlab.bench.suite import fingerprint
+
+    plain = make_plan(suite_with(methods=[{"name": "lora", "lr": 1e-3}]), tmp_path)
+    grid = make_plan(suite_with(methods=[{"name": "lora", "lr": 1e-3}], lr_grid=[3, 0.3]), tmp_path)
+    assert grid.suite.lr_grid == [0.3, 1.0, 3.0]
+    where = {c.folder.relative_to(tmp_path).as_posix(): c for c in grid.cells}
+    assert sorted(where) == [
+        "tiny-bert__s/lora/seed0",
+        "tiny-bert__s/lora/seed0/peer",
+        "tiny-bert__s/lora@lr0.0003/seed0",
+        "tiny-bert__s/lora@lr0.003/seed0",
+    ]
+    assert [c.folder for c in plain.cells] == [
+        where["tiny-bert__s/lora/seed0"].folder,
+        where["tiny-bert__s/lora/seed0/peer"].folder,
+    ]
+    assert where["tiny-bert__s/lora@lr0.003/seed0"].lr == pytest.approx(3e-3)
+    assert cell_config(where["tiny-bert__s/lora@lr0.003/seed0"], grid.suite)["lr"] == pytest.approx(3e-3)
+    for old, new in zip(plain.cells, grid.cells[1:3], strict=True):  # base cell and its peer, as before
+        assert fingerprint(cell_config(old, plain.suite)) == fingerprint(cell_config(new, grid.suite))
+    # --lr-grid (Filters.lr_grid) wins over the suite's
+    overridden = make_plan(grid.suite, tmp_path, Filters(lr_grid=[1.0, 2.0], peers=False))
+    assert [c.lr for c in overridden.cells] == [1e-3, pytest.approx(2e-3)]
+
+
+def test_choose_rate_goes_by_the_metrics_direction_and_ties_to_the_base():
+    from peftlab.bench.lr_search import choose_rate
+
+    means = {1e-4: 0.7, 1e-3: 0.8, 1e-2: 0.6}
+    assert choose_rate(means, 1e-3, higher_is_better=True) == 1e-3
+    assert choose_rate(means, 1e-3, higher_is_better=False) == 1e-2
+    # a tie goes to the rate nearest the base rate on a log scale: 3e-3 is x3 away, 1e-4 x10
+    assert choose_rate({1e-4: 0.9, 3e-3: 0.9, 1e-3: 0.5}, 1e-3, higher_is_better=True) == 3e-3
+    # a rate without validation values cannot win; none with any: the base rate
+    assert choose_rate({1e-4: None, 1e-3: 0.5}, 1e-4, higher_is_better=True) == 1e-3
+    assert choose_rate({1e-4: None, 1e-3: None}, 1e-3, higher_is_better=True) == 1e-3
+
+
+def expected_choice(rates: dict[float, list[float]], base: float, higher_is_better: bool) -> float:
+    """The rule, written out again: the best mean validation value; among equal means, the rate nearest the base."""
+    import math
+
+    means = {lr: sum(v) / len(v) for lr, v in rates.items()}
+    best = (max if higher_is_better else min)(means.values())
+    tied = [lr for lr, m in means.items() if abs(m - best) < 1e-12]
+    return min(tied, key=lambda lr: (abs(math.log(lr / base)), lr))
+
+
+def test_lr_grid_runs_every_rate_and_reports_the_choice_made_on_validation(cli, tmp_path):
+    suite = tmp_path / "grid.toml"
+    suite.write_text(GRID_SUITE)
+    out = tmp_path / "bench"
+    code, text, _ = cli("bench", "--suite", suite, "--out", out, "--methods", "lora", "--seeds", "0", "1")
+    assert code == 0, text
+    assert "8 cells" in text  # lora at three rates and two seeds, and its PEFT peer at the base rate only
+    peers = sorted(p.parent.parent.relative_to(out).as_posix() for p in out.glob("*/*/seed*/peer/cell.json"))
+    assert peers == ["tiny-bert__sentiment/lora/seed0", "tiny-bert__sentiment/lora/seed1"]
+    rates: dict[float, list[float]] = {}
+    for path in sorted(out.glob("tiny-bert__sentiment/*/seed*/cell.json")):
+        cell = json.loads(path.read_text())
+        assert cell["label"] == "lora"
+        folder = path.parent.parent.name
+        assert folder == ("lora" if cell["lr"] == 1e-3 else f"lora@lr{cell['lr']:.12g}")
+        assert ("lr_base" in cell) == (folder != "lora") and cell.get("lr_base", 1e-3) == 1e-3
+        rates.setdefault(cell["lr"], []).append(cell["metrics"]["validation"]["accuracy"])
+    assert sorted(rates) == [pytest.approx(1e-4), 1e-3, pytest.approx(1e-2)]
+    assert all(len(v) == 2 for v in rates.values())
+    assert not list(out.glob("*/ia3*"))  # --methods holds with a grid
+    chosen = expected_choice(rates, 1e-3, higher_is_better=True)
+
+    summary = json.loads((out / "report.json").read_text())[0]
+    (search,) = summary["lr_search"]
+    assert search["label"] == "lora" and search["base_lr"] == 1e-3 and search["chosen_lr"] == chosen
+    assert [r["factor"] for r in search["rates"]] == [0.1, 1.0, 10.0]
+    for r in search["rates"]:
+        assert r["validation_mean"] == pytest.approx(sum(rates[r["lr"]]) / 2) and r["seeds"] == [0, 1]
+    (row,) = [r for r in summary["rows"] if r["implementation"] == "peftlab"]
+    assert row["lr"] == chosen and row["seeds"] == 2  # the main table shows the chosen rate's cells
+
+    md = (out / "report.md").read_text()
+    section = md.split("## Learning-rate search")[1].split("\n## ")[0]
+    assert "The choice used validation data only" in section
+    assert "| method | base lr | × 0.1 | × 1 | × 10 | chosen lr |" in section
+    assert f"| **{chosen:g}** (× {chosen / 1e-3:.12g}) |" in section
+    assert "learning-rate search over factors 0.1, 1, 10" in md  # the note on peers at the base rate only
+
+    # --reuse copies every rate's cells; the command line's grid wins over the suite's
+    again = tmp_path / "again"
+    code, text, _ = cli("bench", "--suite", suite, "--out", again, "--methods", "lora", "--reuse", out, "--no-peer")
+    assert code == 0 and "6 reused, 0 run now" in text
+    code, text, _ = cli(
+        "bench", "--suite", suite, "--out", again, "--methods", "lora", "--lr-grid", "1,10", "--no-peer", "--list"
+    )
+    assert code == 0 and "lr 0.0001" not in text and "lr 0.01 seed 0" in text
+
+
+@pytest.mark.parametrize("value", ["", "0.3,,3", "abc", "0", "-1,2", "1,inf"])
+def test_bad_lr_grid_values_exit_2_with_one_error_line(cli, tmp_path, value):
+    code, out, err = cli("bench", "--quick", "--list", "--out", tmp_path, f"--lr-grid={value}")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --lr-grid: "), err
+
+
+def test_without_a_grid_the_report_has_no_search(quick):
+    assert "Learning-rate search" not in (quick / "report.md").read_text()
+    assert all("lr_search" not in g for g in json.loads((quick / "report.json").read_text()))
+    assert not list(quick.glob("*/*@lr*"))

@@ -1,6 +1,7 @@
 """Reading a benchmark's results: every ``cell.json`` and ``speed.json`` under the bench folders, aggregated over
 seeds per model and task (``collect``), and the micro-benchmark numbers of one method in a group (step times,
-same-round step ratios, the memory split)."""
+same-round step ratios, the memory split). Where a method's cells span a learning-rate grid, its rows keep the cells
+at the rate chosen on validation data (``lr_search``) and the group records the search."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .lr_search import LrSearch, search_rates
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Group:
     failures: list[dict] = field(default_factory=list)
     budget: str = ""
     seeds: list[int] = field(default_factory=list)
+    lr_search: dict[str, LrSearch] = field(default_factory=dict)  # label -> its learning-rate search, if it had one
 
     @property
     def title(self) -> str:
@@ -156,7 +160,27 @@ def collect(folders: list[Path]) -> Collected:
     ordered = sorted(groups.values(), key=lambda g: (g.suite, g.task, g.model))
     for group in ordered:
         group.rows = dict(sorted(group.rows.items(), key=lambda kv: _method_order(kv[0][0])))
+        group.lr_search = keep_chosen_rates(group)
     return Collected(ordered, notes, suites)
+
+
+def keep_chosen_rates(group: Group) -> dict[str, LrSearch]:
+    """The learning-rate search of each method whose cells span a grid; its rows (peftlab's and the peer's) keep
+    only the cells at the chosen rate (a peer row with none there is dropped: peers run at the base rate only)."""
+    searches = {}
+    for label, implementation in list(group.rows):
+        if implementation != "peftlab":
+            continue
+        search = search_rates(label, group.rows[(label, implementation)].cells)
+        if search is None:
+            continue
+        searches[label] = search
+        for key in ((label, "peftlab"), (label, "peft")):
+            if key in group.rows:
+                group.rows[key].cells = [c for c in group.rows[key].cells if c["lr"] == search.chosen]
+                if not group.rows[key].cells:
+                    del group.rows[key]
+    return searches
 
 
 def _method_order(label: str) -> tuple[int, str]:

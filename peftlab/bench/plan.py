@@ -1,6 +1,10 @@
 """The plan of a bench run: the suite's methods resolved (variants), its groups (one model on one task) and cells
-(one method x seed x implementation), what a run may be narrowed to (``Filters``), and whether a cell is finished
-(its ``cell.json`` holds the fingerprint of its configuration)."""
+(one method x learning rate x seed x implementation), what a run may be narrowed to (``Filters``), and whether a
+cell is finished (its ``cell.json`` holds the fingerprint of its configuration).
+
+Without a learning-rate grid every variant trains at its base rate only. With one, each factor of the grid gives
+the variant's cells at ``base rate x factor``: the base rate's cells keep their folder (``<label>/seed<k>``), the
+other rates' cells go beside it (``<label>@lr<rate>/seed<k>``). PEFT peer cells run at the base rate only."""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ class Variant:
     entry: MethodEntry
     method: Method
     config: Any
-    lr: float
+    lr: float  # the base rate: the suite's lr for the entry, else the method's own
 
     @property
     def label(self) -> str:
@@ -76,11 +80,17 @@ class Cell:
     seed: int
     peer: bool
     folder: Path
+    lr: float  # the rate this cell trains at: the variant's base rate, or a multiple of it in a grid
+
+    @property
+    def at_base_rate(self) -> bool:
+        return self.lr == self.variant.lr
 
     @property
     def name(self) -> str:
         who = "peft " if self.peer else ""
-        return f"{self.group.slug} {who}{self.variant.label} seed {self.seed}"
+        rate = "" if self.at_base_rate else f" lr {self.lr:g}"
+        return f"{self.group.slug} {who}{self.variant.label}{rate} seed {self.seed}"
 
 
 @dataclass
@@ -108,11 +118,23 @@ class Filters:
     speed_only: bool = False  # run the micro-benchmark only, no cells
     remeasure: bool = False  # measure the micro-benchmark again even where it is done (e.g. on a quieter machine)
     model_dirs: dict[str, str] = field(default_factory=dict)  # model name -> local folder standing in for it
+    lr_grid: list[float] | None = None  # factors of each base rate to search; overrides the suite's lr_grid
 
 
 def _slug(text: str) -> str:
     keep = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in text.replace(":", "-"))
     return keep.strip("-.") or "x"
+
+
+def rate_folder(label: str, lr: float, base: float) -> str:
+    """The folder of a method's cells at rate ``lr``: the label at the base rate, else ``<label>@lr<rate>``
+    (labels hold no ``@``, so the two never meet)."""
+    return label if lr == base else f"{label}@lr{lr:.12g}"
+
+
+def grid_rates(base: float, factors: list[float] | None) -> list[float]:
+    """The rates a variant trains at: the base rate itself (exactly) and ``base x factor`` for the other factors."""
+    return [base if f == 1 else base * f for f in factors or [1.0]]
 
 
 def resolve_variants(suite: Suite, notes: list[str]) -> list[Variant]:
@@ -178,14 +200,21 @@ def make_plan(suite: Suite, out: Path, filters: Filters | None = None) -> Plan:
             groups.append(Group(spec, task, model, data_name, data))
     if filters.tasks and not any(t.name in filters.tasks for t in suite.tasks):
         raise InputError(f"--tasks: none of {filters.tasks} is a task of suite {suite.name!r}")
+    factors = filters.lr_grid or suite.lr_grid
+    if factors:
+        notes.append(
+            f"learning-rate search over factors {', '.join(f'{f:g}' for f in factors)} of each method's base rate; "
+            "PEFT peer cells and the speed micro-benchmark run at the base rate only"
+        )
     cells = []
     for g in groups:
         for seed in seeds:  # seed by seed: a suite stopped early has every method at the first seeds
             for v in variants:
-                folder = out / g.slug / v.label / f"seed{seed}"
-                cells.append(Cell(g, v, seed, False, folder))
-                if v.has_peer(g.task.kind) and filters.peers:
-                    cells.append(Cell(g, v, seed, True, folder / "peer"))
+                for lr in grid_rates(v.lr, factors):
+                    folder = out / g.slug / rate_folder(v.label, lr, v.lr) / f"seed{seed}"
+                    cells.append(Cell(g, v, seed, False, folder, lr))
+                    if lr == v.lr and v.has_peer(g.task.kind) and filters.peers:
+                        cells.append(Cell(g, v, seed, True, folder / "peer", lr))
     for v in (v for v in variants if v.entry.peer):  # a peer asked for by name (peer = true) that cannot be had
         for kind in dict.fromkeys(g.task.kind for g in groups):
             why_not = v.peer_note(kind)
@@ -209,7 +238,7 @@ def cell_config(cell: Cell, suite: Suite) -> dict:
         "method": v.method.name,
         "label": v.label,
         "config": config_to_dict(v.config),
-        "lr": v.lr,
+        "lr": cell.lr,
         "train": suite.train,
         "budget": suite.budget,
         "seed": cell.seed,

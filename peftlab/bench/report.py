@@ -12,8 +12,10 @@ plots as small PNG files in ``<stem>/`` (both pages link them by relative path) 
 - three plots: quality against trainable parameters with the Pareto front, the memory split as stacked bars,
   step time relative to the floor (peftlab and PEFT side by side, full fine-tuning marked).
 
-A "standings" section closes the report: for each method, where it stands against full fine-tuning and against
-PEFT, in numbers.
+A "standings" section opens the report: for each method, where it stands against full fine-tuning and against
+PEFT, in numbers. Where the suite searched the learning rate (``lr_grid``), the tables show each method at the rate
+chosen on validation data, and a "Learning-rate search" section gives the validation metric at every rate tried;
+``<stem>.json`` records the same per group under ``lr_search``.
 
 The pieces live beside this module: ``collect`` (reading and aggregating), ``summary_tables`` (tables, standings
 and number formats), ``plots`` and ``render`` (the document as Markdown and HTML).
@@ -29,7 +31,7 @@ from ..fileio import write_text
 from .collect import Collected, Group, collect, memory_of, step_times
 from .plots import memory_rows, plot_memory, plot_quality, plot_speed, pyplot
 from .render import Doc
-from .summary_tables import method_table, peer_table, standings
+from .summary_tables import lr_search_table, method_table, peer_table, standings
 
 
 def describe_machine(cell: dict) -> str:
@@ -133,6 +135,8 @@ def write_report(
                 name = f"{group.slug}-{kind}.png"
                 plot(plt, group, images / name)
                 doc.image(f"{images.name}/{name}", f"{group.title}: {kind}")
+    if any(g.lr_search for g in collected.groups):
+        lr_search_section(doc, collected)
     doc.h(2, "Method settings")
     settings_rows = {}
     for group in collected.groups:
@@ -154,6 +158,53 @@ def write_report(
     write_text(page, doc.html(title))
     write_text(stem.with_suffix(".json"), json.dumps(summary(collected), indent=1) + "\n")
     return md, page
+
+
+LR_SEARCH = (
+    "Each method below trained at its base rate (the suite's `lr` for it, else the method's own) times each factor "
+    "of the grid, every rate with the same seeds and budget. The tables above show each method at the rate with the "
+    "best mean validation {metric} over the seeds that finished (in bold; ties go to the rate nearest the base rate "
+    "on a log scale). **The choice used validation data only**: test metrics played no part in it. Cells: mean ± sd "
+    "of the validation metric (seeds). PEFT peer cells and the speed micro-benchmark ran at the base rate only, so "
+    "where another rate was chosen the peer table compares no quality."
+)
+
+
+def lr_search_section(doc: Doc, collected: Collected) -> None:
+    """Per group, the validation metric of each method at every rate of its learning-rate grid."""
+    doc.h(2, "Learning-rate search")
+    metrics = sorted({g.metric for g in collected.groups if g.lr_search})
+    doc.p(LR_SEARCH.format(metric=" / ".join(metrics)))
+    for group in collected.groups:
+        if group.lr_search:
+            direction = "higher" if group.higher_is_better else "lower"
+            doc.p(f"**{group.title}** ({group.suite}): validation {group.metric}, {direction} is better:")
+            doc.table(*lr_search_table(group))
+
+
+def lr_search_summary(group: Group) -> list[dict]:
+    """The learning-rate searches of a group for ``<stem>.json``: the rates tried, their validation means, the
+    chosen rate."""
+    return [
+        {
+            "label": label,
+            "metric": s.metric,
+            "higher_is_better": s.higher_is_better,
+            "base_lr": s.base,
+            "rates": [
+                {
+                    "lr": r.lr,
+                    "factor": s.factor(r.lr),
+                    "validation_mean": r.mean,
+                    "validation_std": r.std,
+                    "seeds": r.seeds,
+                }
+                for r in s.rates
+            ],
+            "chosen_lr": s.chosen,
+        }
+        for label, s in group.lr_search.items()
+    ]
 
 
 def summary(collected: Collected) -> list[dict]:
@@ -182,15 +233,16 @@ def summary(collected: Collected) -> list[dict]:
                 }
             )
         speed = {label: step_times(group, label) for label, impl in group.rows if impl == "peftlab"}
-        out.append(
-            {
-                "suite": group.suite,
-                "model": group.model,
-                "task": group.task,
-                "metric": group.metric,
-                "higher_is_better": group.higher_is_better,
-                "rows": rows,
-                "step_seconds": speed,
-            }
-        )
+        entry = {
+            "suite": group.suite,
+            "model": group.model,
+            "task": group.task,
+            "metric": group.metric,
+            "higher_is_better": group.higher_is_better,
+            "rows": rows,
+            "step_seconds": speed,
+        }
+        if group.lr_search:  # only where a grid ran: without one the summary is as it always was
+            entry["lr_search"] = lr_search_summary(group)
+        out.append(entry)
     return out

@@ -9,6 +9,7 @@ Layout of a bench folder::
     <bench>/<model>__<task>/<label>/seed<k>/run/       peftlab's run folder (results.json, adapter/, ...)
     <bench>/<model>__<task>/<label>/seed<k>/cell.json  the cell's record (see ``cell_record``)
     <bench>/<model>__<task>/<label>/seed<k>/peer/cell.json  the same cell trained through Hugging Face PEFT
+    <bench>/<model>__<task>/<label>@lr<rate>/seed<k>/  a learning-rate grid's cell at a rate other than the base
     <bench>/report.md, report.html, report/*.png
 
 A group is one model on one task. Per group, the micro-benchmark runs first (its memory split goes into every
@@ -149,7 +150,7 @@ class Runner(SpeedBench):
         return True
 
     def cell_settings(self, cell: Cell):
-        return settings(self.suite.train, self.suite.budget, cell.seed, cell.variant.lr, f"{self.suite.source}: train")
+        return settings(self.suite.train, self.suite.budget, cell.seed, cell.lr, f"{self.suite.source}: train")
 
     def run_ours(self, cell: Cell) -> dict:
         from ..run import run_training
@@ -189,7 +190,7 @@ class Runner(SpeedBench):
             prepared.splits["train"],
             prepared.splits["validation"],
             train_settings,
-            variant.lr,
+            cell.lr,
             scratch / "checkpoint",
             lambda metrics, step: best.update(state=peer.snapshot()),
             device,
@@ -212,7 +213,7 @@ class Runner(SpeedBench):
             "tokens_per_second": result.tokens / max(result.train_seconds, 1e-9),
             "steps": result.steps,
             "best_step": result.best_step,
-            "lr": variant.lr,
+            "lr": cell.lr,
             "versions": versions() | {"peft": _peft_version()},
             "git_commit": git_commit(),
             "machine": machine(),
@@ -229,11 +230,14 @@ class Runner(SpeedBench):
             params["delta_rank"] = {k: v for k, v in params["delta_rank"].items() if k != "per_matrix"}
         speed = self.speed_entry(cell.group, cell.variant)
         side = "peer" if cell.peer else "ours"
+        # a grid's cell at another rate names its base rate (the speed entry, measured at the base rate, is shared)
+        base = {} if cell.at_base_rate else {"lr_base": cell.variant.lr}
         return {
             "suite": self.suite.name,
             "fingerprint": fingerprint(config),
             **config,
             "implementation": "peft" if cell.peer else "peftlab",
+            **base,
             "quality": {
                 "metric": metric,
                 "value": test.get(metric),

@@ -8,6 +8,7 @@ A suite file (packaged ones live in ``peftlab/bench/suites/``; any other path wo
     models = ["minilm"]                  # packaged names, Hugging Face folders, or tiny:bert / tiny:llama
     all_methods = true                   # also every registered method the list below does not name
     threads = 1                          # torch CPU threads (optional; one is fastest on an oversubscribed machine)
+    lr_grid = [0.3, 1, 3]                # optional: a learning-rate search (``--lr-grid`` on the command line wins)
 
     [budget]                             # the same for every cell: max_steps = N or epochs = X
     max_steps = 300
@@ -33,6 +34,11 @@ A suite file (packaged ones live in ``peftlab/bench/suites/``; any other path wo
     peer = true                          # optional: also run it through Hugging Face PEFT (default: when PEFT has it)
 
 Every key is checked: an unknown one is an error naming the file and the nearest known key.
+
+``lr_grid`` turns on a learning-rate search: each factor multiplies a method entry's base rate (its ``lr``, else the
+method's own) and every rate trains as its own cells; factor 1 (the base rate) is always tried, added if missing.
+Per model, task and method the report keeps the rate with the best mean validation metric over the finished seeds
+(ties: the rate nearest the base rate on a log scale); test metrics take no part in the choice.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -103,6 +110,7 @@ class Suite:
     speed: SpeedSettings = field(default_factory=SpeedSettings)
     all_methods: bool = False
     threads: int | None = None  # torch CPU threads for the whole suite (None: torch's default)
+    lr_grid: list[float] | None = None  # factors of each method's base rate to search (None: the base rate only)
     source: str = ""
     text: str = ""  # the file as read, kept beside the results
 
@@ -124,6 +132,7 @@ _TOP = {
     "speed",
     "all_methods",
     "threads",
+    "lr_grid",
 }
 _TASK = {"name", "task", "data", "options", "models", "metric"}
 _METHOD = {"name", "label", "lr", "options", "peer"}
@@ -297,6 +306,7 @@ def parse_suite(data: dict, source: str) -> Suite:
     threads = data.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"{source}: threads: expected a positive integer, got {threads!r}")
+    lr_grid = lr_factors(data["lr_grid"], f"{source}: lr_grid") if "lr_grid" in data else None
     if not methods and not all_methods:
         raise InputError(f"{source}: no methods: give [[methods]] tables or all_methods = true")
     return Suite(
@@ -311,8 +321,36 @@ def parse_suite(data: dict, source: str) -> Suite:
         speed=speed,
         all_methods=all_methods,
         threads=threads,
+        lr_grid=lr_grid,
         source=source,
     )
+
+
+def lr_factors(values: Any, where: str) -> list[float]:
+    """The factors of a learning-rate grid, checked (positive numbers, none twice), with 1 added, in rising order."""
+    if not isinstance(values, list) or not values:
+        raise InputError(f"{where}: expected a non-empty list of positive numbers, got {values!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+            raise InputError(f"{where}: expected positive numbers, got {v!r}")  # 0, negative, nan, inf, text
+    factors = [float(v) for v in values]
+    twice = [f for f in factors if factors.count(f) > 1]
+    if twice:
+        raise InputError(f"{where}: factor {twice[0]:g} is named twice")
+    return sorted({*factors, 1.0})
+
+
+def parse_lr_grid(text: str) -> list[float]:
+    """``--lr-grid 0.3,1,3``: the comma-separated factors, checked as ``lr_factors`` checks them."""
+    values: list[Any] = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise InputError(
+                f"--lr-grid: expected comma-separated positive numbers such as 0.3,1,3, got {part.strip()!r}"
+            ) from None
+    return lr_factors(values, "--lr-grid")
 
 
 def settings(train: dict, budget: dict, seed: int, lr: float | None, source: str = "suite"):

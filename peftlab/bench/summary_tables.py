@@ -194,3 +194,21 @@ def standings(group: Group) -> list[str]:
             parts.append("vs PEFT: " + ", ".join(versus))
         lines.append(f"**{r.label}**: " + "; ".join(parts))
     return lines
+
+
+def lr_search_table(group: Group) -> tuple[list[str], list[list[str]]]:
+    """One row per method that searched its learning rate: the mean validation metric (± sd, seeds) at each factor
+    of its base rate, the chosen one in bold."""
+    factors = sorted({s.factor(r.lr) for s in group.lr_search.values() for r in s.rates})
+    header = ["method", "base lr", *[f"× {f:g}" for f in factors], "chosen lr"]
+    rows = []
+    for label, search in group.lr_search.items():
+        by_factor = {search.factor(r.lr): r for r in search.rates}
+        row = [f"**{label}**", f"{search.base:g}"]
+        for f in factors:
+            rate = by_factor.get(f)
+            text = "-" if rate is None else f"{fmt_quality(rate.mean, rate.std, search.metric)} ({len(rate.values)})"
+            row.append(f"**{text}**" if rate is not None and rate.lr == search.chosen else text)
+        row.append(f"**{search.chosen:g}** (× {search.factor(search.chosen):g})")
+        rows.append(row)
+    return header, rows

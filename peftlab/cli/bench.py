@@ -13,6 +13,7 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     """Run a benchmark suite (resuming: finished cells are skipped) and write its report."""
     from ..bench import Filters, load_suite, make_plan, packaged_suites, run_bench
     from ..bench.report import write_report
+    from ..bench.suite import parse_lr_grid
     from ..fileio import read_text, write_json
 
     parser = Parser(
@@ -39,6 +40,12 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     parser.add_argument("--models", nargs="+", metavar="MODEL", help="run only these models of the suite")
     parser.add_argument("--tasks", nargs="+", metavar="TASK", help="run only these tasks of the suite")
     parser.add_argument("--seeds", nargs="+", type=int, metavar="N", help="run only these seeds of the suite")
+    parser.add_argument(
+        "--lr-grid",
+        metavar="F,F,...",
+        help="search the learning rate: train each method at its base rate times each factor (e.g. 0.3,1,3; 1 is "
+        "always tried) and report the rate with the best validation metric (overrides the suite's lr_grid)",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip the Hugging Face PEFT peer cells")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed and memory micro-benchmark")
     parser.add_argument(
@@ -96,6 +103,7 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
         speed_only=args.speed_only,
         model_dirs=dict(args.model_dir),
         remeasure=args.remeasure,
+        lr_grid=parse_lr_grid(args.lr_grid) if args.lr_grid is not None else None,
     )
     if args.no_speed and (args.speed_only or args.remeasure):
         raise InputError("--no-speed: cannot be combined with --speed-only or --remeasure")
