@@ -9,7 +9,7 @@ import torch
 import peftlab
 from peftlab.core.hooks import TrainingHooks
 from peftlab.train.loop import ClassificationTask, TrainSettings
-from peftlab.train.step import Step
+from peftlab.train.step import HEAD_LR_FLOOR, Step
 from tests.conftest import tiny_classifier
 
 
@@ -33,7 +33,8 @@ def test_lora_plus_puts_b_at_its_ratio_of_the_rate_and_a_at_the_rate():
     named = dict(adapter.model.named_parameters())
     assert b == {id(p) for n, p in named.items() if n.endswith(".lora_B")}
     assert all(g["lr"] == pytest.approx(16e-3) for g in groups["lora_B"])
-    assert all(g["lr"] == pytest.approx(1e-3) for g in groups["*"] + groups["classifier.*"])  # A, and the head
+    assert all(g["lr"] == pytest.approx(1e-3) for g in groups["*"])  # A
+    assert all(g["lr"] == pytest.approx(HEAD_LR_FLOOR) for g in groups["classifier.*"])  # the head, new
     a = {id(p) for g in groups["*"] for p in g["params"]}
     head = {id(p) for g in groups["classifier.*"] for p in g["params"]}
     assert {id(p) for n, p in named.items() if n.endswith(".lora_A")} == a
@@ -63,18 +64,19 @@ def test_the_prefix_mlp_gets_its_own_rate_in_prefix_tuning_mam_and_unipelt():
         names = {id(p): n for n, p in adapter.model.named_parameters()}
         assert mlp and all(".mlp." in names[id(p)] for p in mlp), method
         assert all(g["lr"] == pytest.approx(2e-4) for g in groups["mlp.*"]), method
-        assert all(g["lr"] == pytest.approx(2e-3) for g in groups.get("*", []) + groups["classifier.*"]), method
+        assert all(g["lr"] == pytest.approx(2e-3) for g in groups.get("*", [])), method
 
 
-def test_without_groups_the_optimiser_has_the_head_and_the_rest_at_one_rate():
+def test_without_method_groups_the_optimiser_has_the_head_and_the_rest():
     adapter = peftlab.attach(tiny_classifier(), "lora", r=2)
     groups = step_for(adapter).optimizer.param_groups
     assert [g["name"] for g in groups] == ["classifier.*"] * 2 + ["*"] * 2
-    assert [g["weight_decay"] for g in groups] == [0.01, 0.0] * 2 and {g["lr"] for g in groups} == {1e-3}
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0] * 2
+    assert [g["lr"] for g in groups] == [HEAD_LR_FLOOR] * 2 + [1e-3] * 2
     assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim < 2 for p in groups[1]["params"])
 
 
-@pytest.mark.parametrize("method, options", [("lora", {"r": 2}), ("bitfit", {}), ("full", {}), ("head", {})])
+@pytest.mark.parametrize("method, options", [("lora", {"r": 2}), ("bitfit", {}), ("full", {})])
 def test_the_head_learns_at_the_head_rate_and_nothing_else_does(method, options):
     adapter = peftlab.attach(tiny_classifier(), method, **options)
     settings = TrainSettings(warmup=0.0, head_lr=5e-3)
@@ -112,7 +114,7 @@ def test_results_record_the_groups_and_methods_shows_them(cli, tiny_model_dir, t
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     recorded = {g["pattern"]: g for g in results["param_groups"]}
     assert recorded["lora_B"]["lr"] == pytest.approx(0.016) and recorded["*"]["lr"] == pytest.approx(0.002)
-    assert recorded["classifier.*"]["lr"] == pytest.approx(0.002)
+    assert recorded["classifier.*"]["lr"] == pytest.approx(HEAD_LR_FLOOR)  # the head's floor
     assert sum(g["parameters"] for g in results["param_groups"]) == results["params"]["trainable"]
     code, out, _ = cli("methods", "lora")
     assert code == 0 and "parameter groups" in out and "--lora-plus-ratio" in out
@@ -126,7 +128,7 @@ def test_results_record_the_groups_training_used_even_when_the_saved_adapter_is_
     code, _, err = cli(*args, *options, "--max-steps", "2", "--lr", "0.01", "--mlp-lr-scale", "0.1")
     assert code == 0, err
     recorded = {g["pattern"]: g for g in json.loads((tmp_path / "run" / "results.json").read_text())["param_groups"]}
-    assert recorded["mlp.*"]["lr"] == pytest.approx(0.001) and recorded["classifier.*"]["lr"] == pytest.approx(0.01)
+    assert recorded["mlp.*"]["lr"] == pytest.approx(0.001) and recorded["classifier.*"]["lr"] == pytest.approx(0.02)
 
 
 @pytest.mark.parametrize(
@@ -151,9 +153,22 @@ def test_a_method_says_what_to_expect_where_its_paper_warns(cli, tiny_model_dir,
 
 def test_results_record_the_head_rate(cli, tiny_model_dir, tiny_csv, tmp_path):
     args = ["train", "--model", tiny_model_dir, "--data", tiny_csv, "--out", tmp_path / "run", "--max-length", "32"]
-    code, _, err = cli(*args, "--max-steps", "2", "--lr", "0.001", "--head-lr", "0.02", "--r", "2")
+    code, _, err = cli(*args, "--max-steps", "2", "--lr", "0.001", "--head-lr", "0.005", "--r", "2")
     assert code == 0, err
     recorded = {g["pattern"]: g for g in json.loads((tmp_path / "run" / "results.json").read_text())["param_groups"]}
-    assert recorded["classifier.*"]["lr"] == pytest.approx(0.02) and recorded["*"]["lr"] == pytest.approx(0.001)
+    assert recorded["classifier.*"]["lr"] == pytest.approx(0.005) and recorded["*"]["lr"] == pytest.approx(0.001)
     code, _, err = cli(*args[:-2], "--out", tmp_path / "bad", "--head-lr", "-1")
     assert code == 2 and "head_lr" in err
+
+
+def test_the_head_learns_at_least_at_the_floor_and_at_a_higher_run_rate_when_given():
+    for lr, expected in [(1e-4, HEAD_LR_FLOOR), (0.05, 0.05)]:
+        adapter = peftlab.attach(tiny_classifier(), "lora", r=2)
+        rates = {g["name"]: g["lr"] for g in step_for(adapter, lr=lr).optimizer.param_groups}
+        assert rates == {"classifier.*": pytest.approx(expected), "*": pytest.approx(lr)}
+
+
+def test_a_linear_probe_is_all_head_and_learns_at_the_runs_rate():
+    adapter = peftlab.attach(tiny_classifier(), "head")
+    rates = {g["name"]: g["lr"] for g in step_for(adapter, lr=1e-3).optimizer.param_groups}
+    assert rates == {"*": pytest.approx(1e-3)}

@@ -226,10 +226,16 @@ def make_plan(suite: Suite, out: Path, filters: Filters | None = None) -> Plan:
 # --- configuration fingerprints ---------------------------------------------------------------------------------
 
 
+# What peftlab does where a suite says nothing, by revision: a cell trained under other defaults is not reused.
+# 2: a classifier reads what its checkpoint was trained with (--pooling auto), the task head is its own group.
+DEFAULTS_REVISION = 2
+
+
 def cell_config(cell: Cell, suite: Suite) -> dict:
     """Everything that decides a cell's result (its fingerprint is a hash of this)."""
     g, v = cell.group, cell.variant
     return {
+        "defaults": DEFAULTS_REVISION,
         "model": g.model_spec,
         "task": g.task.name,
         "kind": g.task.kind,

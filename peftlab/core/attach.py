@@ -154,11 +154,15 @@ class Attachment:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def parameter_groups(self) -> list[tuple[ParamGroup, list[nn.Parameter]]]:
-        """The trainable parameters by group: the task head first (``trainable_modules``), then the method's
-        ``param_groups`` (first matching pattern wins), the rest in a last group at the base rate; groups that match
-        nothing are left out."""
+        """The trainable parameters by group: the task head first (``trainable_modules``; not where the head is all
+        that trains, as in a linear probe, which learns at the run's rate), then the method's ``param_groups``
+        (first matching pattern wins), the rest in a last group at the base rate; groups that match nothing are
+        left out."""
         heads = [ParamGroup(f"{m}.*", why="the task head, new and randomly initialised", head=True)
                  for m in self.trainable_modules]  # fmt: skip
+        trained = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        if all(any(matches(h.pattern, name) for h in heads) for name in trained):
+            heads = []
         groups = heads + (self.method.param_groups(self.config) if self.method.param_groups else [])
         members: list[list[nn.Parameter]] = [[] for _ in groups]
         rest: list[nn.Parameter] = []

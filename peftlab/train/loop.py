@@ -45,7 +45,7 @@ from ..evaluate.metrics import classification_metrics
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import SINGLE, Distributed
 from .regularise import regularisers
-from .step import Diverged, Step
+from .step import HEAD_LR_FLOOR, Diverged, Step
 from .step import autocast_for as autocast_for  # re-exported: run and cli build evaluation autocasts with it
 
 # Random streams of a run besides the epochs' data orders (streams 0, 1, ...): see ``stream_seed``.
@@ -60,7 +60,10 @@ class TrainSettings:
     lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's own)"})
     head_lr: float | None = field(
         default=None,
-        metadata={"help": "peak learning rate of the new task head (default: the run's rate, --lr or the method's)"},
+        metadata={
+            "help": f"peak learning rate of the new task head (default: the run's rate, raised to {HEAD_LR_FLOOR:g} "
+            "where lower: the head starts from random and must be learned within the budget)"
+        },
     )
     batch_size: int = field(default=32, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
