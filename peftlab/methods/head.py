@@ -37,7 +37,9 @@ METHOD = register(
         summary="linear probe: only the task head trains, the pretrained body stays frozen",
         paper="linear probing of frozen features (Devlin et al. 2019, arXiv:1810.04805; Kumar et al. 2022, "
         "arXiv:2202.10054)",
-        lr=5e-3,
+        # the frozen body's features move no more; a new linear layer learns fast (MiniLM, mean pooling, 1,500
+        # reviews, one epoch: 67.6 % at 5e-3, 72.1 % at 2e-2, what a logistic regression fitted to the end gives)
+        lr=2e-2,
         mergeable=True,
     )
 )
