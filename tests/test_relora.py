@@ -127,7 +127,8 @@ class Spy(ReLoraHooks):
         self.lrs, self.before, self.after = [], [], []
 
     def before_step(self, step):
-        self.lrs.append(self.optimizer.param_groups[0]["lr"] if hasattr(self, "optimizer") else None)
+        rates = {g["name"]: g["lr"] for g in self.optimizer.param_groups} if hasattr(self, "optimizer") else {}
+        self.lrs.append(rates.get("*"))  # LoRA's rate (the head has its own group)
 
     def reset(self, optimizer):
         self.before.append(snapshot(optimizer))

@@ -8,6 +8,7 @@ from .options import Parser, flag
 
 def cmd_methods(argv: list[str], show_progress: bool) -> int:
     from ..methods import all_methods, get_method
+    from ..train.step import HEAD_LR_FLOOR
 
     parser = Parser(prog="peftlab methods", description="List the fine-tuning methods, or one method's options.")
     parser.add_argument("name", nargs="?")
@@ -26,6 +27,8 @@ def cmd_methods(argv: list[str], show_progress: bool) -> int:
             + ("; ".join(f"{g.pattern} at {g.lr_scale:g}x the rate ({g.why})" for g in groups) or "one rate for all")
             + (f"; set by {', '.join(_group_options(m))}" if _group_options(m) else "")
         )
+        if m.name != "head":  # a linear probe is all head, at the run's rate
+            console.print(f"task head: at the run's rate, at least {HEAD_LR_FLOOR:g} (--head-lr sets it)")
         return 0
     console.print(methods_table(all_methods()))
     return 0
