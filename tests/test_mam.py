@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import peftlab
 from peftlab.core.adapter import adapter_layers
-from peftlab.methods import parallel
+from peftlab.methods import get_method, parallel
 from peftlab.methods.parallel import ParallelConfig
 from tests.conftest import tiny_classifier
 from tests.test_attention import tiny_llama
@@ -110,7 +110,7 @@ def test_cli_trains_and_lists_the_flags(tiny_model_dir, tiny_csv, cli, tmp_path)
     )  # fmt: skip
     assert code == 0, err
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["lr"] == 2e-3
+    assert results["lr"] == get_method("mam").lr == 6e-4
 
 
 def test_sft_on_a_tiny_llama(tiny_llama_dir, tmp_path, cli):
