@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import peftlab
 from peftlab.core.adapter import AdapterLayer
+from peftlab.methods import get_method
 from peftlab.methods.unipelt import GatedLoraLinear, GatedPrefixAttention, GatedSequentialAdapter
 from tests.conftest import tiny_classifier
 from tests.test_attention import tiny_llama
@@ -153,7 +154,7 @@ def test_cli_trains_and_lists_the_flags(tiny_model_dir, tiny_csv, cli, tmp_path)
         "--bottleneck", "8", "--encoder-hidden", "16", "--lora-r", "4",
     )  # fmt: skip
     assert code == 0, err
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["lr"] == 2e-3
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["lr"] == get_method("unipelt").lr == 6e-4
 
 
 def test_sft_on_a_tiny_llama(tiny_llama_dir, tmp_path, cli):
