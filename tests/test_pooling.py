@@ -220,3 +220,20 @@ def test_continued_training_keeps_the_adapters_pooling(mean_run, tiny_model_dir,
 def test_bad_pooling_is_one_error_line(flags, tiny_model_dir, tiny_csv, cli, tmp_path):
     code, _, err = cli("train", "--model", tiny_model_dir, "--data", tiny_csv, "--out", tmp_path / "x", *flags)
     assert code == 2 and err.count("\n") == 1 and "pooling" in err, err
+
+
+def test_a_composed_adapter_keeps_its_heads_pooling(mean_run, mean_model_dir, cli, tmp_path):
+    from peftlab.run import rebuild
+
+    code, _, err = cli("compose", "merge", mean_run, mean_run, "--weights", "0.5", "0.5", "--rank", "8",
+                       "--out", tmp_path / "merged")  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "merged" / "adapter.json").read_text())["task"]["pooling"] == "mean"
+    _, _, _, prepared, trained = rebuild(mean_run)
+    inputs = prepared.splits["test"].batch(range(8))
+    inputs.pop("labels")
+    composed = peftlab.load_adapter(load_classifier(mean_model_dir, ["neg", "pos"]), tmp_path / "merged")
+    assert pooling_of(composed.model) == "mean"
+    with torch.no_grad():  # half of the same adapter twice, at its own rank, is the adapter
+        torch.testing.assert_close(composed.model.eval()(**inputs).logits, trained.model.eval()(**inputs).logits,
+                                   atol=1e-4, rtol=0)  # fmt: skip

@@ -137,7 +137,7 @@ def merge_to_folder(
     """The LoRA adapters (folders or run folders) merged with ``weights`` (default: all 1) at ``rank``, on the
     base ``model`` (default: the one the head's adapter records), saved to ``out`` as one adapter with the head of
     ``head`` (see pick_head). Returns the composition report saved with it, and the merge."""
-    from ..core.pooling import install_pooling
+    from ..core.pooling import install_pooling, saved_pooling
     from ..fileio import check_output
     from ..models import load_classifier, resolve_model
     from .library import read_library
@@ -156,7 +156,7 @@ def merge_to_folder(
         raise InputError(f"{source.folder}: the adapter records no classification labels")
     path = resolve_model(model_name, quiet=quiet)
     check_output(out, [*adapters, path], overwrite)
-    pooling = str((source.meta.get("task") or {}).get("pooling", "model"))  # how the head was trained to read
+    pooling = saved_pooling(source.meta)  # how the head was trained to read
     classifier = load_classifier(path, labels)
     install_pooling(classifier, pooling)
     attachment = merged_attachment(classifier, modules, merged, index)

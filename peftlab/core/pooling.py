@@ -138,13 +138,20 @@ def write_pooling_files(folder: Path, mode: str, hidden_size: int) -> None:
     write_json(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": hidden_size, **switches})
 
 
+def saved_pooling(meta: dict) -> str:
+    """The pooling an adapter's metadata records for its classifier (``model`` where it records none: adapters saved
+    before pooling was recorded, and those of other tasks)."""
+    task = meta.get("task")
+    return str(task.get("pooling", "model")) if isinstance(task, dict) else "model"
+
+
 def use_saved_pooling(model: nn.Module, meta: dict, source: Path) -> None:
-    """Give ``model`` the pooling a saved classifier adapter was trained with (adapters saved before pooling was
-    recorded read the model's own position); refuse a model already set to read another way."""
+    """Give ``model`` the pooling a saved classifier adapter was trained with (``saved_pooling``); refuse a model
+    already set to read another way."""
     task = meta.get("task")
     if not isinstance(task, dict) or task.get("type") != "classification":
         return
-    saved, have = str(task.get("pooling", "model")), pooling_of(model)
+    saved, have = saved_pooling(meta), pooling_of(model)
     if saved == have:
         return
     if have != "model":

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..core.adapter_file import read_adapter_meta
-from ..core.pooling import install_pooling, resolve_pooling
+from ..core.pooling import install_pooling, resolve_pooling, saved_pooling
 from ..core.precision import STORAGE
 from ..data.batches import encode
 from ..data.classification import Columns, load_classification, read_examples
@@ -117,8 +117,7 @@ def classifier_pooling(options: RunOptions, model_path: Path) -> str:
     """The classifier's pooling: as asked; for ``auto``, the pooling of the adapter training continues from (what it
     was trained with; ``model`` for adapters saved before pooling was recorded), else the checkpoint's own."""
     if options.pooling == "auto" and options.adapter:
-        task = read_adapter_meta(options.adapter)[1].get("task")
-        return resolve_pooling(str(task.get("pooling", "model")) if isinstance(task, dict) else "model", model_path)
+        return resolve_pooling(saved_pooling(read_adapter_meta(options.adapter)[1]), model_path)
     return resolve_pooling(options.pooling, model_path)
 
 
