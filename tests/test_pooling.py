@@ -237,3 +237,22 @@ def test_a_composed_adapter_keeps_its_heads_pooling(mean_run, mean_model_dir, cl
     with torch.no_grad():  # half of the same adapter twice, at its own rank, is the adapter
         torch.testing.assert_close(composed.model.eval()(**inputs).logits, trained.model.eval()(**inputs).logits,
                                    atol=1e-4, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("method, options", [("prompt_tuning", {"num_virtual_tokens": 3}), ("p_tuning", {})])
+def test_virtual_tokens_are_pooled_with_the_text(method, options):
+    model = tiny_classifier(vocab_size=32)
+    seen = {}  # the body's own states and the mask it was given, before the pooling hook (registered after) runs
+
+    def capture(module, args, kwargs, output):
+        seen.update(mask=kwargs["attention_mask"], states=output[0].clone())
+
+    model.base_model.register_forward_hook(capture, with_kwargs=True)
+    install_pooling(model, "mean")
+    adapter = peftlab.attach(model, method, **options)
+    with torch.no_grad():
+        logits = adapter.model.eval()(input_ids=IDS, attention_mask=MASK).logits
+        expected = model.classifier(pool(seen["states"], seen["mask"], "mean"))
+    added = seen["mask"].shape[1] - MASK.shape[1]  # virtual tokens, always visible
+    assert added > 0 and seen["mask"].sum() == MASK.sum() + 2 * added
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)

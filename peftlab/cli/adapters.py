@@ -79,7 +79,7 @@ def cmd_merge(argv: list[str], show_progress: bool) -> int:
     args, (run, _, _, prepared, attachment) = run_into_new_folder(parser, argv, show_progress)
     save_merged(attachment, prepared.tokenizer, args.out)
     print(f"merged {attachment.method.name} adapter of {run} into {args.out} (loads with plain transformers)")
-    if prepared.kind == "classify" and prepared.pooling != "model":
+    if prepared.pooling != "model":  # a classifier's (other tasks' is "model")
         print(
             f"note: its classifier reads {prepared.pooling}-pooled token states; peftlab and sentence-transformers "
             "read that from its modules.json, a plain transformers classifier reads its own position"
@@ -101,7 +101,7 @@ def cmd_export(argv: list[str], show_progress: bool) -> int:
     parser.add_argument("--format", choices=["hf"], required=True, help="hf: Hugging Face PEFT")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
     args, (run, _, _, prepared, attachment) = run_into_new_folder(parser, argv, show_progress)
-    pooling = prepared.pooling if prepared.kind == "classify" else "model"
+    pooling = prepared.pooling  # "model" for other tasks than classify
     notes = {"pooling": pooling, "note": POOLING_NOTE} if pooling != "model" else None
     reference, task_type = prepared.model.reference, hf_task_type(prepared)
     export_hf(attachment, args.out, base_model_name_or_path=reference, task_type=task_type, notes=notes)

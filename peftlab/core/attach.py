@@ -160,15 +160,13 @@ class Attachment:
         left out."""
         heads = [ParamGroup(f"{m}.*", why="the task head, new and randomly initialised", head=True)
                  for m in self.trainable_modules]  # fmt: skip
-        trained = [name for name, p in self.model.named_parameters() if p.requires_grad]
-        if all(any(matches(h.pattern, name) for h in heads) for name in trained):
+        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if all(any(matches(h.pattern, name) for h in heads) for name, _ in trained):
             heads = []
         groups = heads + (self.method.param_groups(self.config) if self.method.param_groups else [])
         members: list[list[nn.Parameter]] = [[] for _ in groups]
         rest: list[nn.Parameter] = []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
+        for name, p in trained:
             index = next((i for i, g in enumerate(groups) if matches(g.pattern, name)), None)
             (rest if index is None else members[index]).append(p)
         out = [(g, params) for g, params in zip(groups, members, strict=True) if params]

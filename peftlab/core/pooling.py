@@ -79,7 +79,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Te
         return hidden[:, 0]
     if mask is None:
         mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    keep = mask[:, -hidden.shape[1] :].to(torch.bool).unsqueeze(-1)
+    keep = mask.to(torch.bool).unsqueeze(-1)  # the mask the body was given (virtual tokens included)
     if mode == "mean":
         total = hidden.masked_fill(~keep, 0).sum(dim=1)
         return total / keep.sum(dim=1).clamp(min=1).to(hidden.dtype)
