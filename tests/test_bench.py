@@ -417,6 +417,26 @@ def test_groups_run_on_different_machines_say_where_they_ran(quick, tmp_path):
     assert "run on" not in (quick / "report.md").read_text()
 
 
+def test_a_report_over_folders_that_split_the_methods_has_every_methods_speed(quick, tmp_path):
+    """One suite run in parts (methods split across bench folders, each with its own micro-benchmark) reports every
+    method's step time and memory, not only those of the first folder read."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, keep in ((first, {"lora"}), (second, {"ia3", "full"})):
+        shutil.copytree(quick / "tiny-bert__sentiment", folder / "tiny-bert__sentiment")
+        for cell in (folder / "tiny-bert__sentiment").iterdir():
+            if cell.is_dir() and cell.name not in keep:
+                shutil.rmtree(cell)
+        speed_file = folder / "tiny-bert__sentiment" / "speed.json"
+        speed = json.loads(speed_file.read_text())
+        speed["methods"] = {label: entry for label, entry in speed["methods"].items() if label in keep}
+        speed_file.write_text(json.dumps(speed))
+    write_report([first, second], tmp_path / "r")
+    summary = json.loads((tmp_path / "r.json").read_text())
+    (group,) = [g for g in summary if g["task"] == "sentiment"]
+    for label in ("lora", "ia3", "full"):
+        assert group["step_seconds"][label]["ours"] > 0, label
+
+
 def test_unfinished_cell_is_run_again_after_its_config_changed(tmp_path):
     suite = suite_with()
     plan = make_plan(suite, tmp_path, Filters(peers=False, speed=False))

@@ -107,6 +107,7 @@ def collect(folders: list[Path]) -> Collected:
     groups: dict[tuple[str, str, str], Group] = {}
     notes: list[str] = []
     suites = []
+    speed_read: set[Path] = set()
     for folder in folders:
         suite_file = folder / "suite.toml"
         suite = load_suite(str(suite_file)) if suite_file.is_file() and suite_file.stat().st_size else None
@@ -138,10 +139,11 @@ def collect(folders: list[Path]) -> Collected:
                     budget=suite.budget_text() if suite else "",
                     seeds=suite.seeds if suite else [],
                 )
-                speed_file = path.parents[3 if path.parent.name == "peer" else 2] / "speed.json"
-                if speed_file.is_file():
-                    groups[key].speed = json.loads(speed_file.read_text(encoding="utf-8"))
             group = groups[key]
+            speed_file = path.parents[3 if path.parent.name == "peer" else 2] / "speed.json"
+            if speed_file not in speed_read and speed_file.is_file():
+                speed_read.add(speed_file)
+                merge_speed(group, json.loads(speed_file.read_text(encoding="utf-8")))
             row_key = (cell["label"], cell["implementation"])
             if row_key not in group.rows:
                 group.rows[row_key] = Row(
@@ -162,6 +164,21 @@ def collect(folders: list[Path]) -> Collected:
         group.rows = dict(sorted(group.rows.items(), key=lambda kv: _method_order(kv[0][0])))
         group.lr_search = keep_chosen_rates(group)
     return Collected(ordered, notes, suites)
+
+
+def merge_speed(group: Group, speed: dict) -> None:
+    """Add one folder's micro-benchmark to its group: a report over several folders of one suite (methods split
+    across runs) gets every method's step and memory, but only from measurements on the same batch, so the
+    columns stay comparable; the first folder's measurement of a method wins."""
+    if not group.speed:
+        group.speed = speed
+        return
+    if speed.get("batch") != group.speed.get("batch"):
+        return
+    for part in ("methods", "references"):
+        have = group.speed.setdefault(part, {})
+        for label, entry in (speed.get(part) or {}).items():
+            have.setdefault(label, entry)
 
 
 def keep_chosen_rates(group: Group) -> dict[str, LrSearch]:
