@@ -375,6 +375,21 @@ def test_identical_cells_are_reused_from_another_bench_folder(quick, cli, tmp_pa
     assert speed == json.loads((quick / "tiny-bert__ner" / "speed.json").read_text())
 
 
+def test_a_cell_is_reused_from_another_label_folder_of_its_group(quick, cli, tmp_path):
+    """A learning-rate search keeps a rate that later became the method's default under ``<label>@lr<rate>``: the
+    same cell (same fingerprint) is found there."""
+    other = tmp_path / "other"
+    shutil.copytree(quick, other)
+    for group in other.glob("*__*"):
+        (group / "lora").rename(group / "lora@lr0.001")
+    args = ("bench", "--quick", "--seeds", "0", "--methods", "lora", "--no-peer", "--no-speed")
+    code, out, _ = cli(*args, "--out", tmp_path / "again", "--reuse", other)
+    assert code == 0 and "3 reused, 0 run now" in out
+    for task in ("sentiment", "ner", "instructions"):
+        cell = json.loads(next((tmp_path / "again").glob(f"*__{task}/lora/seed0/cell.json")).read_text())
+        assert cell["reused_from"].endswith("lora@lr0.001/seed0")
+
+
 def test_speed_only_measures_without_training(cli, tmp_path):
     args = ("bench", "--quick", "--tasks", "sentiment", "--methods", "lora", "--speed-only", "--out", tmp_path)
     code, out, _ = cli(*args)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,10 +115,11 @@ class Runner(SpeedBench):
     # --- reusing identical cells of other bench folders ------------------------------------------------------
 
     def reuse_cell(self, cell: Cell) -> bool:
-        """Copy the cell from a ``--reuse`` folder where the same cell (same fingerprint) is finished."""
+        """Copy the cell from a ``--reuse`` folder where the same cell (same fingerprint) is finished: in the same
+        place, or under another label folder of its group (a learning-rate search keeps a rate that has since become
+        the method's default under ``<label>@lr<rate>``)."""
         want = fingerprint(cell_config(cell, self.suite))
-        for other in self.filters.reuse:
-            source = other / cell.folder.relative_to(self.plan.out)
+        for source in self.reuse_candidates(cell):
             path = source / CELL
             if not path.is_file() or read_json(path, "bench cell").get("fingerprint") != want:
                 continue
@@ -128,6 +130,16 @@ class Runner(SpeedBench):
             write_json(cell.folder / CELL, record)
             return True
         return False
+
+    def reuse_candidates(self, cell: Cell) -> list[Path]:
+        """The folders of ``--reuse`` where this cell may be: its own place first, then its group's other labels."""
+        relative = cell.folder.relative_to(self.plan.out)  # group / label / seedN [/ peer]
+        group, tail = relative.parts[0], Path(*relative.parts[2:])
+        found = []
+        for other in self.filters.reuse:
+            found.append(other / relative)
+            found += [label / tail for label in sorted((other / group).glob("*")) if label / tail != other / relative]
+        return found
 
     # --- cells ----------------------------------------------------------------------------------------------
 
