@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (registration side effect)
     ia3,
     last_k,
     lora,
+    lst,
     mam,
     p_tuning,
     p_tuning_v2,
