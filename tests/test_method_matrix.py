@@ -53,7 +53,7 @@ TINY_OPTIONS: dict[str, dict] = {
     "parallel": {"bottleneck": 8, "train_layernorms": True},
     # as prefix_tuning: the matrix keeps the prefix MLP (test_mam.py tests the folded round trip)
     "mam": {"keep_encoder": True, "encoder_hidden": 32, "num_virtual_tokens": 4, "bottleneck": 8},
-    # the tiny models are 32 wide: a side network 8 wide (4 heads of 2) instead of 4
+    # the tiny models are 32 wide: a side network 8 wide instead of 4
     "lst": {"reduction_factor": 4},
     "unipelt": {"keep_encoder": True, "encoder_hidden": 32, "num_virtual_tokens": 4, "bottleneck": 8, "lora_r": 4},
 }

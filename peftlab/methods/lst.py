@@ -24,14 +24,17 @@ rewrite happens in the last block's wrapper, not on the body's output, so a pool
 
 A side block ``S_i`` is a pre-LayerNorm transformer block of width ``d_s``: ``x + Drop(Attn(LN x))``, then
 ``x + Drop(FFN(LN x))`` with a GELU feed-forward of width ``intermediate_size / reduction_factor``. Its attention
-has ``side_heads`` heads (default: the backbone's head count, or the largest divisor of ``d_s`` below it, so each
-head keeps the backbone's head width divided by the reduction factor, as the paper's pruned side network does) and
-follows the backbone's masking: padding always, and causal where the backbone's attention is causal (a module in
-its first block with ``is_causal = True``: Llama, GPT-2; BERT's is False). Packed rows (no attention mask,
-``position_ids`` restarting at 0 for every example, ``peftlab.data.lm``) attend within their own example, as the
-backbone does. The side network has no position embeddings: the ladders bring the backbone's positional states.
-Initialisation: PyTorch's defaults for the side blocks and ladders (the paper starts them from the backbone's
-weights pruned to ``d_s``; that option is not implemented here), ``U = 0``, ``alpha = 0``.
+has ``side_heads`` heads, by default the backbone's head count divided by the reduction factor (rounded up, then
+down to a divisor of ``d_s``), so its heads are about as wide as the backbone's: attention's (T, T) probabilities,
+which unfused kernels save for backward, grow with the number of heads, not with the width, and the backbone's
+head count would make them as large as the backbone's. The side attention follows the backbone's masking: padding,
+and causality where the backbone's attention is causal (a module in its first block with ``is_causal = True``:
+Llama, GPT-2; BERT's is False). Packed rows (no attention mask, ``position_ids`` restarting at 0 for every example,
+``peftlab.data.lm``) attend within their own example, as the backbone does. Without padding or packing no mask is
+built, so PyTorch's fused attention kernels can run. The side network has no position embeddings: the ladders
+bring the backbone's position-aware states. Initialisation: PyTorch's defaults for the side blocks and ladders
+(the paper starts them from the backbone's weights pruned to ``d_s``; that option is not implemented here),
+``U = 0``, ``alpha = 0``.
 
 Where the state lives: each backbone block is wrapped by a ``LadderBlock`` that holds its ladder ``D_i``, gate
 ``alpha_i`` and side block ``S_i`` (the first also ``D_0``, the last also the final LayerNorm and ``U``), so the core
@@ -72,8 +75,8 @@ class LSTConfig:
     )
     side_heads: int | None = field(
         default=None,
-        metadata={"help": "attention heads of each side block (default: the backbone's, or the largest divisor "
-                          "of the side width below that)"},
+        metadata={"help": "attention heads of each side block (default: the backbone's / reduction_factor, "
+                          "rounded up, then down to a divisor of the side width)"},
     )  # fmt: skip
     gate_temperature: float = field(default=0.1, metadata={"help": "T in the ladder gate mu = sigmoid(alpha / T)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout inside the side blocks while training"})
@@ -99,7 +102,7 @@ class LSTConfig:
 
 
 class SideAttention(nn.Module):
-    """Multi-head self-attention of width ``width``; ``allowed`` (B, 1, T, T) says which keys each query sees."""
+    """Multi-head self-attention of width ``width``, masked as ``side_mask`` says (``masking``)."""
 
     def __init__(self, width: int, heads: int, dtype=None, device=None):
         super().__init__()
@@ -107,10 +110,11 @@ class SideAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, dtype=dtype, device=device)
         self.out = nn.Linear(width, width, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, masking: tuple[torch.Tensor | None, bool]) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, c)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, h, T, c)
+        allowed, causal = masking
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal)  # (B, h, T, c)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -126,34 +130,34 @@ class SideBlock(nn.Module):
         self.ffn_out = nn.Linear(ffn_width, width, dtype=dtype, device=device)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), allowed))  # (B, T, d_s)
+    def forward(self, x: torch.Tensor, masking: tuple[torch.Tensor | None, bool]) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), masking))  # (B, T, d_s)
         return x + self.drop(self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x)))))
 
 
-def allowed_keys(
+def side_mask(
     mask: torch.Tensor | None, positions: torch.Tensor | None, causal: bool, length: int, device
-) -> torch.Tensor | None:
-    """Which keys each query may attend to, (B or 1, 1, T, T) bool, or None for all: the padding ``mask`` (B, T),
-    causality, and for packed rows (no mask, restarting ``positions``) their own example only. Every query sees
-    at least itself, so a padding position (which nothing reads) never has an empty row."""
-    allowed = None
-    if mask is not None:
-        allowed = mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+) -> tuple[torch.Tensor | None, bool]:
+    """How the side attention masks, as SDPA's ``(attn_mask, is_causal)``: the keys each query may attend to,
+    (B or 1, 1, T, T) bool, given the padding ``mask`` (B, T), causality, and for packed rows (no mask, ``positions``
+    restarting at 0) each example's own tokens; every query sees at least itself, so a padding position (which
+    nothing reads) never has an empty row. Without padding or packing no mask is built: nothing for an encoder,
+    SDPA's own causality for a decoder (its fused kernels then save no (T, T) probabilities for backward)."""
+    padded = mask is not None and not bool(mask.all())
+    packed = causal and mask is None and positions is not None and bool((positions.diff(dim=-1) != 1).any())
+    if not padded and not packed:
+        return None, causal
+    allowed = torch.ones(1, 1, length, length, dtype=torch.bool, device=device)
+    if padded:
+        allowed = allowed & mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, T)
     if causal:
         order = torch.arange(length, device=device)
-        allowed = _and(allowed, (order[None, :] <= order[:, None])[None, None])  # (1, 1, T, T)
-        if mask is None and positions is not None:
-            restarts = positions.diff(dim=-1, prepend=positions[:, :1] - 1) != 1  # (B, T): an example starts
-            example = restarts.cumsum(dim=-1).to(device)
-            allowed = _and(allowed, (example[:, :, None] == example[:, None, :])[:, None])  # (B, 1, T, T)
-    if allowed is None:
-        return None
-    return allowed | torch.eye(length, dtype=torch.bool, device=device)
-
-
-def _and(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    return b if a is None else a & b
+        allowed = allowed & (order[None, :] <= order[:, None])  # (T, T)
+    if packed:
+        starts = positions.diff(dim=-1, prepend=positions[:, :1] - 1) != 1  # (B, T): an example begins
+        example = starts.cumsum(dim=-1).to(device)
+        allowed = allowed & (example[:, :, None] == example[:, None, :])[:, None]  # (B, 1, T, T)
+    return allowed | torch.eye(length, dtype=torch.bool, device=device), False
 
 
 class SideState:
@@ -166,7 +170,7 @@ class SideState:
         self.active = False
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
-        self.allowed: torch.Tensor | None = None
+        self.masking: tuple[torch.Tensor | None, bool] = (None, False)  # the side attention's (see side_mask)
         self.x: torch.Tensor | None = None
         self.handles: list = []
         self.restore_use_cache: tuple[object, object] | None = None  # (generation_config, use_cache before LST)
@@ -174,10 +178,10 @@ class SideState:
     def begin(self, mask: torch.Tensor | None, positions: torch.Tensor | None) -> None:
         if mask is not None and mask.dim() != 2:
             raise InputError(f"lst: expected a (batch, length) attention mask, got one of shape {tuple(mask.shape)}")
-        self.active, self.mask, self.positions, self.allowed, self.x = True, mask, positions, None, None
+        self.active, self.mask, self.positions, self.masking, self.x = True, mask, positions, (None, False), None
 
     def end(self) -> None:
-        self.active, self.mask, self.positions, self.allowed, self.x = False, None, None, None, None
+        self.active, self.mask, self.positions, self.masking, self.x = False, None, None, (None, False), None
 
     def uninstall(self) -> None:
         for handle in self.handles:
@@ -211,6 +215,7 @@ class LadderBlock(AdapterLayer):
         if self.up is not None:
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
+        self.train(base.training)  # new modules start in training mode; follow the model's (dropout off in eval)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         state = self.state
@@ -219,12 +224,12 @@ class LadderBlock(AdapterLayer):
                                "reads the mask from the model's body)")  # fmt: skip
         if self.embed_down is not None:
             e = hidden_states.detach()  # (B, T, d): the embedding output
-            state.allowed = allowed_keys(state.mask, state.positions, state.causal, e.shape[1], e.device)
+            state.masking = side_mask(state.mask, state.positions, state.causal, e.shape[1], e.device)
             state.x = self.embed_down(e)  # (B, T, d_s)
         out = self.base(hidden_states, *args, **kwargs)
         h = out[0] if isinstance(out, tuple) else out  # (B, T, d)
         mu = torch.sigmoid(self.alpha / self.temperature)
-        state.x = self.side(mu * state.x + (1 - mu) * self.down(h.detach()), state.allowed)  # (B, T, d_s)
+        state.x = self.side(mu * state.x + (1 - mu) * self.down(h.detach()), state.masking)  # (B, T, d_s)
         if self.up is None:
             return out
         h = h + self.up(self.final_norm(state.x)).to(h.dtype)
@@ -271,7 +276,8 @@ def side_sizes(model: nn.Module, config: LSTConfig) -> dict[str, int]:
     heads = config.side_heads
     if heads is None:
         backbone = _config_value(model, "num_attention_heads", "n_head", "num_heads") or 1
-        heads = max(h for h in range(1, min(backbone, width) + 1) if width % h == 0)
+        wanted = -(-backbone // config.reduction_factor)  # heads about as wide as the backbone's
+        heads = max(h for h in range(1, min(wanted, width) + 1) if width % h == 0)
     elif width % heads:
         raise InputError(f"side_heads: must divide the side width {hidden} / {config.reduction_factor} = {width}, "
                          f"got {heads}")  # fmt: skip
