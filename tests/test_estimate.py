@@ -46,7 +46,7 @@ def measured_and_estimated(model_dir, data, task, method, options, batch, length
 @pytest.mark.parametrize(
     "method, options",
     [("lora", {"r": 4}), ("full", {}), ("ia3", {}), ("houlsby", {"bottleneck": 8}),
-     ("prefix_tuning", {"num_virtual_tokens": 4, "encoder_hidden": 16})],
+     ("prefix_tuning", {"num_virtual_tokens": 4, "encoder_hidden": 16}), ("lst", {"reduction_factor": 4})],
 )  # fmt: skip
 @pytest.mark.parametrize("kind", ["classify", "sft"])
 def test_the_estimate_is_within_10_percent_of_the_measured_split(kind, method, options, tiny_model_dir, tiny_llama_dir,

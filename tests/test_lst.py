@@ -18,7 +18,7 @@ from peftlab.bench.measure import FloorStep, TrainStep
 from peftlab.core.hooks import TrainingHooks
 from peftlab.errors import InputError, PeftlabError
 from peftlab.methods.lst import LadderBlock, SideBlock
-from peftlab.train.loop import ClassificationTask, TrainSettings
+from peftlab.train.loop import ClassificationTask, TrainSettings, enable_gradient_checkpointing
 from tests.conftest import tiny_classifier
 
 VOCAB = 64
@@ -108,10 +108,12 @@ def test_the_forward_pass_is_the_ladder_equation(kind, padded):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("embeddings_require_grad", [False, True], ids=["plain", "embeddings-require-grad"])
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_the_backward_pass_never_enters_the_backbone(kind):
-    """No tensor is saved for backward while a backbone block computes (under LoRA, plenty are), and no backbone
-    parameter gets a gradient."""
+def test_the_backward_pass_never_enters_the_backbone(kind, embeddings_require_grad):
+    """No tensor is saved for backward while a backbone block computes (under LoRA, plenty are), not even when the
+    input embeddings require a gradient (as the floor of the benchmark makes them), and no backbone parameter gets
+    a gradient."""
 
     def saved_inside_blocks(adapter) -> int:
         blocks = adapter.model.bert.encoder.layer if kind == "bert" else adapter.model.model.layers
@@ -120,6 +122,8 @@ def test_the_backward_pass_never_enters_the_backbone(kind):
         for block in bases:
             block.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True))
             block.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False))
+        if embeddings_require_grad:
+            adapter.model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_())
 
         def pack(t):
             saved[0] += inside[0]
@@ -141,6 +145,24 @@ def test_the_backward_pass_never_enters_the_backbone(kind):
             assert p.grad is None, name
     assert all(p.grad is not None for layer in lst.layers().values() for p in layer.adapter_parameters().values())
     assert saved_inside_blocks(peftlab.attach(model_of(kind), "lora", r=4)) > 0  # the probe does see saved tensors
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_gradient_checkpointing_changes_nothing(kind):
+    def loss_and_grads(checkpointed: bool):
+        adapter = peftlab.attach(model_of(kind), "lst", reduction_factor=4, dropout=0.0)
+        randomise(adapter)
+        if checkpointed:
+            enable_gradient_checkpointing(adapter.model)
+        adapter.model.train()
+        loss = adapter.model(input_ids=TOKENS, attention_mask=MASK, labels=LABELS).loss
+        loss.backward()
+        return loss.detach(), {k: v.grad for k, v in adapter.state().items()}
+
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[key], grad, rtol=0, atol=0)
 
 
 def memory(kind: str, method: str | None, batch: dict, **options) -> dict[str, int]:

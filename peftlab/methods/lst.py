@@ -9,10 +9,13 @@ alone. With ``e`` the embedding output, ``h_i`` the output of backbone block i (
     x_i = S_i(mu_i x_{i-1} + (1 - mu_i) D_i h_i),      mu_i = sigmoid(alpha_i / T),  alpha_i = 0 at the start
     h_L <- h_L + U LN(x_L)                             U: (d, d_s), zero at the start
 
-``D_i: (d_s, d)`` are the ladders, ``T`` the gate temperature (0.1 in the paper). The ladders read ``h_i`` detached:
-no backbone parameter requires a gradient and no backbone activation is saved for backward, so training costs
-the backbone's forward pass plus a forward and backward pass through a network ``reduction_factor`` times narrower.
-(Prompt and LoRA-style methods, however few parameters they train, backpropagate through every block.)
+``D_i: (d_s, d)`` are the ladders, ``T`` the gate temperature (0.1 in the paper). The backbone's blocks run under
+``torch.no_grad`` and the ladders read ``e`` and ``h_i`` as constants: nothing inside a backbone block is saved
+for backward (even where the input embeddings are made to require a gradient), so training costs the backbone's
+forward pass plus a forward and backward pass through a network ``reduction_factor`` times narrower. What it saves
+for backward is each block's output ``h_i`` (the input of its ladder's weight gradient), the side network's own
+activations and what follows the last block. (Prompt and LoRA-style methods, however few parameters they train,
+backpropagate through every block and save what each block computes.)
 
 Our departure from the paper, and why: the paper feeds the side network's output alone (up-projected) to the
 task head. Here ``U LN(x_L)`` is *added* to the last block's output, so whatever follows the blocks (Llama's final
@@ -226,10 +229,11 @@ class LadderBlock(AdapterLayer):
             e = hidden_states.detach()  # (B, T, d): the embedding output
             state.masking = side_mask(state.mask, state.positions, state.causal, e.shape[1], e.device)
             state.x = self.embed_down(e)  # (B, T, d_s)
-        out = self.base(hidden_states, *args, **kwargs)
+        with torch.no_grad():  # nothing in the backbone is recorded, even for an input that requires a gradient
+            out = self.base(hidden_states, *args, **kwargs)
         h = out[0] if isinstance(out, tuple) else out  # (B, T, d)
         mu = torch.sigmoid(self.alpha / self.temperature)
-        state.x = self.side(mu * state.x + (1 - mu) * self.down(h.detach()), state.masking)  # (B, T, d_s)
+        state.x = self.side(mu * state.x + (1 - mu) * self.down(h), state.masking)  # (B, T, d_s)
         if self.up is None:
             return out
         h = h + self.up(self.final_norm(state.x)).to(h.dtype)
