@@ -307,7 +307,7 @@ def test_cli_trains_sft_on_a_tiny_llama_generates_and_refuses_to_merge(cli, tiny
                        "--epochs", "2", "--eval-generate", "4")  # fmt: skip
     assert code == 0, err
     results = json.loads((run / "results.json").read_text())
-    assert results["lr"] == 1e-3
+    assert results["lr"] == 3e-3
     assert results["history"][-1]["train_loss"] < results["history"][0]["train_loss"]
     assert "exact_match" in results["metrics"]["test"]
     prompts = tmp_path / "prompts.txt"
