@@ -1,8 +1,9 @@
 """Ladder Side-Tuning: the forward pass is the ladder equation (checked against a few lines of reference code on
 a tiny BERT and a tiny Llama), the backward pass never enters the backbone (no tensor saved for backward inside a
-backbone block; activation memory below LoRA's and the frozen floor's), it learns, it saves and loads, greedy
-generation with the tiny Llama equals the argmax of full recomputation at every step, packed rows stay apart, and
-bad options are refused in one line. Hugging Face PEFT has no LST, so there is no parity test."""
+backbone block; activation memory below LoRA's and the frozen floor's), gradient checkpointing changes nothing, it
+learns, it saves, loads and unloads, greedy generation with the tiny Llama equals the argmax of full recomputation
+at every step, packed rows stay apart, bad options are refused in one line, and the CLI trains, generates and
+refuses to merge. Hugging Face PEFT has no LST, so there is no parity test."""
 
 import json
 import math
