@@ -43,7 +43,7 @@ hooks' ``final_form``): the saved adapter is always the sparse one.
 
 Which parameters: every parameter of every module outside the task head, weights, biases, embeddings and norms alike
 (``targets``: module name patterns by the glob rule of ``peftlab.core.targets``; a pattern covers the modules it
-matches and every module inside them; the root module's own parameters, which no HF model has, are left out). Each
+matches and every module inside them; the root module's own parameters, such as CLIP's logit_scale, are left out). Each
 module that owns parameters directly is wrapped in a ``DiffPrunedLayer``, whose forward calls the module with
 theta_0 + delta in place of its parameters (``torch.func.functional_call``), so any layer type works. A tensor
 shared by several modules (a decoder's LM head tied to its input embedding) gets one diff, owned by the first
@@ -468,7 +468,8 @@ METHOD = register(
         # The search fine-tunes a dense diff on every weight, so the diff learns at full fine-tuning's rate (``full``'s
         # 5e-5); the gates have their own (gate_lr). On the tiny test BERT it learns where full fine-tuning does: at
         # 1e-2 a 48-step run takes the training loss from 0.69 to 0.12 by the projection (step 24); at 1e-3 neither
-        # moves in 48 steps.
+        # moves in 48 steps. On MiniLM at 5e-5, 80 steps of 16 Rotten Tomatoes reviews (projection after step 40)
+        # gave 72.3% validation and 74.0% test accuracy (300 examples each) with 0.5% of the entries changed.
         lr=5e-5,
         mergeable=True,
         hooks=DiffPruningHooks,
