@@ -4,7 +4,7 @@ import torch
 
 import peftlab
 from peftlab.core.adapter_file import WEIGHTS_FILE, read_tensors
-from peftlab.core.hooks import TrainingHooks, empirical_fisher
+from peftlab.core.hooks import HookList, TrainingHooks, empirical_fisher
 from peftlab.core.registry import Method
 from peftlab.run import RunOptions, build_model, prepare_data
 from tests.short_fit import run_fit as short_fit
@@ -110,3 +110,21 @@ def test_method_hooks_factory_is_used_by_fit(tiny_model_dir, tiny_csv, tmp_path)
     adapter = peftlab.attach(model, method, r=2)
     run_fit(adapter, data, tmp_path, steps=1)
     assert made and made[0].calls[:2] == ["prepare", "before 0"]
+
+
+class NeverFinal(TrainingHooks):
+    """Hooks whose model never reaches its final form (to check the loop's rule for the best state)."""
+
+    def final_form(self, step):
+        return False
+
+
+def test_an_evaluation_before_the_final_form_is_never_the_best_unless_the_run_ends_without_one(
+    tiny_model_dir, tiny_csv, tmp_path
+):
+    _, data, model = setup(tiny_model_dir, tiny_csv)
+    adapter = peftlab.attach(model, "lora", r=2)
+    assert not HookList([TrainingHooks(), NeverFinal()]).final_form(3) and HookList([TrainingHooks()]).final_form(3)
+    result = short_fit(adapter, data, tmp_path, 30, hooks=NeverFinal(), batch_size=16)  # 12 steps an epoch
+    assert [h["step"] for h in result.history] == [12, 24, 30]
+    assert result.best_step == 30  # the last evaluation, since no earlier one could be the best

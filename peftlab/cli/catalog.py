@@ -24,7 +24,7 @@ def cmd_methods(argv: list[str], show_progress: bool) -> int:
         groups = m.param_groups(m.config()) if m.param_groups else []
         console.print(
             "parameter groups: "
-            + ("; ".join(f"{g.pattern} at {g.lr_scale:g}x the rate ({g.why})" for g in groups) or "one rate for all")
+            + ("; ".join(f"{g.pattern} at {_group_rate(g)} ({g.why})" for g in groups) or "one rate for all")
             + (f"; set by {', '.join(_group_options(m))}" if _group_options(m) else "")
         )
         if m.name != "head":  # a linear probe is all head, at the run's rate
@@ -60,7 +60,11 @@ def cmd_assets(argv: list[str], show_progress: bool) -> int:
     return 0
 
 
+def _group_rate(group) -> str:
+    return f"{group.lr:g}" if group.lr is not None else f"{group.lr_scale:g}x the rate"
+
+
 def _group_options(method) -> list[str]:
     """The options that set a method's parameter groups' rates."""
     names = {f for f in method.config.__dataclass_fields__}
-    return [flag(n) for n in ("lora_plus_ratio", "mlp_lr_scale") if n in names]
+    return [flag(n) for n in ("lora_plus_ratio", "mlp_lr_scale", "gate_lr") if n in names]

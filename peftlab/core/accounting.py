@@ -7,7 +7,8 @@
 - ``changed``: entries of the final, merged weights that differ from the pretrained base. A merged LoRA update
   is dense, so it changes every entry of an adapted matrix even though only ``r * (in + out)`` entries trained.
   Parameters a method adds without a weight form (soft prompts) and a new task head count in full.
-- ``delta_rank``: rank of the weight difference of every adapted (or trained) pretrained matrix.
+- ``delta_rank``: rank of the weight difference of every adapted (or trained) pretrained matrix (an adapter's
+  changes come from its layers' ``deltas()``: weights, and for some methods biases and norms too).
 - ``adapter_bytes``: size of the adapter folder on disk.
 """
 
@@ -46,14 +47,12 @@ def packed_parameters(model) -> int:
 
 @torch.no_grad()
 def _deltas(attachment: Attachment) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(pretrained weight, weight difference) for every adapted layer with a weight form."""
+    """(pretrained value, difference) for every base parameter an adapted layer with a weight form changes (its
+    ``deltas()``), keyed by the layer's name for its weight and ``<layer>.<parameter>`` for the others."""
     out = {}
     for name, layer in attachment.layers().items():
-        delta = layer.delta_weight()
-        if delta is None:
-            continue
-        weight = layer.pretrained_weight()
-        out[name] = (weight, delta.to(weight.dtype))
+        for pname, (pretrained, delta) in (layer.deltas() or {}).items():
+            out[name if pname == "weight" else f"{name}.{pname}"] = (pretrained, delta.to(pretrained.dtype))
     return out
 
 
@@ -61,7 +60,7 @@ def _deltas(attachment: Attachment) -> dict[str, tuple[torch.Tensor, torch.Tenso
 def changed_parameters(attachment: Attachment) -> int:
     changed = 0
     for layer in attachment.layers().values():
-        if layer.delta_weight() is None:  # added parameters without a weight form count in full
+        if layer.deltas() is None:  # added parameters without a weight form count in full
             changed += sum(p.numel() for p in layer.adapter_parameters().values())
     for weight, delta in _deltas(attachment).values():
         changed += int(torch.count_nonzero((weight + delta) != weight))
@@ -74,7 +73,7 @@ def changed_parameters(attachment: Attachment) -> int:
 @torch.no_grad()
 def delta_ranks(attachment: Attachment) -> dict[str, int]:
     """Rank of the weight difference per pretrained matrix the method changed (the task head is left out)."""
-    ranks = {name: _rank(delta) for name, (_, delta) in _deltas(attachment).items()}
+    ranks = {name: _rank(delta) for name, (_, delta) in _deltas(attachment).items() if delta.ndim == 2}
     state = attachment.state()
     heads = tuple(h + "." for h in attachment.trainable_modules)
     for name, start in attachment.initial.items():

@@ -8,6 +8,13 @@ parameter names which weights belong to a method; it asks each wrapper through t
 - ``adapter_buffers()``    -- tensors the adapter needs to be rebuilt but does not train (saved with it);
 - ``delta_weight()``       -- the change to the pretrained weight the adapter stands for (None if it has none);
 - ``pretrained_weight()``  -- the pretrained weight itself (what accounting compares against);
+- ``deltas()``             -- (pretrained, change) for every base parameter the adapter changes, by its name in the
+                              base layer; by default just the weight, from the two above. A layer that changes
+                              several (diff pruning: weight and bias) overrides this instead; accounting, merging
+                              and unmerging read it;
+- ``sparse_parameters()``  -- adapter parameters that are mostly zeros, saved as their non-zero entries only;
+- ``trainable_entries()``  -- how many entries of each adapter parameter the optimiser may change (all, unless a
+                              layer trains a parameter under a fixed mask of its own);
 - ``merge()`` / ``unmerge()`` -- explicit calls, never hidden inside ``.train()`` or ``.eval()``;
 - ``on_loaded()``          -- called after saved tensors were copied in (to rebuild derived state);
 - ``accepts_buffer_shape()`` -- whether a buffer that grows during training (ReLoRA's merged history) may be
@@ -15,7 +22,7 @@ parameter names which weights belong to a method; it asks each wrapper through t
 - ``on_unload()``          -- called before the wrapper is replaced by its base (to remove what the adapter
                               installed outside itself: forward hooks on the model, attention extensions).
 
-Merging adds the delta into the base weight, after which ``forward`` skips the adapter branch, so a merged model
+Merging adds the changes into the base parameters, after which ``forward`` skips the adapter branch, so a merged model
 runs at the speed of the plain base.
 """
 
@@ -64,6 +71,24 @@ class AdapterLayer(nn.Module):
             weight = weight - self.delta_weight().to(weight.dtype)
         return weight
 
+    def deltas(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """``{name in base: (pretrained value, additive change)}`` for every base parameter this adapter changes, or
+        None without a weight form. By default the weight alone (``pretrained_weight()``, ``delta_weight()``)."""
+        delta = self.delta_weight()
+        if delta is None:
+            return None
+        weight = self.pretrained_weight()
+        return {"weight": (weight, delta.to(weight.dtype))}
+
+    def sparse_parameters(self) -> set[str]:
+        """Names of adapter parameters saved sparse: their non-zero entries as ``::indices`` / ``::values`` (where
+        that is smaller than the dense tensor), read back as zeros elsewhere. None by default."""
+        return set()
+
+    def trainable_entries(self) -> dict[str, int]:
+        """Entries of each adapter parameter the optimiser may change; all of them by default."""
+        return {name: p.numel() for name, p in self.adapter_parameters().items()}
+
     def on_loaded(self) -> None:
         """Hook run after saved tensors were copied into this layer; rebuild anything derived from them."""
 
@@ -79,22 +104,26 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``base.weight``; afterwards ``forward`` costs what the base layer costs."""
+        """Add the adapter's changes (``deltas()``) into the base parameters; afterwards ``forward`` costs what the
+        base layer costs."""
         if self.merged:
             raise PeftlabError(f"{type(self).__name__} is already merged")
-        delta = self.delta_weight()
-        if delta is None:
+        changes = self.deltas()
+        if changes is None:
             raise PeftlabError(f"{type(self).__name__} has no weight form and cannot be merged")
-        self.base.weight.add_(delta.to(self.base.weight.dtype))
+        for name, (_, delta) in changes.items():
+            target = getattr(self.base, name)
+            target.add_(delta.to(target.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the adapter back out of ``base.weight`` (the exact inverse of ``merge`` up to float rounding)."""
+        """Take the adapter back out of the base parameters (the exact inverse of ``merge`` up to float rounding)."""
         if not self.merged:
             raise PeftlabError(f"{type(self).__name__} is not merged")
-        delta = self.delta_weight()
-        self.base.weight.sub_(delta.to(self.base.weight.dtype))
+        for name, (_, delta) in self.deltas().items():
+            target = getattr(self.base, name)
+            target.sub_(delta.to(target.dtype))
         self.merged = False
 
 

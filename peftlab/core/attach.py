@@ -9,7 +9,9 @@ An adapter folder holds two files:
 
 - ``adapter.safetensors`` -- the method's parameters and buffers and the trained task head, keyed by base module
   names; a base parameter that trains under a mask (FishMask, Child-Tuning_D) is stored sparse, as
-  ``<name>::indices`` (flat positions) and ``<name>::values`` (its values there);
+  ``<name>::indices`` (flat positions) and ``<name>::values`` (its values there), and so is an adapter parameter
+  its layer declares sparse (``AdapterLayer.sparse_parameters``: diff pruning's diff), over its non-zero entries,
+  wherever that is smaller than the dense tensor;
 - ``adapter.json`` -- format and version, method and config, adapted modules, task-head modules, and the base
   model's signature (parameter names and shapes) with its SHA-256 fingerprint, so loading onto a different base
   fails with a message that says what differs.
@@ -137,18 +139,22 @@ class Attachment:
 
     def saved_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``state`` (default: ``state()``) as written to disk: masked base parameters become sparse
-        ``::indices`` / ``::values``."""
+        ``::indices`` / ``::values``, and so do the layers' sparse parameters where that takes fewer bytes."""
         out = {}
+        sparse = self.sparse_keys()
         for key, value in (self.state() if state is None else state).items():
             value = full_tensor(value.detach()).to("cpu")
             if key in self.masks:
-                indices = torch.nonzero(self.masks[key].reshape(-1).to("cpu")).reshape(-1)
-                # int32 positions where they fit: half the bytes of the index half of a sparse tensor
-                out[f"{key}::indices"] = indices.to(torch.int32) if value.numel() < 2**31 else indices
-                out[f"{key}::values"] = value.reshape(-1)[indices].clone()
+                out |= _sparse(key, value, self.masks[key].reshape(-1).to("cpu"))
+            elif key in sparse and _sparse_is_smaller(value):
+                out |= _sparse(key, value, value.reshape(-1) != 0)
             else:
                 out[key] = value.contiguous().clone()
         return out
+
+    def sparse_keys(self) -> set[str]:
+        """State keys of the adapter parameters their layers save sparse (``AdapterLayer.sparse_parameters``)."""
+        return {f"{name}.{p}" for name, layer in self.layers().items() for p in layer.sparse_parameters()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -173,8 +179,12 @@ class Attachment:
         return out + ([(ParamGroup("*"), rest)] if rest else [])
 
     def trainable_count(self) -> int:
-        """Entries the optimiser may change: a masked parameter counts only its True entries."""
+        """Entries the optimiser may change: a masked parameter counts only its True entries, an adapter parameter
+        what its layer says (``AdapterLayer.trainable_entries``)."""
         masked = {id(p): int(self.masks[k].sum()) for k, p in self.state().items() if k in self.masks}
+        for layer in self.layers().values():
+            own = layer.adapter_parameters()
+            masked |= {id(own[name]): n for name, n in layer.trainable_entries().items()}
         return sum(masked.get(id(p), p.numel()) for p in self.trainable_parameters())
 
     @torch.no_grad()
@@ -261,6 +271,23 @@ class Attachment:
         return write_adapter_folder(Path(path), meta, tensors)
 
 
+def _sparse(key: str, value: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``value``'s entries where the flat boolean ``keep`` is True, as ``<key>::indices`` and ``<key>::values``."""
+    indices = torch.nonzero(keep).reshape(-1)
+    # int32 positions where they fit: half the bytes of the index half of a sparse tensor
+    return {
+        f"{key}::indices": indices.to(torch.int32) if value.numel() < 2**31 else indices,
+        f"{key}::values": value.reshape(-1)[indices].clone(),
+    }
+
+
+def _sparse_is_smaller(value: torch.Tensor) -> bool:
+    """Whether ``value``'s non-zero entries as indices and values take fewer bytes than the dense tensor."""
+    index_bytes = 4 if value.numel() < 2**31 else 8
+    nonzero = int(torch.count_nonzero(value))
+    return nonzero * (index_bytes + value.element_size()) < value.numel() * value.element_size()
+
+
 def innermost_first(layers: dict[str, AdapterLayer]) -> list[tuple[str, AdapterLayer]]:
     """Adapter layers in reverse model order, so a wrapper inside another (a hybrid's LoRA on a query projection
     inside its prefix-attention wrapper, ``x.self.base.query``) is replaced by its base before the outer one is."""
@@ -331,9 +358,10 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
     """Copy saved tensors into the attachment, checking names and shapes first.
 
     Sparse entries (``<name>::indices`` / ``<name>::values``) are written into the parameter at those positions
-    and set its mask. An adapter buffer saved with another shape is replaced by one of that shape when its layer
-    accepts it (``accepts_buffer_shape``: buffers that grow in training). Every adapter layer's ``on_loaded`` runs
-    afterwards.
+    and set its mask; an adapter parameter its layer saves sparse is zero elsewhere instead, and gets no mask (it
+    is the layer's own, and trains as its layer says). An adapter buffer saved with another shape is replaced by
+    one of that shape when its layer accepts it (``accepts_buffer_shape``: buffers that grow in training). Every
+    adapter layer's ``on_loaded`` runs afterwards.
     """
     state = attachment.state()
     sparse = {k[: -len("::indices")] for k in tensors if k.endswith("::indices")}
@@ -364,13 +392,17 @@ def load_state(attachment: Attachment, tensors: dict[str, torch.Tensor], source:
         setattr(layer, bname, getattr(layer, bname).new_zeros(tensors[key].shape))
     if grown:
         state = attachment.state()
+    own_sparse = attachment.sparse_keys()
     with torch.no_grad():
         for k, p in state.items():
             if k in sparse:
                 indices = tensors[f"{k}::indices"].to(p.device, torch.int64)
-                mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-                mask[indices] = True
-                attachment.masks[k] = mask.reshape(p.shape)
+                if k in own_sparse:
+                    p.zero_()
+                else:
+                    mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                    mask[indices] = True
+                    attachment.masks[k] = mask.reshape(p.shape)
                 p.reshape(-1)[indices] = tensors[f"{k}::values"].to(p.device, p.dtype)
             else:
                 p.copy_(shard_like(tensors[k], p))

@@ -7,6 +7,9 @@ A method that needs more than "train my parameters" returns a ``TrainingHooks`` 
 - ``penalty()``                          an extra loss term (AdaLoRA's orthogonality, L2-SP, EWC);
 - ``after_backward(step)``               e.g. Child-Tuning masks the gradients;
 - ``after_step(step, optimizer, scheduler)`` e.g. AdaLoRA prunes ranks, ReLoRA merges and restarts;
+- ``final_form(step)``                    whether the model after ``step`` optimiser steps has the form training
+                                         ends in, so that an evaluation there may pick the run's best state (diff
+                                         pruning's dense diff before its projection may not);
 - ``state_dict()`` / ``load_state_dict()`` tensors a checkpoint must carry for an exact resume;
 - ``report(evaluate)``                   numbers for ``results.json`` (under ``method_report``) once training
                                          ends, with the best state loaded; ``evaluate()`` gives validation metrics.
@@ -73,6 +76,9 @@ class TrainingHooks:
     def after_step(self, step: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         pass
 
+    def final_form(self, step: int) -> bool:
+        return True
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -108,6 +114,9 @@ class HookList(TrainingHooks):
     def after_step(self, step, optimizer, scheduler):
         for h in self.hooks:
             h.after_step(step, optimizer, scheduler)
+
+    def final_form(self, step):
+        return all(h.final_form(step) for h in self.hooks)
 
     def state_dict(self):
         return {f"{i}.{k}": v for i, h in enumerate(self.hooks) for k, v in h.state_dict().items()}

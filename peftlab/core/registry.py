@@ -19,8 +19,8 @@ reparameterisation; training checkpoints keep the unfolded state for an exact re
 
 A method whose parts want their own learning rate (LoRA+'s B, a prefix MLP) gives ``param_groups``:
 ``param_groups(config) -> [ParamGroup]``, each a parameter-name pattern (the glob rule of ``peftlab.core.targets``)
-with a learning-rate scale and optionally its own weight decay; the trainer builds the optimiser from them, first
-matching group first, the rest at the base rate, with no method-name branching.
+with a learning-rate scale (or a fixed rate) and optionally its own weight decay; the trainer builds the optimiser
+from them, first matching group first, the rest at the base rate, with no method-name branching.
 
 A method with a Hugging Face PEFT counterpart gives ``peft``, a ``PeftFormat``: the PEFT kind it converts to and its
 own converters; ``peftlab.core.hf_peft`` only dispatches to them.
@@ -69,14 +69,17 @@ class PeftFormat:
 
 @dataclass(frozen=True)
 class ParamGroup:
-    """Trainable parameters whose names match ``pattern`` learn at ``lr_scale`` times the run's learning rate, with
-    ``weight_decay`` when given (else the run's; vectors such as biases never decay)."""
+    """Trainable parameters whose names match ``pattern`` learn at ``lr_scale`` times the run's learning rate, or at
+    the fixed peak rate ``lr`` when given (for parameters on a scale of their own, such as diff pruning's gate
+    logits, whose rate must not follow the weights'), with ``weight_decay`` when given (else the run's; vectors such
+    as biases never decay)."""
 
     pattern: str
     lr_scale: float = 1.0
     weight_decay: float | None = None
     why: str = ""  # shown by ``peftlab methods NAME``
     head: bool = False  # the new task head: learns at the run's head rate when one is set (``--head-lr``)
+    lr: float | None = None  # a fixed peak rate, whatever the run's (``lr_scale`` is then unused)
 
 
 @dataclass(frozen=True)

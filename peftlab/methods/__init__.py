@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (registration side effect)
     bitfit,
     child_tuning_d,
     child_tuning_f,
+    diff_pruning,
     dora,
     dylora,
     fishmask,

@@ -10,6 +10,10 @@ pretrained weights (``--l2sp``, ``--ewc``: ``peftlab.train.regularise``) are hoo
 Static masks on base parameters are enforced by the step: masked-out gradients are zeroed and masked-out entries
 restored after every step.
 
+Only an evaluation of the model in the form training ends in can be the best state (``hooks.final_form``: diff
+pruning's dense diff before its projection cannot); the last evaluation of a run that has no best yet always is, so
+every run leaves an adapter.
+
 Determinism: the order of the training set in epoch ``e`` comes from a generator seeded with (seed, e); the global
 torch RNG (dropout) is seeded from the seed when training starts and saved in every checkpoint, so a resumed run
 retraces the uninterrupted one exactly, and two models with the same start weights (ours and a PEFT peer) see the
@@ -283,8 +287,11 @@ class LoopState:
         self.loss_sum += loss
         self.loss_count += 1
 
-    def add_evaluation(self, metrics: dict, metric: str, epoch: float, lr: float) -> tuple[dict, bool]:
-        """Record the validation ``metrics`` at the current step; (the history entry, whether it is a new best)."""
+    def add_evaluation(
+        self, metrics: dict, metric: str, epoch: float, lr: float, eligible: bool = True
+    ) -> tuple[dict, bool]:
+        """Record the validation ``metrics`` at the current step; (the history entry, whether it is a new best). An
+        evaluation that is not ``eligible`` is recorded but never the best."""
         entry = {
             "step": self.step,
             "epoch": epoch,
@@ -294,7 +301,7 @@ class LoopState:
         }
         self.history.append(entry)
         self.loss_sum, self.loss_count = 0.0, 0
-        is_best = self.best is None or better(metrics[metric], self.best[metric], metric)
+        is_best = eligible and (self.best is None or better(metrics[metric], self.best[metric], metric))
         if is_best:
             self.best, self.best_step = metrics, self.step
         return entry, is_best
@@ -378,7 +385,9 @@ def fit(
                     model, validation, settings.eval_batch_size, device, trainer.autocast, dist.for_evaluation
                 )
                 lr_now = trainer.scheduler.get_last_lr()[0]
-                entry, is_best = state.add_evaluation(metrics, metric, round(step / steps_per_epoch, 3), lr_now)
+                eligible = hooks.final_form(step) or (step == total and state.best is None)
+                epoch_now = round(step / steps_per_epoch, 3)
+                entry, is_best = state.add_evaluation(metrics, metric, epoch_now, lr_now, eligible)
                 if is_best:
                     on_best(metrics, step)
                 if dist.main:

@@ -56,10 +56,11 @@ HEAD_LR_FLOOR = 2e-2
 
 def group_rate(group, lr: float, head_lr: float | None) -> float:
     """A parameter group's peak learning rate: the task head's is ``head_lr``, else the run's rate raised to
-    ``HEAD_LR_FLOOR``; the others learn at their scale times the run's rate."""
+    ``HEAD_LR_FLOOR``; the others learn at their fixed rate where they have one, else at their scale times the
+    run's rate."""
     if group.head:
         return head_lr if head_lr is not None else max(lr * group.lr_scale, HEAD_LR_FLOOR)
-    return lr * group.lr_scale
+    return group.lr if group.lr is not None else lr * group.lr_scale
 
 
 def param_groups(attachment, weight_decay: float, lr: float, head_lr: float | None = None) -> list[dict]:
