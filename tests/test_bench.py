@@ -390,6 +390,16 @@ def test_a_cell_is_reused_from_another_label_folder_of_its_group(quick, cli, tmp
         assert cell["reused_from"].endswith("lora@lr0.001/seed0")
 
 
+def test_a_report_over_folders_that_hold_copies_of_a_cell_counts_it_once(quick, cli, tmp_path):
+    """``--reuse`` copies finished cells into the new folder: a report over both folders must not count the copied
+    seed twice in its means and seed lists."""
+    code, _, _ = cli("bench", "--quick", "--seeds", "0", "--out", tmp_path / "again", "--reuse", quick)
+    assert code == 0
+    write_report([quick, tmp_path / "again"], tmp_path / "both")
+    write_report([quick], tmp_path / "one")
+    assert json.loads((tmp_path / "both.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
+
+
 def test_speed_only_measures_without_training(cli, tmp_path):
     args = ("bench", "--quick", "--tasks", "sentiment", "--methods", "lora", "--speed-only", "--out", tmp_path)
     code, out, _ = cli(*args)

@@ -108,6 +108,7 @@ def collect(folders: list[Path]) -> Collected:
     notes: list[str] = []
     suites = []
     speed_read: set[Path] = set()
+    counted: set[tuple] = set()  # (group, cell fingerprint): each cell counts once, however many folders hold it
     for folder in folders:
         suite_file = folder / "suite.toml"
         suite = load_suite(str(suite_file)) if suite_file.is_file() and suite_file.stat().st_size else None
@@ -155,6 +156,9 @@ def collect(folders: list[Path]) -> Collected:
                     cell["method"],
                     cell["implementation"],
                 )
+            if (key, cell.get("fingerprint")) in counted:  # the same cell copied into another folder (--reuse)
+                continue
+            counted.add((key, cell.get("fingerprint")))
             group.rows[row_key].cells.append(cell)
         for path in sorted(folder.glob("*/*/seed*/failed.json")) + sorted(folder.glob("*/*/seed*/peer/failed.json")):
             failure = json.loads(path.read_text(encoding="utf-8"))
