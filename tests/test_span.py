@@ -278,6 +278,10 @@ def test_span_eval_and_peft_export_give_the_same_logits(span_run, cli, tmp_path,
     assert code == 0, err
     results = json.loads((span_run / "results.json").read_text())
     assert json.loads(out)["test"]["f1"] == pytest.approx(results["metrics"]["test"]["f1"])
+    extra = write_jsonl(tmp_path / "more.jsonl", toy_examples(10, seed=5))
+    code, out, err = cli("eval", span_run, "--data", extra, "--json")
+    assert code == 0, err
+    assert json.loads(out)["more.jsonl"]["examples"] == 10
     from peftlab.run import rebuild
 
     _, _, _, prepared, adapter = rebuild(span_run)
@@ -293,3 +297,28 @@ def test_span_eval_and_peft_export_give_the_same_logits(span_run, cli, tmp_path,
         got = theirs(**inputs)
     torch.testing.assert_close(got.start_logits, ours.start_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.end_logits, ours.end_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prompt_tuned_span_model_exports_with_the_same_logits_on_the_real_tokens(tmp_path, span_model_dir):
+    """PEFT's question answerer keeps the virtual tokens' logits in front; ours takes them out."""
+    import peftlab
+
+    m = 4
+    torch.manual_seed(0)
+    ours = attach(load_span_model(span_model_dir), "prompt_tuning", num_virtual_tokens=m, init="random")
+    with torch.no_grad():
+        for p in ours.trainable_parameters():
+            p.normal_(0, 0.5)
+    tok = AutoTokenizer.from_pretrained(span_model_dir)
+    batch = encode_spans(read_spans_rows(toy_examples(4)), tok, max_length=24).batch(range(4))
+    inputs = {k: v for k, v in batch.items() if k in INPUTS}
+    with torch.no_grad():
+        expected = ours.model.eval()(**inputs)
+    peftlab.export_hf(ours, tmp_path / "hf", task_type="QUESTION_ANS")
+    theirs = PeftModel.from_pretrained(load_span_model(span_model_dir), tmp_path / "hf").eval()
+    with torch.no_grad():
+        got = theirs(**inputs)
+    assert got.start_logits.shape[1] == expected.start_logits.shape[1] + m
+    keep = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got.start_logits[:, m:][keep], expected.start_logits[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.end_logits[:, m:][keep], expected.end_logits[keep], rtol=1e-5, atol=1e-5)
