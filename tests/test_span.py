@@ -16,7 +16,7 @@ from peftlab.data.spans import SpanExample, encode_spans, load_spans, read_spans
 from peftlab.errors import InputError
 from peftlab.evaluate.metrics import exact_match, normalise_answer, span_metrics, token_f1
 from peftlab.models import load_span_model
-from peftlab.train.span_task import INPUTS, SpanTask, best_span, choose_answers
+from peftlab.train.span_task import INPUTS, SpanTask, best_span, choose_answers, span_logits
 from tests.conftest import FILLER, NEGATIVE, POSITIVE
 
 QUESTION_WORDS = ["which", "word", "?"]
@@ -322,3 +322,6 @@ def test_a_prompt_tuned_span_model_exports_with_the_same_logits_on_the_real_toke
     keep = inputs["attention_mask"].bool()
     torch.testing.assert_close(got.start_logits[:, m:][keep], expected.start_logits[keep], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.end_logits[:, m:][keep], expected.end_logits[keep], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the task reads PEFT's model (the benchmark's peer) on the same real tokens as ours
+        for a, b in zip(span_logits(theirs, batch), span_logits(ours.model, batch), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

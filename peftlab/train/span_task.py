@@ -27,10 +27,13 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def span_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start, end) logits, (B, T) each, with padding positions at -inf."""
+    """(start, end) logits, (B, T) each, with padding positions at -inf. A model that returns logits for virtual
+    tokens in front of the input (PEFT's prompt-learning question answerer, the benchmark's peer) has them dropped."""
     out = model(**{k: v for k, v in batch.items() if k in INPUTS})
     pad = batch["attention_mask"] == 0
-    return out.start_logits.float().masked_fill(pad, NO_SPAN), out.end_logits.float().masked_fill(pad, NO_SPAN)
+    extra = out.start_logits.shape[1] - pad.shape[1]  # (B, m + T) from PEFT's prompt learning, else 0
+    start, end = out.start_logits[:, extra:].float(), out.end_logits[:, extra:].float()
+    return start.masked_fill(pad, NO_SPAN), end.masked_fill(pad, NO_SPAN)
 
 
 def best_span(
