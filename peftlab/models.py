@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -268,6 +269,20 @@ def load_tagger(
         )
     except LOAD_ERRORS as e:
         raise InputError(f"{path}: cannot load a token classifier ({str(e).splitlines()[0]})") from None
+
+
+def load_span_model(
+    path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, allow_pickle: bool = False
+):
+    """An extractive question answerer (start/end logits per token) on the pretrained body; its head
+    (``qa_outputs``, a new Linear(d, 2)) trains with the method."""
+    check_remote_code(path, trust_remote_code)
+    try:
+        return AutoModelForQuestionAnswering.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=safetensors_only(allow_pickle)
+        )
+    except LOAD_ERRORS as e:
+        raise InputError(f"{path}: cannot load a span (question answering) model ({str(e).splitlines()[0]})") from None
 
 
 def load_causal_lm(

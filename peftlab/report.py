@@ -24,7 +24,19 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-METRIC_COLUMNS = ("accuracy", "precision", "recall", "f1", "loss", "perplexity", "exact_match", "answer_accuracy")
+METRIC_COLUMNS = (
+    "accuracy",
+    "precision",
+    "recall",
+    "exact",
+    "f1",
+    "has_answer_f1",
+    "no_answer_accuracy",
+    "loss",
+    "perplexity",
+    "exact_match",
+    "answer_accuracy",
+)
 
 
 def metrics_table(metrics: dict[str, dict | None], title: str = "metrics") -> Table:

@@ -63,7 +63,7 @@ def test_packaged_suites_load_and_plan(name, tmp_path):
         ({"train": {"lr": 1e-3}}, "train.lr: set by the suite itself"),
         ({"train": {"batch_sise": 8}}, "unknown key 'batch_sise' .did you mean 'batch_size'"),
         ({"seeds": [0, 0]}, "names a seed twice"),
-        ({"tasks": [{"name": "s", "task": "translate", "data": "x"}]}, "task: expected one of classify, tag, sft"),
+        ({"tasks": [{"name": "s", "task": "translate", "data": "x"}]}, "expected one of classify, tag, span, sft"),
         ({"tasks": [{"name": "s", "task": "classify", "data": "x", "options": {"model": "m"}}]}, "set by each cell"),
         ({"methods": [{"name": "lora", "lr": -1}]}, "lr: expected a positive number"),
         ({"methods": [{"name": "lora"}, {"name": "lora"}]}, "two entries are labelled 'lora'"),

@@ -265,11 +265,12 @@ def resolve_model(spec: str, assets: Path, folders: dict[str, str] | None = None
 def data_available(spec: str, kind: str) -> bool:
     from ..data.classification import PACKAGED
     from ..data.sft import PACKAGED_SFT
+    from ..data.spans import PACKAGED_SPANS
     from ..data.tagging import PACKAGED_TAGGING
 
     if spec in BUILT_DATA:
         return True
-    packaged = {"classify": PACKAGED, "tag": PACKAGED_TAGGING, "sft": PACKAGED_SFT}[kind]
+    packaged = {"classify": PACKAGED, "tag": PACKAGED_TAGGING, "span": PACKAGED_SPANS, "sft": PACKAGED_SFT}[kind]
     return spec in packaged or Path(spec).expanduser().exists()
 
 

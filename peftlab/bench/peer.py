@@ -43,7 +43,7 @@ def peer_kind(method: str) -> str | None:
     return peft.kind
 
 
-TASK_TYPES = {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "sft": "CAUSAL_LM"}
+TASK_TYPES = {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "span": "QUESTION_ANS", "sft": "CAUSAL_LM"}
 
 
 def peer_note(method: str, config=None, task_kind: str | None = None) -> str | None:

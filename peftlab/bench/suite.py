@@ -21,7 +21,7 @@ A suite file (packaged ones live in ``peftlab/bench/suites/``; any other path wo
 
     [[tasks]]
     name = "rotten_tomatoes"             # the label in the report
-    task = "classify"                    # classify | tag | sft
+    task = "classify"                    # classify | tag | span | sft
     data = ["rotten_tomatoes"]           # the first one available is used
     options = { max_length = 128 }       # RunOptions fields (max_length, eval_generate, ...)
     models = ["minilm"]                  # optional: instead of the suite's models
@@ -55,9 +55,9 @@ from typing import Any
 
 from ..errors import InputError, suggest
 
-TASK_KINDS = ("classify", "tag", "sft")
+TASK_KINDS = ("classify", "tag", "span", "sft")
 # The quality a task kind is judged by (its test metric) and whether higher is better.
-DEFAULT_METRIC = {"classify": "accuracy", "tag": "f1", "sft": "loss"}
+DEFAULT_METRIC = {"classify": "accuracy", "tag": "f1", "span": "f1", "sft": "loss"}
 LOWER_IS_BETTER = {"loss", "perplexity"}
 # TrainSettings fields a suite may not set in [train]: the budget and the seed are the suite's own axes, and the
 # learning rate belongs to each method.

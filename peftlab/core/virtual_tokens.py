@@ -10,8 +10,9 @@ only the first forward pass inserts the vectors; later passes (generation) only 
 since the cache holds the virtual tokens already.
 
 With ``trim_outputs`` a forward hook also takes the m virtual positions back out of the token-level outputs
-(``logits``, ``last_hidden_state``, ``hidden_states``) of a pass that inserted them, so a token classifier's or a
-language model's outputs line up with the caller's tokens again; sequence-level outputs (a classifier's logits,
+(``logits``, ``last_hidden_state``, ``hidden_states``, a span model's ``start_logits`` and ``end_logits``) of a
+pass that inserted them, so a token classifier's, a span model's or a language model's outputs line up with the
+caller's tokens again; sequence-level outputs (a classifier's logits,
 the loss computed from widened labels) are left as they are.
 
 Prompt tuning and P-tuning v1 use this; the model's source is not touched. A provider is called as
@@ -48,6 +49,7 @@ class Handles:
 
 
 TOKEN_OUTPUTS = ("logits", "last_hidden_state")
+SPAN_OUTPUTS = ("start_logits", "end_logits")  # (B, T): a span (question answering) model's per-token scores
 
 
 def insert_virtual_tokens(
@@ -104,8 +106,8 @@ def insert_virtual_tokens(
         kwargs["inputs_embeds"] = embeds
         return (), kwargs
 
-    def trim(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.dim() < 3 or tensor.shape[1] != inserted["width"]:
+    def trim(tensor: torch.Tensor, least: int = 3) -> torch.Tensor:
+        if tensor.dim() < least or tensor.shape[1] != inserted["width"]:
             return tensor
         where = inserted["at"]
         return torch.cat([tensor[:, :where], tensor[:, where + count :]], dim=1)  # (B, T, ...)
@@ -116,6 +118,9 @@ def insert_virtual_tokens(
         for key in TOKEN_OUTPUTS:
             if output.get(key) is not None:
                 output[key] = trim(output[key])
+        for key in SPAN_OUTPUTS:
+            if output.get(key) is not None:
+                output[key] = trim(output[key], least=2)
         if output.get("hidden_states") is not None:
             output["hidden_states"] = tuple(trim(h) for h in output["hidden_states"])
         inserted["width"] = 0

@@ -62,9 +62,21 @@ class RunOptions:
         default=False,
         metadata={"help": "load a model whose only weights are pickle files (pytorch_model.bin); command line only"},
     )
-    task: Literal["classify", "tag", "sft"] = field(
+    task: Literal["classify", "tag", "span", "sft"] = field(
         default="classify",
-        metadata={"help": "classify: a label per text; tag: a tag per word (NER); sft: instruction/chat/text"},
+        metadata={
+            "help": "classify: a label per text; tag: a tag per word (NER); span: the passage span answering a "
+            "question (SQuAD layout); sft: instruction/chat/text"
+        },
+    )
+    doc_stride: int | None = field(
+        default=None,
+        metadata={
+            "help": "span: tokens of overlap between the windows a long passage is read in (default: max_length / 4)"
+        },
+    )
+    max_answer_tokens: int = field(
+        default=30, metadata={"help": "span: the longest answer (in tokens) evaluation may predict"}
     )
     pooling: Literal["auto", "model", "cls", "mean", "max"] = field(
         default="auto",
@@ -122,6 +134,8 @@ class RunOptions:
         require(self.forgetting_docs > 0, "forgetting_docs", "a positive integer", self.forgetting_docs)
         require(self.replay_ratio > 0, "replay_ratio", "a positive number", self.replay_ratio)
         require(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
+        require(self.doc_stride is None or self.doc_stride >= 0, "doc_stride", "an integer >= 0", self.doc_stride)
+        require(self.max_answer_tokens > 0, "max_answer_tokens", "a positive integer", self.max_answer_tokens)
         require(self.eval_generate >= 0, "eval_generate", "an integer >= 0", self.eval_generate)
         require(self.max_new_tokens > 0, "max_new_tokens", "a positive integer", self.max_new_tokens)
         require(self.train_limit is None or self.train_limit > 0, "train_limit", "a positive integer", self.train_limit)

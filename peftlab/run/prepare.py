@@ -19,29 +19,40 @@ from ..data.classification import Columns, load_classification, read_examples
 from ..data.conversations import read_conversations
 from ..data.lm import LMEncoded, encode_conversations, replay_rows, text_sample, with_rows
 from ..data.sft import load_sft, text_documents
+from ..data.spans import encode_spans, load_spans, read_spans
 from ..data.tables import HubData
 from ..data.tagging import Sentence, encode_tagging, load_tagging, read_tagged
 from ..errors import InputError
 from ..evaluate.generation import generate, score
-from ..models import ModelSource, find_model, load_causal_lm, load_classifier, load_tagger, load_tokenizer
+from ..models import (
+    ModelSource,
+    find_model,
+    load_causal_lm,
+    load_classifier,
+    load_span_model,
+    load_tagger,
+    load_tokenizer,
+)
 from ..train.lm_task import LanguageModelTask
 from ..train.loop import ClassificationTask
+from ..train.span_task import SpanTask
 from ..train.tag_task import TaggingTask
 from .options import RunOptions
 
 
 @dataclass
 class Prepared:
-    kind: str  # "classify", "tag" or "sft"
-    data: Any  # ClassificationData, TaggingData or SFTData
-    splits: dict[str, Any]  # split -> Encoded (classify), TagEncoded (tag) or LMEncoded (sft)
+    kind: str  # "classify", "tag", "span" or "sft"
+    data: Any  # ClassificationData, TaggingData, SpanData or SFTData
+    splits: dict[str, Any]  # split -> Encoded (classify), TagEncoded (tag), SpanEncoded (span) or LMEncoded (sft)
     model: ModelSource
     tokenizer: Any
     pooling: str = "model"  # classify: how the head reads the text (``peftlab.pooling``), resolved from "auto"
+    max_answer_tokens: int = 30  # span: the longest answer evaluation may predict
 
     @property
     def labels(self) -> list[str] | None:
-        return None if self.kind == "sft" else self.data.labels
+        return None if self.kind in ("sft", "span") else self.data.labels
 
     @property
     def model_path(self) -> Path:
@@ -77,9 +88,10 @@ def recorded(options: RunOptions, prepared: Prepared) -> RunOptions:
 def packaged_data_names() -> set[str]:
     from ..data.classification import PACKAGED
     from ..data.sft import PACKAGED_SFT
+    from ..data.spans import PACKAGED_SPANS
     from ..data.tagging import PACKAGED_TAGGING
 
-    return set(PACKAGED) | set(PACKAGED_TAGGING) | set(PACKAGED_SFT)
+    return set(PACKAGED) | set(PACKAGED_TAGGING) | set(PACKAGED_SPANS) | set(PACKAGED_SFT)
 
 
 def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
@@ -106,6 +118,13 @@ def prepare_data(options: RunOptions, quiet: bool = False) -> Prepared:
         _limit_evaluation(data, options.eval_limit)
         splits = {name: encode_tagging(s, tokenizer, options.max_length) for name, s in data.splits.items()}
         return Prepared("tag", data, splits, source, tokenizer)
+    if options.task == "span":
+        data = load_spans(options.data, options.split_seed, options.train_limit, quiet, hub_data(options))
+        _limit_evaluation(data, options.eval_limit)
+        splits = {n: encode_spans(s, tokenizer, options.max_length, options.doc_stride) for n, s in data.splits.items()}
+        windows = {n: len(e) for n, e in splits.items()}
+        data.notes.append(f"passages read in windows of {options.max_length} tokens: {windows} windows per split")
+        return Prepared("span", data, splits, source, tokenizer, max_answer_tokens=options.max_answer_tokens)
     columns = Columns(options.text_column, options.pair_column, options.label_column)
     data = load_classification(options.data, columns, options.split_seed, options.train_limit, quiet, hub_data(options))
     _limit_evaluation(data, options.eval_limit)
@@ -190,6 +209,8 @@ def build_model(options: RunOptions, prepared: Prepared, settings_seed: int):
     trust, pickled, dtype = options.trust_remote_code, options.allow_pickle, STORAGE[options.dtype]
     if prepared.kind == "sft":
         return load_causal_lm(prepared.model_path, dtype=dtype, trust_remote_code=trust, allow_pickle=pickled)
+    if prepared.kind == "span":
+        return load_span_model(prepared.model_path, dtype=dtype, trust_remote_code=trust, allow_pickle=pickled)
     if prepared.kind == "tag":
         return load_tagger(
             prepared.model_path, prepared.labels, dtype=dtype, trust_remote_code=trust, allow_pickle=pickled
@@ -211,11 +232,13 @@ def make_task(prepared: Prepared):
         return LanguageModelTask()
     if prepared.kind == "tag":
         return TaggingTask(prepared.labels)
+    if prepared.kind == "span":
+        return SpanTask(prepared.max_answer_tokens)
     return ClassificationTask(len(prepared.data.labels))
 
 
 def task_meta(options: RunOptions, prepared: Prepared) -> dict:
-    kinds = {"classify": "classification", "tag": "tagging", "sft": "sft"}
+    kinds = {"classify": "classification", "tag": "tagging", "span": "span", "sft": "sft"}
     task = {"type": kinds[prepared.kind]} | ({"labels": prepared.labels} if prepared.labels else {})
     if prepared.kind == "classify":
         task["pooling"] = prepared.pooling
@@ -235,12 +258,14 @@ def encode_file(options: RunOptions, prepared: Prepared, path: str | Path):
                 raise InputError(f"{where}: tag {unknown[0]!r} is not one the run was trained on")
             sentences.append(Sentence(words, [index[t] for t in tags]))
         return encode_tagging(sentences, prepared.tokenizer, options.max_length)
+    if prepared.kind == "span":
+        return encode_spans(read_spans(Path(path)), prepared.tokenizer, options.max_length, options.doc_stride)
     columns = Columns(options.text_column, options.pair_column, options.label_column)
     return encode(read_examples(path, prepared.labels, columns), prepared.tokenizer, options.max_length)
 
 
 def hf_task_type(prepared: Prepared) -> str:
-    return {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "sft": "CAUSAL_LM"}[prepared.kind]
+    return {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "span": "QUESTION_ANS", "sft": "CAUSAL_LM"}[prepared.kind]
 
 
 def generation_sets(options: RunOptions, prepared: Prepared, limit: int | None = None) -> dict[str, list]:
