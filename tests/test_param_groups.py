@@ -128,14 +128,16 @@ def test_results_record_the_groups_training_used_even_when_the_saved_adapter_is_
     code, _, err = cli(*args, *options, "--max-steps", "2", "--lr", "0.01", "--mlp-lr-scale", "0.1")
     assert code == 0, err
     recorded = {g["pattern"]: g for g in json.loads((tmp_path / "run" / "results.json").read_text())["param_groups"]}
-    assert recorded["mlp.*"]["lr"] == pytest.approx(0.001) and recorded["classifier.*"]["lr"] == pytest.approx(0.02)
+    assert recorded["mlp.*"]["lr"] == pytest.approx(0.001)
+    assert recorded["classifier.*"]["lr"] == pytest.approx(max(0.01, HEAD_LR_FLOOR))
 
 
 @pytest.mark.parametrize(
     "method, options, expected",
     [
         ("prompt_tuning", ["--num-virtual-tokens", "2"], "note: prompt tuning learns little on a model of"),
-        ("dylora", ["--r", "4"], "note: DyLoRA trains one of its r = 4 rank components per step"),
+        ("dylora", ["--r", "4", "--frozen"], "note: DyLoRA trains one of its r = 4 rank components per step"),
+        ("dylora", ["--r", "4"], None),  # the default trains every component up to the drawn rank
         ("lora", ["--r", "2"], None),
     ],
 )

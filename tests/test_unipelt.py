@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
 import peftlab
 from peftlab.core.adapter import AdapterLayer
@@ -19,7 +20,9 @@ from tests.test_attention import tiny_llama
 from tests.test_prompt_tuning import randomise, tokens
 
 P = 3
-SMALL = {"num_virtual_tokens": P, "encoder_hidden": 8, "bottleneck": 4, "lora_r": 2}
+# LoRA on the paper's query and value projections keeps these layer-by-layer checks short; the default
+# (all-linear) is checked in test_lora_by_default_adapts_every_linear_layer_the_adapter_does_not_wrap.
+SMALL = {"num_virtual_tokens": P, "encoder_hidden": 8, "bottleneck": 4, "lora_r": 2, "lora_targets": ["auto"]}
 
 
 def gated(make, **options):
@@ -49,6 +52,17 @@ def test_gated_lora_and_gated_adapter_equal_their_equations():
         y = u @ layer.base.weight.T + layer.base.bias
         bottleneck = F.relu(y @ a.down_weight.T + a.down_bias) @ a.up_weight.T + a.up_bias
         torch.testing.assert_close(layer(u), y + gate(layer, y) * bottleneck)
+
+
+def test_lora_by_default_adapts_every_linear_layer_the_adapter_does_not_wrap():
+    model = tiny_classifier()
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("classifier")}
+    adapter = peftlab.attach(model, "unipelt", num_virtual_tokens=P, encoder_hidden=8, bottleneck=4, lora_r=2)
+    # (names as in the plain model: the prefix wrapper around each attention.self adds a ".base")
+    with_lora = {n.replace(".base.", ".") for n, m in adapter.model.named_modules() if isinstance(m, GatedLoraLinear)}
+    with_adapter = {n for n, m in adapter.model.named_modules() if isinstance(m, GatedSequentialAdapter)}
+    assert with_adapter == {f"bert.encoder.layer.{i}.output.dense" for i in range(2)}
+    assert with_lora == linear - with_adapter  # query, key, value, attention output, intermediate, pooler
 
 
 def test_gated_prefix_attention_of_one_layer_by_direct_computation():
@@ -154,7 +168,7 @@ def test_cli_trains_and_lists_the_flags(tiny_model_dir, tiny_csv, cli, tmp_path)
         "--bottleneck", "8", "--encoder-hidden", "16", "--lora-r", "4",
     )  # fmt: skip
     assert code == 0, err
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["lr"] == get_method("unipelt").lr == 6e-4
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["lr"] == get_method("unipelt").lr == 1e-3
 
 
 def test_sft_on_a_tiny_llama(tiny_llama_dir, tmp_path, cli):

@@ -228,7 +228,8 @@ def make_plan(suite: Suite, out: Path, filters: Filters | None = None) -> Plan:
 
 # What peftlab does where a suite says nothing, by revision: a cell trained under other defaults is not reused.
 # 2: a classifier reads what its checkpoint was trained with (--pooling auto), the task head is its own group.
-DEFAULTS_REVISION = 2
+# 3: the task head's floor is 5e-3 (was 2e-2); DyLoRA trains every component up to b; UniPELT's LoRA is all-linear.
+DEFAULTS_REVISION = 3
 
 
 def cell_config(cell: Cell, suite: Suite) -> dict:

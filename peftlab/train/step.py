@@ -49,9 +49,11 @@ def autocast_for(precision: str, device: torch.device) -> Callable:
 
 
 # The task head is new and randomly initialised, and must be learned within the budget: unless ``--head-lr`` says
-# otherwise it learns at least at this rate (MiniLM with LoRA on WNUT-16, 200 steps of 16: entity F1 0.0 with the
-# head at the run's 1e-3, 0.42 at 2e-2; the measurements are in docs/results.md).
-HEAD_LR_FLOOR = 2e-2
+# otherwise it learns at least at this rate. Measured with MiniLM and LoRA (docs/results.md), head at 1e-3 / 5e-3 /
+# 2e-2: WNUT-16 entity F1 after 200 steps of 16 0.0 / 0.444 / 0.420 (at the run's rate every word is tagged O);
+# Rotten Tomatoes test accuracy after the default run (full data, 2 epochs) 85.0 / 85.3 / 83.4 %, and after 1,500
+# reviews for one epoch 74.9 (mean pooling, one rate) / 75.0 / 75.1 %.
+HEAD_LR_FLOOR = 5e-3
 
 
 def group_rate(group, lr: float, head_lr: float | None) -> float:
