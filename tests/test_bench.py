@@ -462,6 +462,41 @@ def test_a_report_over_folders_that_split_the_methods_has_every_methods_speed(qu
         assert group["step_seconds"][label]["ours"] > 0, label
 
 
+def test_one_task_on_two_model_sizes_gets_the_size_study(quick, tmp_path):
+    """Per model size: each method's quality relative to full fine-tuning against its trainable share, and the
+    smallest share that reaches 95 % of full fine-tuning, recomputed here from the cells."""
+    bench = tmp_path / "bench"
+    shutil.copytree(quick / "tiny-bert__sentiment", bench / "tiny-bert__sentiment")
+    shutil.copytree(quick / "tiny-bert__sentiment", bench / "tiny-big__sentiment")
+    for path in (bench / "tiny-big__sentiment").rglob("cell.json"):
+        cell = json.loads(path.read_text())
+        cell["model"] = "tiny:big"
+        cell["params"]["total"] *= 10
+        path.write_text(json.dumps(cell))
+    md = write_report([bench], tmp_path / "r")[0].read_text()
+    assert "## Model size" in md and "smallest share" in md and (tmp_path / "r" / "size-quick-sentiment.png").exists()
+    (study,) = json.loads((tmp_path / "r-size.json").read_text())
+    assert [m["model"] for m in study["models"]] == ["tiny:bert", "tiny:big"]  # smallest first
+    for model in study["models"]:
+        cells = [json.loads(p.read_text()) for p in bench.glob("*/*/seed*/cell.json")]
+        cells = [c for c in cells if c["model"] == model["model"] and c["implementation"] == "peftlab"]
+        full = next(c for c in cells if c["label"] == "full")
+        points = {
+            c["label"]: (
+                c["params"]["trainable"] / full["params"]["total"],
+                c["quality"]["value"] / full["quality"]["value"],
+            )
+            for c in cells
+            if c["label"] != "full"
+        }
+        reaching = [(share, label) for label, (share, relative) in points.items() if relative >= 0.95]
+        expected = min(reaching)[1] if reaching else None
+        assert (model["smallest_reaching_target"] or {}).get("label") == expected
+        assert {p["label"]: round(p["share"], 9) for p in model["points"]} == {
+            label: round(share, 9) for label, (share, _) in points.items()
+        }
+
+
 def test_unfinished_cell_is_run_again_after_its_config_changed(tmp_path):
     suite = suite_with()
     plan = make_plan(suite, tmp_path, Filters(peers=False, speed=False))

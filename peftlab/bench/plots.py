@@ -163,3 +163,29 @@ def plot_speed(plt, group: Group, path: Path) -> None:
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
     plt.close(fig)
+
+
+SIZE_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
+
+
+def plot_size(plt, study, path: Path) -> None:
+    """Quality relative to full fine-tuning against the trainable share of the model, one series per model size
+    (``peftlab.bench.size_study``), with the 95 % line."""
+    from .size_study import TARGET
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, size in enumerate(study.models):
+        colour = SIZE_COLOURS[i % len(SIZE_COLOURS)]
+        xs, ys = [p.share for p in size.points], [p.relative for p in size.points]
+        ax.plot(xs, ys, "o", color=colour, label=f"{size.model} ({size.total / 1e6:.0f}M)")
+        for p in size.points:
+            ax.annotate(p.label, (p.share, p.relative), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.axhline(TARGET, color="black", linestyle="--", linewidth=1, label=f"{TARGET:.0%} of full fine-tuning")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable share of the model (log scale)")
+    ax.set_ylabel(f"test {study.metric} relative to full fine-tuning")
+    ax.set_title(f"{study.task}: quality vs trainable share, by model size", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)

@@ -28,8 +28,9 @@ import re
 from pathlib import Path
 
 from ..fileio import write_text
+from . import size_study
 from .collect import Collected, Group, collect, memory_of, step_times
-from .plots import memory_rows, plot_memory, plot_quality, plot_speed, pyplot
+from .plots import memory_rows, plot_memory, plot_quality, plot_size, plot_speed, pyplot
 from .render import Doc
 from .summary_tables import lr_search_table, method_table, peer_table, standings
 
@@ -137,6 +138,9 @@ def write_report(
                 doc.image(f"{images.name}/{name}", f"{group.title}: {kind}")
     if any(g.lr_search for g in collected.groups):
         lr_search_section(doc, collected)
+    studies = size_study.size_studies(collected.groups)
+    if studies:
+        size_section(doc, studies, plt, images)
     doc.h(2, "Method settings")
     settings_rows = {}
     for group in collected.groups:
@@ -157,7 +161,33 @@ def write_report(
     write_text(md, doc.markdown())
     write_text(page, doc.html(title))
     write_text(stem.with_suffix(".json"), json.dumps(summary(collected), indent=1) + "\n")
+    if studies:
+        sizes = [size_study.summary(s) for s in studies]
+        write_text(stem.parent / f"{stem.name}-size.json", json.dumps(sizes, indent=1) + "\n")
     return md, page
+
+
+SIZE_STUDY = (
+    "Where one task ran on models of different sizes, each with full fine-tuning, every method's quality relative to "
+    "full fine-tuning on the same model (quality / full's; full's / quality for a loss) against its trainable share "
+    "of the model (trainable parameters, the task head included, / all parameters), and per model the smallest "
+    "trainable share that reaches {target:.0%} of full fine-tuning, in share and in number (`{stem}-size.json` holds "
+    "the same)."
+)
+
+
+def size_section(doc: Doc, studies: list, plt, images: Path) -> None:
+    """The model-size study (``size_study``): a summary table, the detail and a plot per task."""
+    doc.h(2, "Model size")
+    doc.p(SIZE_STUDY.format(target=size_study.TARGET, stem=images.name))
+    for study in studies:
+        doc.p(f"**{study.task}** ({study.suite}; test {study.metric}):")
+        doc.table(*size_study.summary_table(study))
+        doc.table(*size_study.detail_table(study))
+        if plt is not None:
+            name = f"size-{study.suite}-{study.task}.png"
+            plot_size(plt, study, images / name)
+            doc.image(f"{images.name}/{name}", f"{study.task}: quality vs trainable share by model size")
 
 
 LR_SEARCH = (
