@@ -169,3 +169,25 @@ def test_importing_tracking_has_no_side_effects():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_resumed_run_continues_the_same_mlflow_run(cli, tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy", reason="MLflow's local store in the run folder is SQLite (sqlalchemy, alembic)")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    flags = ("--report-to", "mlflow", "--log-every", "1", "--checkpoint-every", "5")
+    with crash_after_checkpoint(15):
+        code, _, _ = cli("train", "--model", tiny_model_dir, "--data", tiny_csv, "--out", out, *TINY, *flags)
+    assert code == 130
+    run_id = json.loads((out / "tracking.json").read_text())["mlflow"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FAILED"
+    code, _, err = cli("train", "--resume", out)
+    assert code == 0, err
+    steps = json.loads((out / "results.json").read_text())["steps"]
+    assert json.loads((out / "tracking.json").read_text())["mlflow"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, steps + 1))
