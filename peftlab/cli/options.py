@@ -46,6 +46,8 @@ def add_fields(group, cls: type) -> None:
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is list and typing.get_origin(typing.get_args(hint)[0]) is typing.Literal:
+            kwargs.update(nargs="+", choices=typing.get_args(typing.get_args(hint)[0]))
         elif origin is list:
             kwargs.update(nargs="+", metavar="PATTERN")
         elif origin is dict:

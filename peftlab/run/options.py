@@ -14,6 +14,7 @@ import torch
 from ..errors import InputError, require
 from ..methods import config_to_dict, get_method
 from ..train.loop import TrainSettings
+from ..train.tracking import chosen
 
 MAX_THREADS = 1024  # far beyond any CPU; more makes tokenizers' thread pools fail outright
 
@@ -128,11 +129,24 @@ class RunOptions:
     replay_ratio: float = field(
         default=0.25, metadata={"help": "sft: replayed general-text target tokens per target token of the task data"}
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "experiment trackers to log the run to, one or several (needs pip install 'peftlab[tracking]'): "
+            "TensorBoard event files in <run>/tensorboard, MLflow (MLFLOW_TRACKING_URI, else <run>/mlruns), "
+            "Weights & Biases (your W&B settings; project peftlab unless WANDB_PROJECT)"
+        },
+    )
+    log_every: int = field(
+        default=10, metadata={"help": "optimiser steps between tracked training metrics (first and last always)"}
+    )
 
     def __post_init__(self):
         require(self.eval_limit is None or self.eval_limit > 0, "eval_limit", "a positive integer", self.eval_limit)
         require(self.forgetting_docs > 0, "forgetting_docs", "a positive integer", self.forgetting_docs)
         require(self.replay_ratio > 0, "replay_ratio", "a positive number", self.replay_ratio)
+        require(self.log_every > 0, "log_every", "a positive integer", self.log_every)
+        chosen(self.report_to)  # none cannot be combined with a tracker
         require(self.max_length >= 8, "max_length", "an integer >= 8", self.max_length)
         require(self.doc_stride is None or self.doc_stride >= 0, "doc_stride", "an integer >= 0", self.doc_stride)
         require(self.max_answer_tokens > 0, "max_answer_tokens", "a positive integer", self.max_answer_tokens)

@@ -28,6 +28,7 @@ from ..errors import InputError
 from ..fileio import LOCK_FILE, folder_lock, remove_stale_temporaries, write_json
 from ..methods import get_method
 from ..methods.prompt_tuning import SoftPrompt
+from ..train import tracking
 from ..train.distributed import from_environment, shard_model
 from ..train.loop import TrainSettings, autocast_for, fit, make_hooks, total_steps
 from ..train.step import group_rate
@@ -56,6 +57,7 @@ def run_training(
     if options.fsdp and not dist.enabled:
         raise InputError("fsdp: shards the model across processes; start several with --nproc N or torchrun")
     method = get_method(options.method)
+    tracking.require(options.report_to)  # a tracker's missing library stops the run before any work
     out = Path(options.out) if options.out else default_out(options)
     if dist.enabled and not options.out:
         out = Path(dist.broadcast(str(out)))  # one folder for every process
@@ -129,21 +131,39 @@ def run_training(
             }
             for g, params in attachment.parameter_groups()
         ]
-        result = fit(
-            attachment,
-            task,
-            prepared.splits["train"],
-            prepared.splits["validation"],
-            settings,
-            lr,
-            out / "checkpoint",
-            save_best,
-            device,
-            resume=resume,
-            show_progress=show_progress,
-            hooks=hooks,
-            dist=dist,
-        )
+        # Only the main process tracks; the configuration, the resolved rate and the counts before training.
+        tracker = tracking.open_trackers(options.report_to, out, resume) if dist.main else None
+        if tracker is not None:
+            tracker.start(
+                {
+                    **flat_config(options, settings, attachment.config),
+                    "resolved_lr": lr,
+                    "params_total": sum(p.numel() for p in model.parameters()),
+                    "params_trainable": attachment.trainable_count(),
+                }
+            )
+        try:
+            result = fit(
+                attachment,
+                task,
+                prepared.splits["train"],
+                prepared.splits["validation"],
+                settings,
+                lr,
+                out / "checkpoint",
+                save_best,
+                device,
+                resume=resume,
+                show_progress=show_progress,
+                hooks=hooks,
+                dist=dist,
+                tracker=tracker,
+                log_every=options.log_every,
+            )
+        except BaseException:
+            if tracker is not None:
+                tracker.finish(failed=True)
+            raise
         dist.barrier()  # rank 0 has written the best adapter; every process loads it
         # A method trained through a reparameterisation takes the form its adapter file holds (prefix tuning's MLP
         # computed into the prefixes); "trainable" still counts what the optimiser updated.
@@ -213,6 +233,10 @@ def run_training(
         }
         if dist.main:
             write_json(out / "results.json", results)
+        if tracker is not None:  # the test metrics and the final accounting, at the last step
+            final = {**tracking.numbers("test", test), **tracking.numbers("params", counts)}
+            tracker.log(result.steps, {**final, "adapter_bytes": float(results["adapter_bytes"])})
+            tracker.finish()
         dist.barrier()
         return results
 

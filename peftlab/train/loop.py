@@ -51,6 +51,7 @@ from .distributed import SINGLE, Distributed
 from .regularise import regularisers
 from .step import HEAD_LR_FLOOR, Diverged, Step
 from .step import autocast_for as autocast_for  # re-exported: run and cli build evaluation autocasts with it
+from .tracking import Tracker, Window, learning_rates, numbers, peak_process_memory
 
 # Random streams of a run besides the epochs' data orders (streams 0, 1, ...): see ``stream_seed``.
 SAMPLING = -1  # the batches a hook draws before training (``TrainContext.batches``: the Fisher information)
@@ -321,7 +322,12 @@ def fit(
     show_progress: bool = True,
     hooks: TrainingHooks | None = None,
     dist: Distributed = SINGLE,
+    tracker: Tracker | None = None,
+    log_every: int = 10,
 ) -> FitResult:
+    """Train to the end of ``settings``' schedule (see the module docstring). ``tracker`` (``peftlab.train.tracking``,
+    the main process's only) receives the training metrics every ``log_every`` steps, at the first step and the
+    last, and the validation metrics at every evaluation."""
     model = attachment.model
     model.train()
     per_step = settings.batch_size * settings.grad_accum
@@ -335,6 +341,7 @@ def fit(
     # (evaluation, checkpoints, the saved adapter) uses the plain model.
     forward = torch.compile(model) if settings.compile else model
     trainer = Step(attachment, task, settings, lr, total, device, hooks, dist, forward)
+    trainer.measure_grad_norm = tracker is not None
 
     def sample_batches(examples: int, batch_size: int):
         g = torch.Generator().manual_seed(stream_seed(settings.seed, SAMPLING))
@@ -358,6 +365,7 @@ def fit(
         state.prepare_seconds = time.perf_counter() - started
 
     orders: dict[int, list[int]] = {}  # the current epoch's order
+    window, first = Window(), state.step + 1  # the steps since the last log; this process's first step
 
     with _progress(show_progress and dist.main) as bar:
         job = bar.add_task("train", total=total, completed=state.step, info="")
@@ -368,16 +376,28 @@ def fit(
                 orders.clear()
                 orders[epoch] = epoch_order(train, settings, epoch)
             chunk = orders[epoch][position * per_step : (position + 1) * per_step]
+            rates = [g["lr"] for g in trainer.optimizer.param_groups]  # the rates this step uses
             started = time.perf_counter()
             try:
                 step_loss = trainer.take(step, trainer.micro_batches(chunk, train))
             except Diverged as e:
                 raise _diverged(str(e), step, checkpoint_dir) from None
             tokens = sum(len(train.input_ids[i]) for i in chunk)
-            state.add_step(len(chunk), tokens, time.perf_counter() - started, step_loss)
+            seconds = time.perf_counter() - started
+            state.add_step(len(chunk), tokens, seconds, step_loss)
             step = state.step
             rate = state.examples / max(state.train_seconds, 1e-9)
             bar.update(job, completed=step, info=f"loss {step_loss:.4f}  {rate:.0f} ex/s")
+            if tracker is not None:
+                window.add(step_loss, len(chunk), tokens, seconds)
+                if step in (first, total) or step % log_every == 0:
+                    logged = {**window.metrics(), **learning_rates(trainer.optimizer.param_groups, rates)}
+                    norm = trainer.grad_norm
+                    if norm is not None and math.isfinite(norm := float(norm)):  # fp16: a skipped step's is inf
+                        logged["train/grad_norm"] = norm
+                    logged["train/epoch"] = step / steps_per_epoch
+                    tracker.log(step, {**logged, **peak_process_memory(device)})
+                    window.reset()
 
             epoch_end = step % steps_per_epoch == 0 or step == total
             if epoch_end:
@@ -390,6 +410,8 @@ def fit(
                 entry, is_best = state.add_evaluation(metrics, metric, epoch_now, lr_now, eligible)
                 if is_best:
                     on_best(metrics, step)
+                if tracker is not None:
+                    tracker.log(step, {**numbers("validation", metrics), "train/epoch_loss": entry["train_loss"]})
                 if dist.main:
                     bar.console.print(
                         f"epoch {entry['epoch']:g}  step {step}  train loss {entry['train_loss']:.4f}  "

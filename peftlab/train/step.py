@@ -127,6 +127,10 @@ class Step:
         self.autocast = autocast_for(settings.precision, device)
         # fp16's narrow range: the loss is scaled up before backward and the gradients down before they are used.
         self.scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
+        # The gradient norm of the last step (a tensor, before clipping): measured by the clipping, or, where
+        # clipping is off, only when ``measure_grad_norm`` asks for it (tracking); None when not measured.
+        self.measure_grad_norm = False
+        self.grad_norm: torch.Tensor | None = None
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The task loss of ``batch`` under the autocast, through the training forward."""
@@ -202,6 +206,9 @@ class Step:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
             if self.checked and self.scaler is None and not torch.isfinite(norm):
                 raise Diverged(f"the gradient norm is {norm.item()}")
+            self.grad_norm = norm
+        elif self.measure_grad_norm:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, math.inf)  # measures; scales by 1
         if self.scaler is None:
             self.optimizer.step()
         else:
