@@ -271,6 +271,8 @@ def test_serve_without_the_extra_names_it(cli, monkeypatch, tiny_llama_dir):
     code, _, err = cli("serve", "--model", tiny_llama_dir)
     assert code == 2 and err.startswith("error: ") and "pip install 'peftlab[serve]'" in err
     assert err.count("\n") == 1
+    code, _, err = cli("serve", "--model", tiny_llama_dir, "--adapter", "no-name")
+    assert code == 2 and err == "error: peftlab serve: --adapter expects NAME=FOLDER, got 'no-name'\n"
 
 
 def free_port() -> int:

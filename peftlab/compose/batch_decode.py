@@ -63,10 +63,8 @@ def left_pad(prompts: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def next_token(logits: torch.Tensor, row: DecodeRow, generator: torch.Generator) -> int:
-    """The row's next token from its last logits (V,): the argmax, or a draw at its temperature and top-p."""
-    if row.temperature <= 0:
-        return int(logits.argmax())
+def sampled_token(logits: torch.Tensor, row: DecodeRow, generator: torch.Generator) -> int:
+    """A draw from the row's last logits (V,) at its temperature and top-p."""
     probs = torch.softmax(logits.float().cpu() / row.temperature, dim=-1)  # (V,)
     if row.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
@@ -127,6 +125,7 @@ def decode_together(model, tokenizer, rows: Sequence[DecodeRow], eos: int | None
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :]  # (B, V)
+            greedy = logits.argmax(-1).tolist()  # one transfer for every greedy row
             chosen = []
             for j, row in enumerate(rows):
                 if row.finish_reason is None and row.cancelled is not None and row.cancelled():
@@ -134,7 +133,7 @@ def decode_together(model, tokenizer, rows: Sequence[DecodeRow], eos: int | None
                 if row.finish_reason is not None:
                     chosen.append(pad)
                     continue
-                token = next_token(logits[j], row, generators[j])
+                token = greedy[j] if row.temperature <= 0 else sampled_token(logits[j], row, generators[j])
                 row.tokens.append(token)
                 chosen.append(token)
                 if token == eos:

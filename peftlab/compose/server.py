@@ -112,6 +112,19 @@ def message_text(message: Message, index: int) -> dict[str, str]:
     return {"role": message.role, "content": content}
 
 
+def rendered(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids through the chat template; a template that refuses the messages is the request's
+    fault (a 400), e.g. roles out of the order it requires."""
+    try:
+        return render(tokenizer, messages, generation_prompt=True)
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - jinja's errors, raised by templates for messages they refuse
+        raise ApiError(
+            400, f"messages: the model's chat template refused them ({error})", "messages", "invalid_value"
+        ) from None
+
+
 class Pending:
     """Hands a request's text and its end from the decoding thread to the event loop (one queue per request)."""
 
@@ -311,7 +324,7 @@ def create_app(engine: ServingEngine, api_key: str | None = None, tokens_limit: 
     async def chat(body: ChatRequest):
         adapter = engine.resolve(body.model)
         messages = [message_text(m, i) for i, m in enumerate(body.messages)]
-        prompt = render(engine.tokenizer, messages, generation_prompt=True)
+        prompt = rendered(engine.tokenizer, messages)
         pending = Pending(asyncio.get_running_loop())
         row = api.row(body, prompt, pending, 0)
         api.submit([row], adapter, pending)
