@@ -12,6 +12,7 @@
     peftlab compose merge ADAPTER... --weights W... --rank R --out DIR [--head NAME|none]
     peftlab compose lorahub ADAPTER... --data TARGET [--k 32] [--budget 40] [--seeds 0 1 2]
     peftlab compose bench [--model M] [--adapters 8] [--rank 8] [--batch-size 32] [--length 64]
+    peftlab serve --model M [--adapter NAME=FOLDER ...] [--host H] [--port P] [--max-batch N] [--api-key KEY]
     peftlab methods [NAME]
     peftlab estimate [--model M] [--method NAME] [--batch-size B] [--length T] [--dtype bf16] [--gpu-memory GB]
     peftlab assets list | pull NAME... | verify NAME...
@@ -35,6 +36,7 @@ from .compose import cmd_compose
 from .decoding import cmd_baseline, cmd_chat, cmd_generate
 from .estimate import cmd_estimate
 from .options import Parser
+from .serve import cmd_serve
 from .train import cmd_train
 
 COMMANDS = {
@@ -47,6 +49,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "baseline": cmd_baseline,
     "compose": cmd_compose,
+    "serve": cmd_serve,
     "methods": cmd_methods,
     "estimate": cmd_estimate,
     "assets": cmd_assets,
