@@ -192,3 +192,81 @@ def test_cli_refuses_a_classifier_run(cli, tiny_model_dir, tiny_csv, tmp_path):
     code, _, err = cli("export", run, "--format", "gguf", "--out", tmp_path / "a.gguf")
     assert code == 2 and "error:" in err and "Llama- and Qwen2-style decoders" in err
     assert not (tmp_path / "a.gguf").exists()
+
+
+PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time"]
+
+
+@pytest.mark.real
+def test_llama_cpp_runs_our_adapter_and_merged_model_like_peftlab(tmp_path, cli, tiny_llama_dir, capsys):
+    """SmolLM2-135M: a LoRA trained a few steps, exported; llama.cpp (4-bit base + adapter, and the merged GGUF)
+    continues each prompt greedily with the same tokens as peftlab's model, and refuses an adapter of another model."""
+    from peftlab.assets.source import source_gguf
+    from peftlab.run import rebuild
+    from tests.llama_cpp import Llama, Unavailable
+    from tests.test_sft import instruction_rows
+
+    try:
+        from tests.llama_cpp import load
+
+        load()
+    except Unavailable as e:
+        pytest.skip(f"llama.cpp: {e}")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in instruction_rows(16)))
+    run = tmp_path / "run"
+    targets = ["*q_proj", "*k_proj", "*v_proj", "*o_proj", "*up_proj"]
+    options = ["--task", "sft", "--r", "8", "--max-steps", "4", "--batch-size", "4", "--lr", "0.005"]
+    options += ["--max-length", "48", "--eval-generate", "0", "--targets", *targets]
+    code, _, err = cli("train", "--model", "smollm2-135m", "--data", data, "--out", run, *options)
+    assert code == 0, err
+    base = source_gguf("smollm2-135m")
+    code, _, err = cli("export", run, "--format", "gguf", "--base", base, "--out", tmp_path / "a.gguf")
+    assert code == 0, err
+    code, _, err = cli("export", run, "--format", "gguf", "--merged", "--out", tmp_path / "m.gguf")
+    assert code == 0, err
+    _, _, _, prepared, attachment = rebuild(run)
+    model, tokenizer = attachment.model.eval(), prepared.tokenizer
+    n = 8
+    report = []
+    with_lora, merged, plain = Llama(base, tmp_path / "a.gguf"), Llama(tmp_path / "m.gguf"), Llama(base)
+    try:
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+            ours = out[0, len(ids) :].tolist()
+            with torch.no_grad():
+                ref = model(out).logits[0, len(ids) - 1 : -1].numpy()  # (n, vocab) along our continuation
+            seq = out[0].tolist()
+            got = {}
+            for label, llm in (("lora", with_lora), ("merged", merged), ("base", plain)):
+                logits = llm.logits(seq)[len(ids) - 1 : -1]
+                tokens, _ = llm.greedy(ids, n)
+                agree = int((logits.argmax(-1) == ref.argmax(-1)).sum())  # teacher-forced along our tokens
+                got[label] = (tokens, float(np.abs(logits - ref).max()), agree)
+            report.append((prompt, ours, got))
+    finally:
+        for llm in (with_lora, merged, plain):
+            llm.close()
+    with capsys.disabled():
+        for prompt, ours, got in report:
+            print(
+                f"\n{prompt!r}: peftlab {ours}; "
+                + "; ".join(f"{k} {t} max|dlogit| {d:.3f} argmax {a}/{n}" for k, (t, d, a) in got.items())
+            )
+    # The merged GGUF holds the adapted weights in f32: the same greedy tokens. The 4-bit base + adapter quantises
+    # the activations of the base matmuls (q8) too, so a near-tie may flip: most steps agree, logits stay close.
+    for _, ours, got in report:
+        assert got["merged"][0] == ours and got["merged"][1] < 1.5
+        assert got["lora"][1] < 1.5
+    assert sum(got["lora"][2] for _, _, got in report) >= 0.85 * n * len(PROMPTS)
+    assert any(got["base"][1] > 2 * got["lora"][1] for _, _, got in report)  # the adapter is what llama.cpp applied
+    # an adapter of another model (the tiny Llama's shapes) is refused by llama.cpp, and by --base before writing
+    tiny = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    att = peftlab.attach(tiny, "lora", r=2)
+    write_gguf_lora(att, tmp_path / "tiny.gguf", BaseIdentity("tiny"))
+    with pytest.raises(RuntimeError, match="refused the adapter"):
+        Llama(base, tmp_path / "tiny.gguf")
+    with pytest.raises(InputError, match="trained on another model"):
+        write_gguf_lora(att, tmp_path / "tiny2.gguf", BaseIdentity("tiny"), base_file=base)
