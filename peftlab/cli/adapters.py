@@ -98,9 +98,26 @@ def cmd_export(argv: list[str], show_progress: bool) -> int:
     from ..run import hf_task_type
 
     parser = Parser(prog="peftlab export", description="Convert a run's adapter to another format.")
-    parser.add_argument("--format", choices=["hf"], required=True, help="hf: Hugging Face PEFT")
-    parser.add_argument("--out", required=True, help="output folder (new or empty)")
+    parser.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        required=True,
+        help="hf: Hugging Face PEFT (a folder); gguf: a llama.cpp / Ollama LoRA adapter (a file)",
+    )
+    parser.add_argument("--out", help="hf: output folder (new or empty); gguf: output file (default RUN/adapter.gguf)")
+    gguf = parser.add_argument_group("gguf")
+    gguf.add_argument(
+        "--base", metavar="FILE", help="the base model's GGUF: checked against the adapter (and merged into)"
+    )
+    gguf.add_argument(
+        "--merged", action="store_true", help="write the base GGUF with the adapter merged in, a model of its own"
+    )
+    gguf.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="of the written LoRA / merged tensors")
+    if _format_of(argv) == "gguf":
+        return _export_gguf(parser, argv, show_progress)
     args, (run, _, _, prepared, attachment) = run_into_new_folder(parser, argv, show_progress)
+    if args.out is None:
+        raise InputError("--out: the folder for the Hugging Face PEFT adapter is required")
     pooling = prepared.pooling  # "model" for other tasks than classify
     notes = {"pooling": pooling, "note": POOLING_NOTE} if pooling != "model" else None
     reference, task_type = prepared.model.reference, hf_task_type(prepared)
@@ -111,6 +128,32 @@ def cmd_export(argv: list[str], show_progress: bool) -> int:
             f"note: the classifier was trained on {pooling}-pooled token states ({args.out}/peftlab.json); "
             "PEFT's sequence classifier reads its own position unless you pool the same way"
         )
+    return 0
+
+
+def _format_of(argv: list[str]) -> str | None:
+    """The value of ``--format`` in ``argv`` (the two formats take different outputs), before the full parse."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--format")
+    return pre.parse_known_args(argv)[0].format
+
+
+def _export_gguf(parser, argv: list[str], show_progress: bool) -> int:
+    """``peftlab export RUN --format gguf``: the adapter, or with ``--merged`` the merged model, as one GGUF file."""
+    from ..fileio import check_output_file
+    from ..run.gguf import export_gguf
+
+    parser.add_argument("run", help="run folder")
+    overwrite_argument(parser)
+    model_code_arguments(parser)
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.run) / ("merged.gguf" if args.merged else "adapter.gguf")
+    check_output_file(out, args.overwrite)
+    run, options, _, _, attachment = rebuild_run(args, show_progress)
+    for line in export_gguf(attachment, options.model, out, args.merged, args.base, args.dtype, not show_progress):
+        print(line)
     return 0
 
 

@@ -5,6 +5,7 @@
     peftlab eval RUN [--data FILE] [--split test]
     peftlab merge RUN --out DIR
     peftlab export RUN --format hf --out DIR
+    peftlab export RUN --format gguf [--out FILE] [--base FILE] [--merged] [--dtype f32|f16]
     peftlab import HF_ADAPTER --out DIR [--model M] [--labels a,b]
     peftlab generate (RUN | --model M [--adapter DIR]) [--prompts FILE|-] [--temperature T] [--proxy-base B]
     peftlab chat (RUN | --model M [--adapter DIR]) [--proxy-base B]
