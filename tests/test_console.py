@@ -60,6 +60,8 @@ def test_track_joins_a_live_bar_as_a_row_and_leaves_it():
             advance(4)
             assert task.completed == 4
         assert not bar.tasks
+    with progress.showing("bar"), progress.track(3, default="generating", unit="replies") as advance:
+        advance(3)  # no live bar to join: a transient one of its own, gone at the end
 
 
 def test_train_prints_what_will_run(tiny_model_dir, tiny_csv, cli, tmp_path):
