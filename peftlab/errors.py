@@ -23,6 +23,14 @@ class InputError(PeftlabError):
     exit_code = 2
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run that can be continued: ``folder`` is the run folder ``peftlab train --resume`` takes."""
+
+    def __init__(self, folder):
+        super().__init__(str(folder))
+        self.folder = folder
+
+
 def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """A phrase like " (did you mean 'alpha'?)" naming the closest candidates, or "" when none is close."""
     close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)

@@ -2,17 +2,42 @@
 
 Importing peftlab changes no environment variable, logging level or global setting of the user's process: a
 notebook that imports it keeps its hub access, its warnings and its progress bars. Only ``peftlab`` commands (the
-CLI's ``main``) call ``quiet_libraries`` to keep their output to peftlab's own lines. A library function that
-needs a setting for a moment (converting a GGUF file without transformers' bar) takes it with ``scoped`` and puts
-it back.
+CLI's ``main``) call ``quiet_libraries`` to keep their output to peftlab's own lines, and run within
+``library_warnings_filtered`` (the library warnings that are noise to a peftlab user, filtered by message and
+category). A library function that needs a setting for a moment (converting a GGUF file without transformers' bar)
+takes it with ``scoped`` and puts it back.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+# Warnings of the libraries peftlab calls that are about the libraries themselves, not about anything a peftlab
+# user or peftlab's own calls can change: (category, start of the message, why it is noise). Filtered only within a
+# peftlab command (``library_warnings_filtered``), never at import.
+LIBRARY_NOISE: tuple[tuple[type[Warning], str, str], ...] = (
+    (
+        FutureWarning,
+        "`is_gradient_checkpointing` is deprecated",
+        "peft's PeftModel (the bench's PEFT peer) reads this transformers property when it wraps a model; the "
+        "deprecation is between peft and transformers",
+    ),
+)
+
+
+@contextmanager
+def library_warnings_filtered() -> Iterator[None]:
+    """For peftlab's commands: ignore exactly the ``LIBRARY_NOISE`` warnings within the block (the filters before
+    it are restored after it)."""
+    with warnings.catch_warnings():
+        for category, message, _ in LIBRARY_NOISE:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=category)
+        yield
 
 
 def quiet_libraries() -> None:

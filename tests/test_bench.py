@@ -3,8 +3,11 @@ quick suite end to end (cells, resume, report)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -296,8 +299,13 @@ def quick(tmp_path_factory):
     from peftlab.cli import main
 
     out = tmp_path_factory.mktemp("bench") / "quick"
-    code = main(["--no-progress", "bench", "--quick", "--seeds", "0", "--out", str(out)])
+    printed = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+        warnings.simplefilter("always")  # every warning that reaches the user is recorded
+        code = main(["--no-progress", "bench", "--quick", "--seeds", "0", "--out", str(out)])
     assert code == 0
+    (out.parent / "console.txt").write_text(printed.getvalue())
+    (out.parent / "warnings.txt").write_text("".join(f"{w.category.__name__}: {w.message}\n" for w in caught))
     return out
 
 
@@ -333,6 +341,24 @@ def test_quick_suite_records_every_cell(quick):
             assert cell["quality"]["value"] == pytest.approx(ours["quality"]["value"], abs=1e-4), (task, label)
     sft = found[("instructions", "lora", False)]
     assert "answer_accuracy" in sft["metrics"]["test"]
+
+
+def test_quick_suite_console_has_a_header_a_line_per_cell_and_a_summary(quick):
+    printed = (quick.parent / "console.txt").read_text()
+    lines = printed.splitlines()
+    assert (
+        lines[0] == f"bench quick: 15 cells: 15 to run, 0 done before, 0 reused, speed of 9 methods to measure; "
+        f"results in {quick}"
+    )
+    for task, label, peer in cells(quick):
+        model = "tiny:llama" if task == "instructions" else "tiny:bert"
+        tag = f"[{model} / {task} / {label} / seed 0]" + (" (peer)" if peer else "")
+        mine = [line for line in lines if tag in line and (peer or tag + " (peer)" not in line)]
+        assert len(mine) == 2  # one line when the cell ends, and its row in the summary table
+        assert mine[0].startswith(tag + " ") and ", trainable " in mine[0] and mine[0].endswith(" s")
+    assert "suite quick: cells of this run" in printed
+    assert "epoch " not in printed  # no per-step or per-epoch chatter
+    assert "FutureWarning" not in (quick.parent / "warnings.txt").read_text()
 
 
 def test_quick_suite_speed_has_the_floor_and_full(quick):

@@ -92,6 +92,13 @@ class Cell:
         rate = "" if self.at_base_rate else f" lr {self.lr:g}"
         return f"{self.group.slug} {who}{self.variant.label}{rate} seed {self.seed}"
 
+    @property
+    def tag(self) -> str:
+        """How the console names the cell: ``[minilm / rotten_tomatoes / lora / seed 0]``, `` (peer)`` for PEFT's."""
+        rate = "" if self.at_base_rate else f" lr {self.lr:g}"
+        where = f"{self.group.model_spec} / {self.group.task.name} / {self.variant.label}{rate} / seed {self.seed}"
+        return f"[{where}]" + (" (peer)" if self.peer else "")
+
 
 @dataclass
 class Plan:

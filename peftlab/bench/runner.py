@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .. import progress
 from ..core.attach import attach
 from ..errors import InputError
 from ..fileio import read_json, write_json, write_text
@@ -60,6 +61,7 @@ class Runner(SpeedBench):
         self.show_progress = show_progress
         self.log = log
         self._prepared: tuple[str, Any] | None = None
+        self.summary: list[dict[str, Any]] = []  # one row per cell run or reused now (``cell_row``)
 
     def prepared(self, group: Group):
         """The group's tokenised data (cached for the group's peer cells and micro-benchmark)."""
@@ -69,7 +71,9 @@ class Runner(SpeedBench):
             self._prepared = (group.slug, prepare_data(group.options("full"), quiet=True))
         return self._prepared[1]
 
-    def run(self) -> dict[str, int]:
+    def run(self) -> dict[str, Any]:
+        """Run what is missing; the counts of cells (``cells``, ``done_before``, ``reused``, ``ran``, ``failed``)
+        and ``summary``, a row per cell run or reused now."""
         plan, suite = self.plan, self.suite
         threads = self.filters.threads or suite.threads
         if threads:
@@ -78,6 +82,8 @@ class Runner(SpeedBench):
         write_text(plan.out / "suite.toml", suite.text or "")
         todo = [] if self.filters.speed_only else [c for c in plan.cells if not finished(c, suite)]
         reused = [c for c in todo if self.reuse_cell(c)]
+        for cell in reused:
+            self.summary.append(cell_row(cell, read_json(cell.folder / CELL, "bench cell"), "reused"))
         todo = [c for c in todo if c not in reused]
         for group in plan.groups:
             self.reuse_speed(group)
@@ -90,6 +96,11 @@ class Runner(SpeedBench):
             "ran": 0,
             "failed": 0,
         }
+        speed_text = f", speed of {units - len(todo)} methods to measure" if units > len(todo) else ""
+        self.log(
+            f"bench {suite.name}: {len(plan.cells)} cells: {len(todo)} to run, {counts['done_before']} done before, "
+            f"{len(reused)} reused{speed_text}; results in {plan.out}"
+        )
         with _progress(self.show_progress) as bar:
             job = bar.add_task("", total=max(units, 1), rate="")
             completed = 0
@@ -110,7 +121,7 @@ class Runner(SpeedBench):
                     counts["ran"] += 1
                     counts["failed"] += not ok
                     advance(cell.name, torch_time() - started)
-        return counts
+        return counts | {"summary": self.summary}
 
     # --- reusing identical cells of other bench folders ------------------------------------------------------
 
@@ -147,18 +158,23 @@ class Runner(SpeedBench):
         cell.folder.mkdir(parents=True, exist_ok=True)
         (cell.folder / FAILED).unlink(missing_ok=True)
         try:
-            record = self.run_peer(cell) if cell.peer else self.run_ours(cell)
+            with progress.showing("off"):  # a cell says one line when it ends, nothing per step or evaluation
+                record = self.run_peer(cell) if cell.peer else self.run_ours(cell)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - a failing cell is recorded and the suite goes on
             message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            self.log(f"[bench] {cell.name}: failed: {message}")
+            self.log(f"{cell.tag} failed: {message}")
             write_json(
                 cell.folder / FAILED,
                 {"cell": cell.name, "error": message, "traceback": traceback.format_exc().splitlines()[-12:]},
             )
+            self.summary.append(cell_row(cell, {}, "failed"))
             return False
         write_json(cell.folder / CELL, record)
+        row = cell_row(cell, record, "done")
+        self.summary.append(row)
+        self.log(f"{cell.tag} {row['quality']}, trainable {row['trainable']}, train {row['train_seconds']}")
         return True
 
     def cell_settings(self, cell: Cell):
@@ -173,7 +189,7 @@ class Runner(SpeedBench):
             shutil.rmtree(run)
         options = cell.group.options(cell.variant.method.name, run)
         results = run_training(
-            options, self.cell_settings(cell), cell.variant.config, resume=resume, show_progress=False
+            options, self.cell_settings(cell), cell.variant.config, resume=resume, show_progress=False, quiet=True
         )
         shutil.rmtree(run / "checkpoint", ignore_errors=True)  # only needed to resume; can be large
         return self.cell_record(cell, results)
@@ -208,6 +224,7 @@ class Runner(SpeedBench):
             device,
             show_progress=False,
             hooks=peer_hooks(peer),
+            epoch_lines=False,
         )
         peer.restore(best["state"])
         autocast = autocast_for(train_settings.precision, device)
@@ -278,6 +295,20 @@ class Runner(SpeedBench):
         }
 
 
+def cell_row(cell: Cell, record: dict, state: str) -> dict[str, Any]:
+    """A cell's line in the console summary: its tag, quality, trainable parameters, train time and state."""
+    quality = record.get("quality") or {}
+    value, trainable = quality.get("value"), (record.get("params") or {}).get("trainable")
+    seconds = record.get("train_seconds")
+    return {
+        "cell": cell.tag,
+        "quality": f"{quality.get('metric', 'quality')} {value:.4f}" if isinstance(value, float | int) else "-",
+        "trainable": f"{trainable:,}" if isinstance(trainable, int) else "-",
+        "train_seconds": f"{seconds:.1f} s" if isinstance(seconds, float | int) else "-",
+        "state": state,
+    }
+
+
 def _peft_version() -> str | None:
     try:
         import peft
@@ -287,7 +318,7 @@ def _peft_version() -> str | None:
         return None
 
 
-def run_bench(plan: Plan, filters: Filters, show_progress: bool, log=print) -> dict[str, int]:
+def run_bench(plan: Plan, filters: Filters, show_progress: bool, log=print) -> dict[str, Any]:
     if not plan.cells:
         raise InputError(f"suite {plan.suite.name!r}: nothing to run ({'; '.join(plan.notes) or 'no cells'})")
     return Runner(plan, filters, show_progress, log).run()

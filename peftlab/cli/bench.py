@@ -118,9 +118,15 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "notes.json", plan.notes)
-    counts = run_bench(plan, filters, show_progress, log=lambda text: console.print(text, highlight=False))
+    counts = run_bench(
+        plan, filters, show_progress, log=lambda text: console.print(text, highlight=False, markup=False)
+    )
     stem = Path(args.report_to) if args.report_to else out / "report"
     md, page = write_report([out], stem, args.title or f"peftlab benchmark: suite {suite.name}", preface)
+    if counts["summary"]:
+        from ..bench.tables import summary_table
+
+        console.print(summary_table(counts["summary"], f"suite {suite.name}: cells of this run"))
     console.print(
         f"suite {suite.name}: {counts['cells']} cells, {counts['done_before']} already done, "
         f"{counts['reused']} reused, {counts['ran']} run now ({counts['failed']} failed); report: {md} and {page}",

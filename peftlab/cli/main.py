@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(
                 f"unknown command {glob.command!r}{suggest(glob.command, COMMANDS)}; commands: {', '.join(COMMANDS)}"
             )
-        from ..process import quiet_libraries
+        from .. import progress
+        from ..process import library_warnings_filtered, quiet_libraries
 
         quiet_libraries()
         if glob.cache_dir:
@@ -99,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             set_cache_dir(glob.cache_dir)
         if "--debug" in rest:
             rest.remove("--debug")
+        # Bars on a terminal; piped output gets a line for long evaluations instead; --no-progress: neither.
+        mode = "off" if glob.no_progress else "bar" if sys.stderr.isatty() else "line"
         try:
-            return COMMANDS[glob.command](rest, show_progress=not glob.no_progress and sys.stderr.isatty())
+            with progress.showing(mode), library_warnings_filtered():
+                return COMMANDS[glob.command](rest, show_progress=mode == "bar")
         finally:
             from ..train.distributed import shutdown
 
@@ -110,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted (a training run continues with: peftlab train --resume RUN)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        folder = getattr(e, "folder", None)  # a run that can continue (``peftlab.errors.Interrupted``)
+        again = f" (continue the run with: peftlab train --resume {folder})" if folder is not None else ""
+        print(f"error: interrupted{again}", file=sys.stderr)
         return 130
     except OSError as e:
         if debug:

@@ -140,7 +140,9 @@ def encode_conversation(tokenizer, conversation: Conversation, max_length: int) 
         if len(ids) <= max_length or not users or not messages[users[-1]]["content"]:
             break
         excess = len(ids) - max_length
-        user_tokens = len(tokenizer(messages[users[-1]]["content"], add_special_tokens=False)["input_ids"])
+        user_tokens = len(
+            tokenizer(messages[users[-1]]["content"], add_special_tokens=False, verbose=False)["input_ids"]
+        )
         share = max(0.0, 1 - (excess + 2) / max(user_tokens, 1))
         messages[users[-1]]["content"] = _shorten(messages[users[-1]]["content"], share)
         ids, labels = _with_targets(tokenizer, messages)
@@ -148,11 +150,15 @@ def encode_conversation(tokenizer, conversation: Conversation, max_length: int) 
     return ids[:max_length], labels[:max_length], True
 
 
+# The tokenizer calls here read whole texts and cut them into blocks (or only count them): ``verbose=False`` keeps the
+# tokenizer's "longer than the model's maximum" warning, true of the text but not of what the model sees, quiet.
+
+
 def _text_blocks(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
     blocks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
@@ -191,7 +197,7 @@ def text_sample(tokenizer, texts: Sequence[str], block: int, count: int, min_tok
     text, so the sample spans many documents."""
     rows = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:block]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:block]
         if len(ids) >= min_tokens:
             rows.append(ids)
         if len(rows) == count:
@@ -210,7 +216,7 @@ def replay_rows(tokenizer, texts: Sequence[str], max_length: int, target_tokens:
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
         if len(stream) >= target_tokens + max_length:

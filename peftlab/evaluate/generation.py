@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import progress
 from ..core.precision import autocast_of
 from ..data.conversations import Conversation
 from ..data.lm import render
@@ -65,25 +66,27 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     generator = torch.Generator(device="cpu").manual_seed(seed)
     replies: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_padded_prompts(tokenizer, prompts[start : start + batch_size], pad)
-        kwargs = {"do_sample": temperature > 0}
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        with autocast():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                **kwargs,
-            )
-        for row in out[:, ids.shape[1] :].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            replies.append(tokenizer.decode(row, skip_special_tokens=True))
+    with progress.track(len(prompts), default="generating", unit="replies") as advance:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = left_padded_prompts(tokenizer, prompts[start : start + batch_size], pad)
+            kwargs = {"do_sample": temperature > 0}
+            if temperature > 0:
+                kwargs.update(temperature=temperature, top_p=top_p)
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            with autocast():
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    **kwargs,
+                )
+            for row in out[:, ids.shape[1] :].tolist():
+                if eos in row:
+                    row = row[: row.index(eos)]
+                replies.append(tokenizer.decode(row, skip_special_tokens=True))
+            advance(len(ids))
     model.train(was_training)
     return replies
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .. import progress
 from ..core.adapter_file import read_adapter_meta
 from ..core.pooling import install_pooling, resolve_pooling, saved_pooling
 from ..core.precision import STORAGE
@@ -295,7 +296,8 @@ def generation_metrics(
 
     out = {}
     for name, chosen in generation_sets(options, prepared, limit).items():
-        replies = (reply or own)([c.prompt() for c in chosen])
+        with progress.stage(f"generating {name}"):
+            replies = (reply or own)([c.prompt() for c in chosen])
         out[name] = score(chosen, replies) | {
             "samples": [
                 {"prompt": c.prompt()[-1]["content"][:200], "reply": r, "reference": c.reference()}

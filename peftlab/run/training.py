@@ -21,17 +21,20 @@ from typing import Any
 
 import torch
 
+from .. import progress
 from ..core.accounting import delta_ranks, folder_bytes, parameter_counts, rank_summary
 from ..core.adapter_file import WEIGHTS_FILE, read_tensors
 from ..core.attach import attach, load_adapter, load_state
-from ..errors import InputError
+from ..errors import InputError, Interrupted
 from ..fileio import LOCK_FILE, folder_lock, remove_stale_temporaries, write_json
 from ..methods import get_method
 from ..methods.prompt_tuning import SoftPrompt
 from ..train import tracking
+from ..train.checkpoint import checkpoint_step
 from ..train.distributed import from_environment, shard_model
 from ..train.loop import TrainSettings, autocast_for, fit, make_hooks, total_steps
 from ..train.step import group_rate
+from .announce import start_header
 from .machine import git_commit, machine, peak_memory, versions
 from .options import RunOptions, default_out, flat_config, pick_device
 from .prepare import (
@@ -47,8 +50,15 @@ from .prepare import (
 
 
 def run_training(
-    options: RunOptions, settings: TrainSettings, method_config: Any, resume: bool = False, show_progress: bool = True
+    options: RunOptions,
+    settings: TrainSettings,
+    method_config: Any,
+    resume: bool = False,
+    show_progress: bool = True,
+    quiet: bool = False,
 ) -> dict:
+    """Train and write the run folder (see the module docstring); its results. ``show_progress``: bars over training
+    and evaluation; ``quiet``: no start header and no line per epoch (a benchmark cell)."""
     wall_start = time.perf_counter()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -63,7 +73,7 @@ def run_training(
         out = Path(dist.broadcast(str(out)))  # one folder for every process
     # One process trains into a folder at a time; a lock left by a killed run is reported and taken over.
     lock = folder_lock(out, report=lambda note: print(note, file=sys.stderr)) if dist.main else nullcontext()
-    with lock:
+    with lock, progress.showing(progress.for_run(show_progress, dist.main)):
         if not resume and out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
             raise InputError(
                 f"{out}: run folder already exists and is not empty (continue it with --resume {out}, "
@@ -81,9 +91,10 @@ def run_training(
         general = forgetting_samples(options, prepared)
         if general:  # the pretrained model, before any method is attached
             model.to(device)
-            before = {
-                n: task.evaluate(model, e, settings.eval_batch_size, device, autocast) for n, e in general.items()
-            }
+            before = {}
+            for n, e in general.items():
+                with progress.stage(f"{n} (before)"):
+                    before[n] = task.evaluate(model, e, settings.eval_batch_size, device, autocast)
         fp32_trainable = options.dtype != "fp32"  # a half-precision base: what trains is kept in fp32
         if options.adapter:
             attachment = load_adapter(model, options.adapter, fp32_trainable)
@@ -131,6 +142,26 @@ def run_training(
             }
             for g, params in attachment.parameter_groups()
         ]
+        if dist.main and not quiet:
+            head = [group_rate(g, lr, settings.head_lr) for g, _ in attachment.parameter_groups() if g.head]
+            header = start_header(
+                model=options.model,
+                method=method.name,
+                task=prepared.kind,
+                data=options.data,
+                sizes={name: len(split) for name, split in prepared.splits.items()},
+                labels=prepared.labels,
+                settings=settings,
+                lr=lr,
+                head_lr=head[0] if head else None,
+                device=str(device),
+                dtype=options.dtype,
+                trainable=attachment.trainable_count(),
+                total_params=sum(p.numel() for p in model.parameters()),
+                out=out,
+                resumed_step=checkpoint_step(out / "checkpoint") if resume else None,
+            )
+            print("\n".join(header), flush=True)
         # Only the main process tracks; the configuration, the resolved rate and the counts before training.
         tracker = tracking.open_trackers(options.report_to, out, resume) if dist.main else None
         if tracker is not None:
@@ -159,10 +190,13 @@ def run_training(
                 dist=dist,
                 tracker=tracker,
                 log_every=options.log_every,
+                epoch_lines=not quiet,
             )
-        except BaseException:
+        except BaseException as e:
             if tracker is not None:
                 tracker.finish(failed=True)
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+                raise Interrupted(out.resolve()) from e  # the folder --resume takes
             raise
         dist.barrier()  # rank 0 has written the best adapter; every process loads it
         # A method trained through a reparameterisation takes the form its adapter file holds (prefix tuning's MLP
@@ -173,20 +207,22 @@ def run_training(
         evaluation = dist.for_evaluation
         forgetting = {}
         if general:
-            after = {
-                n: task.evaluate(model, e, settings.eval_batch_size, device, autocast, evaluation)
-                for n, e in general.items()
-            }
+            after = {}
+            for n, e in general.items():
+                with progress.stage(f"{n} (after)"):
+                    after[n] = task.evaluate(model, e, settings.eval_batch_size, device, autocast, evaluation)
             forgetting = forgetting_report(before, after)
-        test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast, evaluation)
+        with progress.stage("test"):
+            test = task.evaluate(model, prepared.splits["test"], settings.eval_batch_size, device, autocast, evaluation)
         generating = dist.main or dist.sharded  # under FSDP every process must take part in every forward pass
         generated = generation_metrics(options, prepared, model, settings.eval_batch_size) if generating else {}
         test.update({k: v for k, v in generated.pop("test", {}).items()})
-        method_report = hooks.report(
-            lambda: task.evaluate(
-                model, prepared.splits["validation"], settings.eval_batch_size, device, autocast, evaluation
+        with progress.stage("validation"):
+            method_report = hooks.report(
+                lambda: task.evaluate(
+                    model, prepared.splits["validation"], settings.eval_batch_size, device, autocast, evaluation
+                )
             )
-        )
         accounted = attachment
         if dist.sharded:  # count on a whole (unsharded) copy: the base plus the adapter rank 0 wrote
             accounted = load_adapter(build_model(options, prepared, settings.seed), out / "adapter")

@@ -72,6 +72,15 @@ def has_checkpoint(path: Path) -> bool:
     return read_folder(path) is not None
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step a run resumed from ``path`` continues after (None: no readable checkpoint there)."""
+    folder = read_folder(path)
+    if folder is None:
+        return None
+    step = read_json(folder / TRAINER, "checkpoint state").get("step")
+    return step if isinstance(step, int) else None
+
+
 def load_checkpoint(
     path: Path, attachment: Attachment, optimizer: torch.optim.Optimizer, scheduler, hooks=None
 ) -> dict:

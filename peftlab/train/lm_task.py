@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import progress
 from ..data.lm import IGNORE, LMEncoded, model_inputs
 from .distributed import SINGLE, Distributed
 
@@ -104,12 +105,15 @@ class LanguageModelTask:
         model.eval()
         order = sorted(dist.shard(list(range(len(data)))), key=lambda i: len(data.input_ids[i]))
         total, count = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            batch = data.batch(order[start : start + batch_size], device)
-            with autocast():
-                loss_sum, n = token_losses(model, batch)
-            total += float(loss_sum)
-            count += n
+        with progress.track(len(order)) as advance:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = data.batch(idx, device)
+                with autocast():
+                    loss_sum, n = token_losses(model, batch)
+                total += float(loss_sum)
+                count += n
+                advance(len(idx))
         model.train(was_training)
         parts = dist.gather((total, count))  # every process's share, on every process
         total, count = sum(t for t, _ in parts), sum(c for _, c in parts)

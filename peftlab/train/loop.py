@@ -32,15 +32,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from .. import progress
 from ..core.attach import Attachment
 from ..core.hooks import HookList, TrainingHooks
 from ..data.batches import Encoded, length_grouped
@@ -174,13 +167,15 @@ class ClassificationTask:
         order = sorted(mine, key=lambda i: len(data.input_ids[i]))  # less padding per batch
         predictions: dict[int, int] = {}
         total_loss = 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = data.batch(idx, device)
-            with autocast():
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-            total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            predictions.update(zip(idx, logits.argmax(-1).tolist(), strict=True))
+        with progress.track(len(order)) as advance:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = data.batch(idx, device)
+                with autocast():
+                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+                total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                predictions.update(zip(idx, logits.argmax(-1).tolist(), strict=True))
+                advance(len(idx))
         model.train(was_training)
         parts = dist.gather((predictions, total_loss))  # every process's share, on every process
         predictions = {i: p for part, _ in parts for i, p in part.items()}
@@ -189,19 +184,6 @@ class ClassificationTask:
         metrics = classification_metrics(data.labels, ordered, self.num_labels)
         metrics["loss"] = total_loss / len(data)
         return metrics
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def better(value: float, best: float, metric: str) -> bool:
@@ -324,6 +306,7 @@ def fit(
     dist: Distributed = SINGLE,
     tracker: Tracker | None = None,
     log_every: int = 10,
+    epoch_lines: bool = True,
 ) -> FitResult:
     """Train to the end of ``settings``' schedule (see the module docstring). ``tracker`` (``peftlab.train.tracking``,
     the main process's only) receives the training metrics every ``log_every`` steps, at the first step and the
@@ -367,8 +350,13 @@ def fit(
     orders: dict[int, list[int]] = {}  # the current epoch's order
     window, first = Window(), state.step + 1  # the steps since the last log; this process's first step
 
-    with _progress(show_progress and dist.main) as bar:
-        job = bar.add_task("train", total=total, completed=state.step, info="")
+    # The bar's rate and time left come from this process's own steps, by the wall clock (evaluations included):
+    # right from the first step, however slow the steps are.
+    resumed_at, wall = state.step, time.perf_counter()
+    drawn = show_progress and dist.main
+    bar = progress.new_bar(drawn)
+    with bar, progress.showing(progress.for_run(show_progress, dist.main), host=bar if drawn else None):
+        job = bar.add_task("train", total=total, completed=state.step, info="", eta=progress.time_left(0, 1, 0))
         while state.step < total:
             step = state.step
             epoch, position = divmod(step, steps_per_epoch)
@@ -386,8 +374,10 @@ def fit(
             seconds = time.perf_counter() - started
             state.add_step(len(chunk), tokens, seconds, step_loss)
             step = state.step
-            rate = state.examples / max(state.train_seconds, 1e-9)
-            bar.update(job, completed=step, info=f"loss {step_loss:.4f}  {rate:.0f} ex/s")
+            if drawn:
+                speed = progress.rate_text(state.examples, state.train_seconds, state.step)
+                left = progress.time_left(step - resumed_at, total - resumed_at, time.perf_counter() - wall)
+                bar.update(job, completed=step, info=f"loss {step_loss:.4f}  {speed}", eta=left)
             if tracker is not None:
                 window.add(step_loss, len(chunk), tokens, seconds)
                 if step in (first, total) or step % log_every == 0:
@@ -401,9 +391,10 @@ def fit(
 
             epoch_end = step % steps_per_epoch == 0 or step == total
             if epoch_end:
-                metrics = task.evaluate(
-                    model, validation, settings.eval_batch_size, device, trainer.autocast, dist.for_evaluation
-                )
+                with progress.stage("validation"):
+                    metrics = task.evaluate(
+                        model, validation, settings.eval_batch_size, device, trainer.autocast, dist.for_evaluation
+                    )
                 lr_now = trainer.scheduler.get_last_lr()[0]
                 eligible = hooks.final_form(step) or (step == total and state.best is None)
                 epoch_now = round(step / steps_per_epoch, 3)
@@ -412,7 +403,7 @@ def fit(
                     on_best(metrics, step)
                 if tracker is not None:
                     tracker.log(step, {**numbers("validation", metrics), "train/epoch_loss": entry["train_loss"]})
-                if dist.main:
+                if dist.main and epoch_lines:
                     bar.console.print(
                         f"epoch {entry['epoch']:g}  step {step}  train loss {entry['train_loss']:.4f}  "
                         f"validation {metric} {metrics[metric]:.4f}" + ("  (best)" if is_best else "")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import progress
 from ..data.spans import SpanEncoded
 from ..evaluate.metrics import span_metrics
 from .distributed import SINGLE, Distributed
@@ -92,23 +93,25 @@ class SpanTask:
         order = sorted(dist.shard(list(range(len(data)))), key=lambda i: len(data.input_ids[i]))
         windows: dict[int, tuple[float, int, int, float]] = {}
         total_loss = 0.0
-        for at in range(0, len(order), batch_size):
-            idx = order[at : at + batch_size]
-            batch = data.batch(idx, device)
-            with autocast():
-                start, end = span_logits(model, batch)
-            total_loss += (
-                float(
-                    F.cross_entropy(start, batch["start_positions"], reduction="sum")
-                    + F.cross_entropy(end, batch["end_positions"], reduction="sum")
+        with progress.track(len(order), unit="windows") as advance:
+            for at in range(0, len(order), batch_size):
+                idx = order[at : at + batch_size]
+                batch = data.batch(idx, device)
+                with autocast():
+                    start, end = span_logits(model, batch)
+                total_loss += (
+                    float(
+                        F.cross_entropy(start, batch["start_positions"], reduction="sum")
+                        + F.cross_entropy(end, batch["end_positions"], reduction="sum")
+                    )
+                    / 2
                 )
-                / 2
-            )
-            start, end = start.cpu(), end.cpu()
-            for row, f in enumerate(idx):
-                inside = [o is not None for o in data.offsets[f]]
-                score, first, last = best_span(start[row], end[row], inside, self.max_answer_tokens)
-                windows[f] = (score, first, last, float(start[row, 0] + end[row, 0]))
+                start, end = start.cpu(), end.cpu()
+                for row, f in enumerate(idx):
+                    inside = [o is not None for o in data.offsets[f]]
+                    score, first, last = best_span(start[row], end[row], inside, self.max_answer_tokens)
+                    windows[f] = (score, first, last, float(start[row, 0] + end[row, 0]))
+                advance(len(idx))
         model.train(was_training)
         parts = dist.gather((windows, total_loss))  # every process's share, on every process
         windows = {f: w for part, _ in parts for f, w in part.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import progress
 from ..data.tagging import TagEncoded, entity_scores
 from .distributed import SINGLE, Distributed
 
@@ -29,19 +30,21 @@ class TaggingTask:
         order = sorted(dist.shard(list(range(len(data)))), key=lambda i: len(data.input_ids[i]))
         predicted: dict[int, list[str]] = {}
         total_loss, count = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = data.batch(idx, device)
-            with autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            mask = batch["labels"] != -100
-            total_loss += F.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum").item()
-            count += int(mask.sum())
-            best = logits.argmax(-1).tolist()
-            for row, i in enumerate(idx):
-                tags = [self.labels[best[row][p]] for p in data.first_subword[i]]
-                tags += ["O"] * (len(data.words[i]) - len(tags))  # words cut by truncation count as O
-                predicted[i] = tags
+        with progress.track(len(order)) as advance:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = data.batch(idx, device)
+                with autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                mask = batch["labels"] != -100
+                total_loss += F.cross_entropy(logits[mask], batch["labels"][mask], reduction="sum").item()
+                count += int(mask.sum())
+                best = logits.argmax(-1).tolist()
+                for row, i in enumerate(idx):
+                    tags = [self.labels[best[row][p]] for p in data.first_subword[i]]
+                    tags += ["O"] * (len(data.words[i]) - len(tags))  # words cut by truncation count as O
+                    predicted[i] = tags
+                advance(len(idx))
         model.train(was_training)
         parts = dist.gather((predicted, total_loss, count))  # every process's share, on every process
         predicted = {i: tags for part, _, _ in parts for i, tags in part.items()}
