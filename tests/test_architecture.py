@@ -23,6 +23,7 @@ LAYERS = {
     "errors": 0,
     "fileio": 1,
     "process": 1,
+    "progress": 1,
     "assets": 2,
     "core": 3,
     "quant": 4,
