@@ -29,7 +29,9 @@ from tests.short_fit import fit_tiny
 HEAD = ("classifier.weight", "classifier.bias")
 HEAD_SIZE = 32 * 2 + 2
 OPTIONS = {"keep": 0.02, "prune_at": 0.5}
-SETTINGS = dict(max_steps=8, batch_size=8, lr=1e-2, warmup=0, schedule="constant", checkpoint_every=2, seed=0)
+SETTINGS = dict(
+    max_steps=8, batch_size=8, lr=1e-2, head_lr=2e-2, warmup=0, schedule="constant", checkpoint_every=2, seed=0
+)
 
 
 def covered(adapter) -> int:
