@@ -81,6 +81,17 @@ def test_one_plus_one_es_finds_a_minimum_within_bounds():
     assert max(abs(v) for v in clipped.weights) <= 1.5
 
 
+def test_the_search_starts_from_the_best_start_and_never_ends_worse():
+    """A start better than 0 (a single module, e_i) is where the search begins: with a budget of only the starts
+    the result is the best start, and a longer search never ends above it."""
+    objective = lambda w: float(((w - np.array([0.0, 1.0, 0.0])) ** 2).sum()) + 0.01  # noqa: E731
+    starts = list(np.eye(3))
+    only = one_plus_one_es(objective, 3, budget=4, seed=0, starts=starts)
+    assert only.weights == [0.0, 1.0, 0.0] and len(only.history) == 4
+    longer = one_plus_one_es(objective, 3, budget=30, seed=0, starts=starts)
+    assert longer.objective <= objective(np.eye(3)[1]) and len(longer.history) == 30
+
+
 def test_search_improves_on_zero_shot(modules, tiny_model_dir):
     from transformers import AutoTokenizer
 
