@@ -437,18 +437,14 @@ async def chat_chunks(ident: str, created: int, body: ChatRequest, pending: Pend
         else:
             yield sse({"error": error_body(event[1])})
     if include_usage(body):
-        rows = [job.row for job in pending.jobs]
-        yield sse(
-            {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "choices": [],
-                "usage": usage(rows),
-            }
-        )
+        yield sse(usage_chunk(ident, "chat.completion.chunk", created, body.model, pending))
     yield sse("[DONE]")
+
+
+def usage_chunk(ident: str, kind: str, created: int, model: str, pending: Pending) -> dict:
+    """The last chunk of a stream asked for ``stream_options.include_usage``: no choices, the token counts."""
+    rows = [job.row for job in pending.jobs]
+    return {"id": ident, "object": kind, "created": created, "model": model, "choices": [], "usage": usage(rows)}
 
 
 async def completion_chunks(ident: str, created: int, body: CompletionRequest, pending: Pending) -> AsyncIterator[str]:
@@ -464,17 +460,7 @@ async def completion_chunks(ident: str, created: int, body: CompletionRequest, p
         else:
             yield sse({"error": error_body(event[1])})
     if include_usage(body):
-        rows = [job.row for job in pending.jobs]
-        yield sse(
-            {
-                "id": ident,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [],
-                "usage": usage(rows),
-            }
-        )
+        yield sse(usage_chunk(ident, "text_completion", created, body.model, pending))
     yield sse("[DONE]")
 
 
