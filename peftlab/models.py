@@ -230,17 +230,9 @@ def load_classifier(
     config.label2id = {name: i for i, name in enumerate(labels)}
     if getattr(config, "pad_token_id", None) is None and pad_token_id is not None:
         config.pad_token_id = pad_token_id
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path),
-            config=config,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=safetensors_only(allow_pickle),
-        )
-    except LOAD_ERRORS as e:
-        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
-    return model
+    return pretrained(
+        AutoModelForSequenceClassification, path, "the model", dtype, trust_remote_code, allow_pickle, config=config
+    )
 
 
 def load_tagger(
@@ -259,16 +251,10 @@ def load_tagger(
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {name: i for i, name in enumerate(labels)}
-    try:
-        return AutoModelForTokenClassification.from_pretrained(
-            str(path),
-            config=config,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=safetensors_only(allow_pickle),
-        )
-    except LOAD_ERRORS as e:
-        raise InputError(f"{path}: cannot load a token classifier ({str(e).splitlines()[0]})") from None
+    return pretrained(
+        AutoModelForTokenClassification, path, "a token classifier", dtype, trust_remote_code, allow_pickle,
+        config=config,
+    )  # fmt: skip
 
 
 def load_span_model(
@@ -277,12 +263,8 @@ def load_span_model(
     """An extractive question answerer (start/end logits per token) on the pretrained body; its head
     (``qa_outputs``, a new Linear(d, 2)) trains with the method."""
     check_remote_code(path, trust_remote_code)
-    try:
-        return AutoModelForQuestionAnswering.from_pretrained(
-            str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=safetensors_only(allow_pickle)
-        )
-    except LOAD_ERRORS as e:
-        raise InputError(f"{path}: cannot load a span (question answering) model ({str(e).splitlines()[0]})") from None
+    what = "a span (question answering) model"
+    return pretrained(AutoModelForQuestionAnswering, path, what, dtype, trust_remote_code, allow_pickle)
 
 
 def load_causal_lm(
@@ -290,12 +272,22 @@ def load_causal_lm(
 ):
     """A causal language model (decoder) with its own LM head, for instruction, chat and text tuning."""
     check_remote_code(path, trust_remote_code)
+    return pretrained(AutoModelForCausalLM, path, "a causal language model", dtype, trust_remote_code, allow_pickle)
+
+
+def pretrained(auto_class, path: Path, what: str, dtype, trust_remote_code: bool, allow_pickle: bool, **kwargs):
+    """``auto_class.from_pretrained`` on the folder ``path`` (safetensors only unless ``allow_pickle``); a model
+    that cannot load is a one-line error naming the folder and ``what`` was wanted."""
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=safetensors_only(allow_pickle)
+        return auto_class.from_pretrained(
+            str(path),
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=safetensors_only(allow_pickle),
+            **kwargs,
         )
     except LOAD_ERRORS as e:
-        raise InputError(f"{path}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: cannot load {what} ({str(e).splitlines()[0]})") from None
 
 
 def safetensors_only(allow_pickle: bool) -> bool | None:
