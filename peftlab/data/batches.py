@@ -33,22 +33,31 @@ class Encoded:
         return sum(len(ids) for ids in self.input_ids)
 
     def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        rows = [self.input_ids[i] for i in indices]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
-        out = {"input_ids": ids, "attention_mask": mask}
-        if self.token_type_ids is not None:
-            types = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, i in enumerate(indices):
-                t = self.token_type_ids[i]
-                types[j, : len(t)] = torch.tensor(t)
-            out["token_type_ids"] = types
+        out = padded(self.input_ids, self.token_type_ids, indices, self.pad_id)
         out["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
         return {k: v.to(device) for k, v in out.items()}
+
+
+def padded(
+    input_ids: list[list[int]], token_type_ids: list[list[int]] | None, indices: Sequence[int], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The rows ``indices`` padded at the end to the longest of them: ``input_ids`` (padded with ``pad_id``),
+    ``attention_mask`` and, where the encoding has them, ``token_type_ids`` (padded with 0), each (B, T)."""
+    rows = [input_ids[i] for i in indices]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if token_type_ids is not None:
+        types = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(indices):
+            t = token_type_ids[i]
+            types[j, : len(t)] = torch.tensor(t)
+        out["token_type_ids"] = types
+    return out
 
 
 def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:

@@ -32,6 +32,7 @@ import torch
 
 from ..assets import locate
 from ..errors import InputError
+from .batches import padded
 from .readers import Record, read_records
 from .sources import read_source
 from .splits import assign_splits, require_splits
@@ -261,19 +262,7 @@ class SpanEncoded:
         return sum(len(ids) for ids in self.input_ids)
 
     def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        width = max(len(self.input_ids[i]) for i in indices)
-        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        types = torch.zeros((len(indices), width), dtype=torch.long)
-        for j, i in enumerate(indices):
-            n = len(self.input_ids[i])
-            ids[j, :n] = torch.tensor(self.input_ids[i])
-            mask[j, :n] = 1
-            if self.token_type_ids is not None:
-                types[j, :n] = torch.tensor(self.token_type_ids[i])
-        out = {"input_ids": ids, "attention_mask": mask}
-        if self.token_type_ids is not None:
-            out["token_type_ids"] = types
+        out = padded(self.input_ids, self.token_type_ids, indices, self.pad_id)
         out["start_positions"] = torch.tensor([self.starts[i] for i in indices])
         out["end_positions"] = torch.tensor([self.ends[i] for i in indices])
         return {k: v.to(device) for k, v in out.items()}

@@ -25,6 +25,7 @@ import torch
 
 from ..assets import locate
 from ..errors import InputError
+from .batches import padded
 from .readers import Record, read_records, read_text
 from .sources import read_source
 from .splits import assign_splits, require_splits
@@ -176,16 +177,12 @@ class TagEncoded:
         return sum(len(ids) for ids in self.input_ids)
 
     def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        width = max(len(self.input_ids[i]) for i in indices)
-        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        labels = torch.full((len(indices), width), -100, dtype=torch.long)
+        out = padded(self.input_ids, None, indices, self.pad_id)
+        labels = torch.full(out["input_ids"].shape, -100, dtype=torch.long)  # (B, T): padding is ignored
         for j, i in enumerate(indices):
-            n = len(self.input_ids[i])
-            ids[j, :n] = torch.tensor(self.input_ids[i])
-            mask[j, :n] = 1
-            labels[j, :n] = torch.tensor(self.labels[i])
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+            labels[j, : len(self.input_ids[i])] = torch.tensor(self.labels[i])
+        out["labels"] = labels
+        return {k: v.to(device) for k, v in out.items()}
 
 
 def encode_tagging(sentences: Sequence[Sentence], tokenizer, max_length: int) -> TagEncoded:
