@@ -549,6 +549,16 @@ def test_a_peft_adapter_config_field_of_the_wrong_type_is_one_line(world, cli, t
     assert not (tmp_path / "ours").exists()
 
 
+def test_a_peft_task_type_peftlab_does_not_train_is_one_line(world, cli, tmp_path):
+    exported = tmp_path / "hf"
+    assert cli("export", world["run"], "--format", "hf", "--out", exported)[0] == 0
+    config = json.loads((exported / "adapter_config.json").read_text())
+    (exported / "adapter_config.json").write_text(json.dumps(config | {"task_type": "SEQ_2_SEQ_LM"}))
+    code, _, err = cli("import", exported, "--out", tmp_path / "ours", "--model", world["model"])
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "SEQ_2_SEQ_LM" in err and "QUESTION_ANS" in err and not (tmp_path / "ours").exists()
+
+
 def test_a_full_disk_inside_safetensors_is_one_line_and_leaves_no_adapter(world, cli, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 

@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import peftlab
 from peftlab.data.conversations import Conversation
 from peftlab.evaluate.generation import generate, normalise, score
 from tests.conftest import FILLER, NEGATIVE, POSITIVE
@@ -170,6 +171,12 @@ def test_merged_decoder_loads_in_plain_transformers(sft_run, cli, tmp_path, tiny
     assert json.loads((tmp_path / "hf" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, adapter.model(ids).logits, rtol=0, atol=1e-5)
+    code, _, err = cli("import", tmp_path / "hf", "--out", tmp_path / "back")
+    assert code == 0, err
+    assert json.loads((tmp_path / "back" / "adapter.json").read_text())["task"] == {"type": "sft"}
+    back = peftlab.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(back.model.eval()(ids).logits, adapter.model(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_generation_stops_at_the_end_of_turn_and_scores(tiny_llama_dir):

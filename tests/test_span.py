@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer
 
+import peftlab
 from peftlab.bench.assets import build_tiny_bert
 from peftlab.core.attach import attach
 from peftlab.data.spans import SpanExample, encode_spans, load_spans, read_spans
@@ -298,6 +299,16 @@ def test_span_eval_and_peft_export_give_the_same_logits(span_run, cli, tmp_path,
         got = theirs(**inputs)
     torch.testing.assert_close(got.start_logits, ours.start_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.end_logits, ours.end_logits, rtol=1e-5, atol=1e-5)
+    code, _, err = cli("import", tmp_path / "hf", "--out", tmp_path / "back")  # its task_type picks the model
+    assert code == 0, err
+    assert json.loads((tmp_path / "back" / "adapter.json").read_text())["task"] == {"type": "span"}
+    back = peftlab.load_adapter(load_span_model(span_model_dir), tmp_path / "back")
+    with torch.no_grad():
+        again = back.model.eval()(**inputs)
+    torch.testing.assert_close(again.start_logits, ours.start_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again.end_logits, ours.end_logits, rtol=1e-5, atol=1e-5)
+    code, _, err = cli("import", tmp_path / "hf", "--out", tmp_path / "labelled", "--labels", "a,b")
+    assert code == 2 and "QUESTION_ANS" in err and err.count("\n") == 1 and not (tmp_path / "labelled").exists()
 
 
 def test_a_prompt_tuned_span_model_exports_with_the_same_logits_on_the_real_tokens(tmp_path, span_model_dir):

@@ -8,6 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+import peftlab
 from peftlab.data.tagging import Sentence, encode_tagging, entities, entity_scores, load_tagging
 from peftlab.errors import InputError
 from peftlab.models import load_tagger
@@ -134,6 +135,16 @@ def test_tagging_eval_merge_and_export(tag_run, cli, tmp_path, tiny_model_dir):
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+    labels = ",".join(prepared.labels)
+    code, _, err = cli("import", tmp_path / "hf", "--out", tmp_path / "back", "--labels", labels)
+    assert code == 0, err
+    assert json.loads((tmp_path / "back" / "adapter.json").read_text())["task"] == {
+        "type": "tagging",
+        "labels": prepared.labels,
+    }
+    back = peftlab.load_adapter(load_tagger(tiny_model_dir, prepared.labels), tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(back.model.eval()(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.real

@@ -162,18 +162,23 @@ def cmd_import(argv: list[str], show_progress: bool) -> int:
 
     parser = Parser(
         prog="peftlab import",
-        description="Convert a Hugging Face PEFT LoRA adapter to peftlab's "
-        "format (for peftlab.load_adapter or peftlab train --adapter).",
+        description="Convert a Hugging Face PEFT adapter to peftlab's format (for peftlab.load_adapter, peftlab "
+        "train --adapter, eval and merge). Its task_type picks the model: SEQ_CLS (also when absent) a sequence "
+        "classifier, TOKEN_CLS a token classifier, QUESTION_ANS a span (start/end) model, CAUSAL_LM a decoder.",
     )
     parser.add_argument("adapter", help="folder with adapter_config.json and adapter_model.safetensors")
     parser.add_argument("--out", required=True, help="output adapter folder (new or empty)")
     parser.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    parser.add_argument("--labels", help="comma-separated class names of the head (default: LABEL_0, ...)")
+    parser.add_argument(
+        "--labels",
+        help="comma-separated class names of a classifier's or tagger's head (default: LABEL_0, ...)",
+    )
     overwrite_argument(parser)
     args = parser.parse_args(argv)
     check_output(args.out, [args.adapter], args.overwrite)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
     attachment = import_hf_adapter(args.adapter, args.out, args.model, labels, args.overwrite, not show_progress)
     src = Path(args.adapter)
-    print(f"imported {len(attachment.targets)} LoRA modules from {src} into {args.out}")
+    what = attachment.method.name
+    print(f"imported {what} on {len(attachment.targets)} modules from {src} into {args.out}")
     return 0

@@ -12,7 +12,7 @@ from ..core.attach import Attachment, load_adapter
 from ..core.pooling import install_pooling, pooling_of, write_pooling_files
 from ..errors import InputError
 from ..fileio import read_folder, read_json
-from ..models import load_classifier
+from ..models import load_causal_lm, load_classifier, load_span_model, load_tagger
 from ..train.loop import TrainSettings, autocast_for
 from .options import RunOptions, split_config, without_command_line_only
 from .prepare import Prepared, build_model, encode_file, make_task, prepare_data
@@ -93,33 +93,68 @@ def save_merged(attachment: Attachment, tokenizer, out: str | Path) -> None:
         write_pooling_files(tmp, pooling_of(model), hidden)  # how its head reads, for peftlab and sentence-transformers
 
 
+# PEFT's task types that peftlab trains, with the model class each is read on and the task it saves.
+IMPORT_TASKS = {
+    "SEQ_CLS": ("classify", "classification"),
+    "TOKEN_CLS": ("tag", "tagging"),
+    "QUESTION_ANS": ("span", "span"),
+    "CAUSAL_LM": ("sft", "sft"),
+}
+
+
 def import_hf_adapter(
     adapter: str | Path, out: str | Path, model: str | None, labels: list[str] | None, overwrite: bool, quiet: bool
 ) -> Attachment:
-    """A Hugging Face PEFT LoRA adapter converted to peftlab's format in ``out``, on a classifier of ``model``
-    (default: the adapter's base_model_name_or_path) with ``labels`` (default: LABEL_0, ... for its head's rows)."""
-    from ..core.hf_peft import HF_CONFIG, HF_WEIGHTS, NOTES_FILE, import_hf
+    """A Hugging Face PEFT adapter converted to peftlab's format in ``out``, on the model its ``task_type`` names
+    (a sequence classifier when it names none) of ``model`` (default: the adapter's base_model_name_or_path).
+    Classifiers and taggers take ``labels`` (default: LABEL_0, ... for its head's rows)."""
+    from ..core.hf_peft import HF_CONFIG, NOTES_FILE, import_hf
     from ..fileio import check_output
     from ..models import resolve_model
 
     src = Path(adapter)
     cfg = read_json(src / HF_CONFIG, "PEFT adapter config")
+    task_type = cfg.get("task_type") or "SEQ_CLS"
+    if task_type not in IMPORT_TASKS:
+        raise InputError(
+            f"{src / HF_CONFIG}: task_type {task_type!r} is not one peftlab trains (expected one of "
+            f"{', '.join(IMPORT_TASKS)})"
+        )
+    kind, task_name = IMPORT_TASKS[task_type]
+    if labels is not None and kind in ("span", "sft"):
+        raise InputError(f"--labels: a {task_type} adapter has no classes (labels are for SEQ_CLS and TOKEN_CLS)")
     model_name = model or cfg.get("base_model_name_or_path")
     if not model_name:
         raise InputError(f"{src / HF_CONFIG}: no base_model_name_or_path; give the base with --model")
     path = resolve_model(model_name, quiet=quiet)
     check_output(out, [adapter, path], overwrite)
-    if labels is None:
-        tensors = read_tensors(src / HF_WEIGHTS)
-        heads = [v.shape[0] for k, v in tensors.items() if "lora_" not in k and k.endswith(".weight") and v.ndim == 2]
-        if not heads:
-            raise InputError(f"{src}: the adapter has no task head; give its classes with --labels")
-        labels = [f"LABEL_{i}" for i in range(min(heads))]
     notes = read_json(src / NOTES_FILE, "peftlab notes") if (src / NOTES_FILE).is_file() else {}
-    pooling = str(notes.get("pooling", "model"))  # written beside our own exports
-    classifier = load_classifier(path, labels)
-    install_pooling(classifier, pooling)
-    attachment = import_hf(classifier, src)
-    task = {"type": "classification", "labels": labels, "pooling": pooling}
+    task: dict = {"type": task_name}
+    if kind == "classify":
+        labels = labels or default_labels(src)
+        pooling = str(notes.get("pooling", "model"))  # written beside our own exports
+        base = load_classifier(path, labels)
+        install_pooling(base, pooling)
+        task |= {"labels": labels, "pooling": pooling}
+    elif kind == "tag":
+        labels = labels or default_labels(src)
+        base = load_tagger(path, labels)
+        task |= {"labels": labels}
+    elif kind == "span":
+        base = load_span_model(path)
+    else:
+        base = load_causal_lm(path)
+    attachment = import_hf(base, src)
     attachment.save(out, extra={"task": task, "model": model_name, "imported_from": str(src)})
     return attachment
+
+
+def default_labels(src: Path) -> list[str]:
+    """LABEL_0, ... for as many classes as the adapter's saved head has rows."""
+    from ..core.hf_peft import HF_WEIGHTS
+
+    tensors = read_tensors(src / HF_WEIGHTS)
+    heads = [v.shape[0] for k, v in tensors.items() if "lora_" not in k and k.endswith(".weight") and v.ndim == 2]
+    if not heads:
+        raise InputError(f"{src}: the adapter has no task head; give its classes with --labels")
+    return [f"LABEL_{i}" for i in range(min(heads))]
