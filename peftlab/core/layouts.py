@@ -3,8 +3,9 @@
 Methods that place themselves by role rather than by name ("the key and value projections", "the feed-forward
 block's output") look the role up in ``LAYOUTS``, one table for every method: (IA)^3 scales keys, values and the
 feed-forward input, the bottleneck adapters sit after the attention and feed-forward outputs, UniPELT's LoRA takes
-the query and value projections. The first family whose names all exist in the model wins. Patterns follow the
-glob rule of ``peftlab.core.targets`` (the full name or a dot-bounded suffix).
+the query and value projections, LST's pruned side network copies slices of a block's projections and norms. The
+first family whose names all exist in the model wins. Patterns follow the glob rule of ``peftlab.core.targets`` (the
+full name or a dot-bounded suffix).
 
 ``find_blocks`` finds the transformer blocks without a table: the longest ``nn.ModuleList`` whose entries are all of
 one class and hold parameters (``bert.encoder.layer``, MPNet's ``mpnet.encoder.layer``, Llama/Qwen's
@@ -25,6 +26,8 @@ from .targets import find_targets
 
 # How a feed-forward block takes its input x: forward(x), or (BERT) forward(u, x) with x the residual.
 FfnInput = Literal["residual", "input"]
+# Where a block's norms sit: before their sublayer (Llama: x + f(norm(x))) or after it (BERT: norm(x + f(x))).
+NormPlace = Literal["pre", "post"]
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,13 @@ class Layout:
     key: str  # ... its key projection
     value: str  # ... its value projection
     attention_output: str  # the attention sublayer's output projection (nn.Linear)
+    ffn_up: str  # the feed-forward sublayer's input projection (nn.Linear; a gated FFN's up projection, not its gate)
     ffn_output: str  # the feed-forward sublayer's output projection (nn.Linear): its input is the hidden activation
     ffn_block: str  # the whole feed-forward module (what a parallel adapter wraps)
+    attention_norm: str  # the attention sublayer's norm (before the sublayer or after it, as ``norms`` says)
+    ffn_norm: str  # the feed-forward sublayer's norm
     ffn_input: FfnInput
+    norms: NormPlace
 
 
 # BERT's attention output projection and its feed-forward output projection are both "*.output.dense"
@@ -48,41 +55,60 @@ LAYOUTS: dict[str, Layout] = {
         key="attention.self.key",
         value="attention.self.value",
         attention_output="attention.output.dense",
+        ffn_up="intermediate.dense",
         ffn_output="*[0-9].output.dense",
         ffn_block="*[0-9].output",
+        attention_norm="attention.output.LayerNorm",
+        ffn_norm="*[0-9].output.LayerNorm",
         ffn_input="residual",
+        norms="post",
     ),
     "MPNet": Layout(
         query="attention.attn.q",
         key="attention.attn.k",
         value="attention.attn.v",
         attention_output="attention.attn.o",
+        ffn_up="intermediate.dense",
         ffn_output="*[0-9].output.dense",
         ffn_block="*[0-9].output",
+        attention_norm="attention.LayerNorm",
+        ffn_norm="*[0-9].output.LayerNorm",
         ffn_input="residual",
+        norms="post",
     ),
     "Llama / Qwen / Mistral / Gemma": Layout(
         query="self_attn.q_proj",
         key="self_attn.k_proj",
         value="self_attn.v_proj",
         attention_output="self_attn.o_proj",
+        ffn_up="mlp.up_proj",
         ffn_output="mlp.down_proj",
         ffn_block="mlp",
+        attention_norm="input_layernorm",
+        ffn_norm="post_attention_layernorm",
         ffn_input="input",
+        norms="pre",
     ),
     "DistilBERT": Layout(
         query="attention.q_lin",
         key="attention.k_lin",
         value="attention.v_lin",
         attention_output="attention.out_lin",
+        ffn_up="ffn.lin1",
         ffn_output="ffn.lin2",
         ffn_block="ffn",
+        attention_norm="sa_layer_norm",
+        ffn_norm="output_layer_norm",
         ffn_input="input",
+        norms="post",
     ),
 }
-ROLES = tuple(f.name for f in fields(Layout) if f.name != "ffn_input")
-# The module types a role selects: linear layers, except the feed-forward block itself.
-ROLE_TYPES: dict[str, tuple[type, ...]] = {role: (nn.Linear,) for role in ROLES} | {"ffn_block": (nn.Module,)}
+ROLES = tuple(f.name for f in fields(Layout) if f.name not in ("ffn_input", "norms"))
+# The module types a role selects: linear layers, except the feed-forward block itself and the norms (LayerNorm,
+# RMSNorm: each family has its own class).
+ROLE_TYPES: dict[str, tuple[type, ...]] = {role: (nn.Linear,) for role in ROLES} | {
+    role: (nn.Module,) for role in ("ffn_block", "attention_norm", "ffn_norm")
+}
 
 
 def find_layout(
