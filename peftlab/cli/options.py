@@ -48,8 +48,9 @@ def add_fields(group, cls: type) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is list and typing.get_origin(typing.get_args(hint)[0]) is typing.Literal:
             kwargs.update(nargs="+", choices=typing.get_args(typing.get_args(hint)[0]))
-        elif origin is list:
-            kwargs.update(nargs="+", metavar="PATTERN")
+        elif origin is list or (inner and typing.get_origin(inner[0]) is list):  # list[...] or list[...] | None
+            item = typing.get_args(hint if origin is list else inner[0])[0]
+            kwargs.update(nargs="+", metavar={int: "N", float: "X"}.get(item, "PATTERN"))
         elif origin is dict:
             kwargs.update(nargs="+", metavar="KEY=VALUE", type=key_value)
         elif origin is typing.Literal:
