@@ -1,12 +1,16 @@
 """Ladder Side-Tuning: the forward pass is the ladder equation (checked against a few lines of reference code on
-a tiny BERT and a tiny Llama), the backward pass never enters the backbone (no tensor saved for backward inside a
-backbone block; activation memory below LoRA's and the frozen floor's), gradient checkpointing changes nothing, it
-learns, it saves, loads and unloads, greedy generation with the tiny Llama equals the argmax of full recomputation
+a tiny BERT and a tiny Llama, with every block and with a dropped one), the backward pass never enters the backbone
+(no tensor saved for backward inside a backbone block, dropped blocks included; activation memory below LoRA's and
+the frozen floor's, and lower again with layer dropping), gradient checkpointing changes nothing, it learns (random
+or pruned start, all blocks or fewer), the pruned start copies exactly the slices the documented magnitude score
+selects, it saves, loads and unloads, greedy generation with the tiny Llama equals the argmax of full recomputation
 at every step, packed rows stay apart, bad options are refused in one line, and the CLI trains, generates and
 refuses to merge. Hugging Face PEFT has no LST, so there is no parity test."""
 
+import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -16,9 +20,10 @@ from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 import peftlab
 from peftlab.bench.assets import tiny_llama_config
 from peftlab.bench.measure import FloorStep, TrainStep
+from peftlab.cli.options import Parser, add_fields, cli_values
 from peftlab.core.hooks import TrainingHooks
 from peftlab.errors import InputError, PeftlabError
-from peftlab.methods.lst import LadderBlock, SideBlock
+from peftlab.methods.lst import LadderBlock, LSTConfig, SideBlock
 from peftlab.train.loop import ClassificationTask, TrainSettings, enable_gradient_checkpointing
 from tests.conftest import tiny_classifier
 
@@ -66,11 +71,21 @@ def reference_side_block(block: SideBlock, x: torch.Tensor, allowed: torch.Tenso
     return x + F.gelu(f @ block.ffn_in.weight.T + block.ffn_in.bias) @ block.ffn_out.weight.T + block.ffn_out.bias
 
 
-@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
-@pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_the_forward_pass_is_the_ladder_equation(kind, padded):
+@pytest.mark.parametrize(
+    "kind, padded, side_layers",
+    [
+        ("bert", True, None),
+        ("bert", False, None),
+        ("llama", True, None),
+        ("llama", False, None),
+        # block 1 (the last) dropped: x_1 = x_0 passes it unchanged and still reaches h_L through U
+        ("bert", True, [0]),
+        ("llama", True, [0]),
+    ],
+)
+def test_the_forward_pass_is_the_ladder_equation(kind, padded, side_layers):
     tokens, mask = (TOKENS, MASK) if padded else (TOKENS[2:], MASK[2:])  # the last row has no padding
-    adapter = peftlab.attach(model_of(kind), "lst", reduction_factor=4)
+    adapter = peftlab.attach(model_of(kind), "lst", reduction_factor=4, side_layers=side_layers)
     randomise(adapter)
     ladders = list(adapter.layers().values())
     T = tokens.shape[1]
@@ -91,6 +106,8 @@ def test_the_forward_pass_is_the_ladder_equation(kind, padded):
             return None
         x = states[0] @ ladders[0].embed_down.weight.T + ladders[0].embed_down.bias  # x_0 = D_0 e
         for layer, h in zip(ladders, states[1:], strict=True):
+            if layer.side is None:  # a dropped block: x_i = x_{i-1}
+                continue
             mu = torch.sigmoid(layer.alpha / 0.1)
             x = reference_side_block(
                 layer.side, mu * x + (1 - mu) * (h @ layer.down.weight.T + layer.down.bias), allowed
@@ -109,12 +126,13 @@ def test_the_forward_pass_is_the_ladder_equation(kind, padded):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("side_layers", [None, [1]], ids=["all-blocks", "block-0-dropped"])
 @pytest.mark.parametrize("embeddings_require_grad", [False, True], ids=["plain", "embeddings-require-grad"])
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_the_backward_pass_never_enters_the_backbone(kind, embeddings_require_grad):
+def test_the_backward_pass_never_enters_the_backbone(kind, embeddings_require_grad, side_layers):
     """No tensor is saved for backward while a backbone block computes (under LoRA, plenty are), not even when the
-    input embeddings require a gradient (as the floor of the benchmark makes them), and no backbone parameter gets
-    a gradient."""
+    input embeddings require a gradient (as the floor of the benchmark makes them) or the block keeps no side block,
+    and no backbone parameter gets a gradient."""
 
     def saved_inside_blocks(adapter) -> int:
         blocks = adapter.model.bert.encoder.layer if kind == "bert" else adapter.model.model.layers
@@ -136,7 +154,7 @@ def test_the_backward_pass_never_enters_the_backbone(kind, embeddings_require_gr
         loss.backward()
         return saved[0]
 
-    lst = peftlab.attach(model_of(kind), "lst", reduction_factor=4)
+    lst = peftlab.attach(model_of(kind), "lst", reduction_factor=4, side_layers=side_layers)
     randomise(lst)
     assert saved_inside_blocks(lst) == 0
     own = {id(p) for layer in lst.layers().values() for p in layer.adapter_parameters().values()}
@@ -187,9 +205,20 @@ def test_activations_saved_for_backward_are_below_lora_and_the_frozen_floor(kind
     assert lst["activations"] < 0.5 * floor["activations"] < 0.5 * lora["activations"]
 
 
-def test_it_learns_and_moves_the_gates_and_the_side_network():
+@pytest.mark.parametrize(
+    "options, fall",
+    [
+        ({}, 0.5),
+        ({"side_layers": [1]}, 0.5),
+        # The tiny BERT's weights are drawn with std 0.02, far below PyTorch's default init of the side blocks, so a
+        # side network copied from them starts near the identity and moves slower (0.69 -> 0.50 in 15 steps).
+        ({"init": "pruned"}, 0.8),
+    ],
+    ids=["random", "dropping", "pruned"],
+)
+def test_it_learns_and_moves_the_gates_and_the_side_network(options, fall):
     torch.manual_seed(0)
-    adapter = peftlab.attach(tiny_classifier(), "lst", reduction_factor=4, dropout=0.0)
+    adapter = peftlab.attach(tiny_classifier(), "lst", reduction_factor=4, dropout=0.0, **options)
     start = {k: v.detach().clone() for k, v in adapter.state().items()}
     optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2)
     adapter.model.train()
@@ -200,25 +229,31 @@ def test_it_learns_and_moves_the_gates_and_the_side_network():
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < fall * losses[0]
     state = adapter.state()
     for key in start:
         if key.startswith("classifier."):
             continue
         assert not torch.equal(state[key], start[key]), f"{key} did not move"
     for layer in adapter.layers().values():
-        assert layer.alpha.item() != 0.0
+        assert layer.side is None or layer.alpha.item() != 0.0
 
 
-def test_save_and_load_round_trip_and_unload_restores_the_plain_model(tmp_path):
-    adapter = peftlab.attach(tiny_llama(causal_lm=True), "lst", reduction_factor=4)
+@pytest.mark.parametrize("options", [{}, {"init": "pruned", "side_layers": [1]}], ids=["defaults", "pruned-dropping"])
+def test_save_and_load_round_trip_and_unload_restores_the_plain_model(tmp_path, options):
+    adapter = peftlab.attach(tiny_llama(causal_lm=True), "lst", reduction_factor=4, **options)
     randomise(adapter)
     with torch.no_grad():
         expected = adapter.model(input_ids=TOKENS, attention_mask=MASK).logits
     adapter.save(tmp_path / "lst")
+    saved = json.loads((tmp_path / "lst" / "adapter.json").read_text())["config"]
+    assert {k: saved[k] for k in ("init", "side_layers")} == {"init": "random", "side_layers": None} | options
     fresh = tiny_llama(seed=1, causal_lm=True)
     fresh.load_state_dict(tiny_llama(causal_lm=True).state_dict())
     loaded = peftlab.load_adapter(fresh, tmp_path / "lst")
+    assert [layer.side is not None for layer in loaded.layers().values()] == [
+        layer.side is not None for layer in adapter.layers().values()
+    ]
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=TOKENS, attention_mask=MASK).logits, expected, rtol=0, atol=0)
     assert loaded.model.generation_config.use_cache is False
@@ -232,8 +267,9 @@ def test_save_and_load_round_trip_and_unload_restores_the_plain_model(tmp_path):
         )
 
 
-def test_greedy_generation_equals_the_argmax_of_full_recomputation_at_every_step():
-    adapter = peftlab.attach(tiny_llama(causal_lm=True), "lst", reduction_factor=4)
+@pytest.mark.parametrize("options", [{}, {"init": "pruned", "side_layers": [0]}], ids=["defaults", "pruned-dropping"])
+def test_greedy_generation_equals_the_argmax_of_full_recomputation_at_every_step(options):
+    adapter = peftlab.attach(tiny_llama(causal_lm=True), "lst", reduction_factor=4, **options)
     randomise(adapter, std=0.5)
     model = adapter.model
     prompts = torch.tensor([[0, 0, 5, 9, 14], [3, 8, 21, 13, 40]])  # the first row left-padded, as generate pads
@@ -279,6 +315,134 @@ def test_sizes_follow_the_reduction_factor_and_the_backbone():
     assert layers[0].up is None and torch.count_nonzero(layers[1].up.weight) == 0
 
 
+def largest(scores: list[float], k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``scores``, in increasing order (written apart from the method's own code)."""
+    return torch.tensor(sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:k]))
+
+
+def entries(linear, rows, cols) -> float:
+    return float(linear.weight[rows][:, cols].abs().sum())
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_pruned_init_copies_the_slices_the_magnitude_score_selects(kind):
+    """Every side block is its backbone block cut to the kept hidden dims (the input embedding's columns of largest
+    L1 norm), its 2 heads of largest |W| over their q, k, v rows and out columns (the tiny Llama groups 2 query heads
+    per key/value head: a kept query head brings the k, v rows of the head it reads) and its 32 FFN units of largest
+    |W| over their input row and output column (Llama: up_proj, down_proj); each side norm holds the kept dims of the
+    norm whose output the copied sublayer reads; the ladders select the kept dims; the output is unchanged."""
+    model = model_of(kind)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the tiny models' norms start at weight 1, bias 0: make a wrong copy visible
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower():
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=g))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=g))
+    plain = copy.deepcopy(model)
+    adapter = peftlab.attach(model, "lst", reduction_factor=2, init="pruned")  # side 16 wide: 2 heads of 8, FFN 32
+    layers = list(adapter.layers().values())
+    blocks = [layer.base for layer in layers]
+    keep = largest(model.get_input_embeddings().weight.abs().sum(0).tolist(), 16)
+    assert not torch.equal(keep, torch.arange(16))  # not trivially the first dims
+    if kind == "bert":  # post-norm: attention reads the previous block's output norm (block 0: the embeddings')
+        parts = [(b.attention.self.query, b.attention.self.key, b.attention.self.value, b.attention.output.dense,
+                  b.intermediate.dense, b.output.dense) for b in blocks]  # fmt: skip
+        attn_norms = [model.bert.embeddings.LayerNorm, blocks[0].output.LayerNorm]
+        ffn_norms = [b.attention.output.LayerNorm for b in blocks]
+        final_norm, group = blocks[-1].output.LayerNorm, 1
+    else:  # pre-norm: each sublayer's own norm, and the body's final norm
+        parts = [(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.o_proj, b.mlp.up_proj,
+                  b.mlp.down_proj) for b in blocks]  # fmt: skip
+        attn_norms = [b.input_layernorm for b in blocks]
+        ffn_norms = [b.post_attention_layernorm for b in blocks]
+        final_norm, group = model.model.norm, 2
+
+    def head(h: int) -> list[int]:
+        return list(range(8 * h, 8 * h + 8))
+
+    def same_norm(norm, source) -> bool:
+        bias = source.bias[keep] if getattr(source, "bias", None) is not None else torch.zeros(16)
+        return torch.equal(norm.weight, source.weight[keep]) and torch.equal(norm.bias, bias)
+
+    for i, layer in enumerate(layers):
+        q, k, v, o, up, down = parts[i]
+        owned = [entries(q, head(h), keep) + entries(k, head(h // group), keep) + entries(v, head(h // group), keep)
+                 + entries(o, keep, head(h)) for h in range(4)]  # fmt: skip
+        heads = largest(owned, 2).tolist()
+        q_rows = [r for h in heads for r in head(h)]
+        kv_rows = [r for h in heads for r in head(h // group)]
+        units = largest([entries(up, [u], keep) + entries(down, keep, [u]) for u in range(64)], 32)
+        side = layer.side
+        qkv = torch.cat([q.weight[q_rows][:, keep], k.weight[kv_rows][:, keep], v.weight[kv_rows][:, keep]])
+        assert torch.equal(side.attn.qkv.weight, qkv)
+        assert torch.equal(side.attn.out.weight, o.weight[keep][:, q_rows])
+        assert torch.equal(side.ffn_in.weight, up.weight[units][:, keep])
+        assert torch.equal(side.ffn_out.weight, down.weight[keep][:, units])
+        if kind == "bert":
+            assert torch.equal(side.attn.qkv.bias, torch.cat([q.bias[q_rows], k.bias[kv_rows], v.bias[kv_rows]]))
+            assert torch.equal(side.attn.out.bias, o.bias[keep])
+            assert torch.equal(side.ffn_in.bias, up.bias[units]) and torch.equal(side.ffn_out.bias, down.bias[keep])
+        else:  # Llama's projections have no biases
+            assert not side.attn.qkv.bias.any() and not side.ffn_in.bias.any() and not side.ffn_out.bias.any()
+        assert same_norm(side.attn_norm, attn_norms[i]) and same_norm(side.ffn_norm, ffn_norms[i])
+    assert same_norm(layers[-1].final_norm, final_norm)
+    selection = torch.zeros(16, 32)
+    selection[torch.arange(16), keep] = 1
+    for ladder in (layers[0].embed_down, layers[0].down, layers[1].down):
+        assert torch.equal(ladder.weight, selection) and not ladder.bias.any()
+    assert not layers[-1].up.weight.any() and not layers[-1].up.bias.any()
+    with torch.no_grad():  # identity at init: U = 0
+        torch.testing.assert_close(
+            adapter.model(input_ids=TOKENS, attention_mask=MASK).logits,
+            plain(input_ids=TOKENS, attention_mask=MASK).logits,
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_pruned_init_refuses_a_block_layout_it_does_not_know():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, num_labels=2, bos_token_id=0, eos_token_id=0)
+    model = GPT2ForSequenceClassification(config)
+    with pytest.raises(InputError, match=r"^init=pruned: cannot find the attention and feed-forward projections and "
+                                         r"norms in GPT2Block \(knows BERT .*\); use init=random$"):  # fmt: skip
+        peftlab.attach(model, "lst", reduction_factor=4, init="pruned")
+    assert not any(isinstance(m, LadderBlock) for m in model.modules())  # refused before any block was wrapped
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_layer_dropping_shrinks_the_side_network_its_parameters_and_the_saved_activations(kind):
+    every = peftlab.attach(model_of(kind), "lst", reduction_factor=4)
+    dropped = peftlab.attach(model_of(kind), "lst", reduction_factor=4, side_layers=[1])
+    assert [layer.side is not None for layer in every.layers().values()] == [True, True]
+    assert [layer.side is not None for layer in dropped.layers().values()] == [False, True]
+    first = every.layers()[next(iter(every.layers()))]
+    block_0 = sum(p.numel() for m in (first.side, first.down) for p in m.parameters()) + first.alpha.numel()
+
+    def trainable(adapter) -> int:
+        return sum(p.numel() for p in adapter.trainable_parameters())
+
+    assert trainable(every) - trainable(dropped) == block_0
+    assert dropped.layers()[next(iter(dropped.layers()))].embed_down is not None  # x_0 = D_0 e still starts there
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (8, 32), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(8) % 2}
+    # tiny BERT: 251 kB with both blocks, 148 kB with block 0 dropped (Llama: 317, 213)
+    saved = {
+        n: memory(kind, "lst", batch, side_layers=layers)["activations"] for n, layers in (("all", None), ("one", [1]))
+    }
+    assert saved["all"] - saved["one"] >= 8 * 32 * 32 * 4  # at least h_0 (B, T, d) in fp32, which no ladder reads now
+
+
+def test_the_cli_takes_init_and_side_layers():
+    parser = Parser(prog="train")
+    add_fields(parser, LSTConfig)
+    namespace = parser.parse_args(["--init", "pruned", "--side-layers", "0", "2"])
+    assert cli_values(namespace, [LSTConfig]) == {"init": "pruned", "side_layers": [0, 2]}
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -288,6 +452,36 @@ def test_sizes_follow_the_reduction_factor_and_the_backbone():
         ({"side_heads": 3}, "side_heads: must divide the side width 32 / 8 = 4, got 3"),
         ({"gate_temperature": 0.0}, "gate_temperature: expected a finite number > 0, got 0.0"),
         ({"dropout": 1.0}, r"dropout: expected a number in \[0, 1\), got 1.0"),
+        ({"init": "magnitude"}, "lst options: init: expected one of random, pruned, got 'magnitude'"),
+        (
+            {"init": "pruned"},  # the side width 32 / 8 = 4 is narrower than one backbone head (8)
+            re.escape(
+                "reduction_factor: init=pruned copies whole backbone heads (8 wide), so the side width 32 / r "
+                "must be a multiple of 8: expected r in [1, 2, 4] (or init=random), got 8"
+            ),
+        ),
+        (
+            {"init": "pruned", "reduction_factor": 2, "side_heads": 1},  # one head 16 wide
+            "side_heads: init=pruned copies whole backbone heads \\(8 wide\\), so a side width of 16 needs 2 of "
+            "them, got 1",
+        ),
+        (
+            {"side_layers": [2]},
+            re.escape("side_layers: expected block indices in 0..1 (the model has 2 blocks), got [2]"),
+        ),
+        (
+            {"side_layers": []},
+            re.escape("side_layers: expected a non-empty list of distinct block indices >= 0, got []"),
+        ),
+        (
+            {"side_layers": [1, 1]},
+            re.escape("side_layers: expected a non-empty list of distinct block indices >= 0, got [1, 1]"),
+        ),
+        (
+            {"side_layers": [-1]},
+            re.escape("side_layers: expected a non-empty list of distinct block indices >= 0, got [-1]"),
+        ),
+        ({"side_layers": ["x"]}, "lst options: side_layers: expected an integer, got 'x'"),
     ],
 )
 def test_bad_options_are_refused_in_one_line(options, message):

@@ -3,11 +3,13 @@ Transfer Learning, https://arxiv.org/abs/2206.06522).
 
 The backbone stays frozen and the backward pass never enters it: a small *side network* of width
 ``d_s = d / reduction_factor`` reads the backbone's hidden states through *ladders* (down-projections) and trains
-alone. With ``e`` the embedding output, ``h_i`` the output of backbone block i (i = 1..L) and ``S_i`` a side block::
+alone. With ``e`` the embedding output, ``h_i`` the output of backbone block i (i = 1..L), ``K`` the blocks that
+keep a ladder (``side_layers``; all L by default) and ``S_i`` a side block::
 
     x_0 = D_0 e
-    x_i = S_i(mu_i x_{i-1} + (1 - mu_i) D_i h_i),      mu_i = sigmoid(alpha_i / T),  alpha_i = 0 at the start
-    h_L <- h_L + U LN(x_L)                             U: (d, d_s), zero at the start
+    x_i = S_i(mu_i x_{i-1} + (1 - mu_i) D_i h_i)  for i in K,  else  x_i = x_{i-1}
+    mu_i = sigmoid(alpha_i / T),  alpha_i = 0 at the start
+    h_L <- h_L + U LN(x_L)                         U: (d, d_s), zero at the start
 
 ``D_i: (d_s, d)`` are the ladders, ``T`` the gate temperature (0.1 in the paper). The backbone's blocks run under
 ``torch.no_grad`` and the ladders read ``e`` and ``h_i`` as constants: nothing inside a backbone block is saved
@@ -35,15 +37,52 @@ and causality where the backbone's attention is causal (a module in its first bl
 Llama, GPT-2; BERT's is False). Packed rows (no attention mask, ``position_ids`` restarting at 0 for every example,
 ``peftlab.data.lm``) attend within their own example, as the backbone does. Without padding or packing no mask is
 built, so PyTorch's fused attention kernels can run. The side network has no position embeddings: the ladders
-bring the backbone's position-aware states. Initialisation: PyTorch's defaults for the side blocks and ladders
-(the paper starts them from the backbone's weights pruned to ``d_s``; that option is not implemented here),
-``U = 0``, ``alpha = 0``.
+bring the backbone's position-aware states.
+
+Layer dropping (the paper's, in its own form: a list of the backbone blocks that keep a side block): ``side_layers``
+names the blocks (0-based) that keep a ladder ``D_i``, a gate and a side block ``S_i``; the others run plain, still
+under ``torch.no_grad`` inside their wrapper (nothing saved for backward), and hand the side state on unchanged. The
+first block's wrapper starts ``x_0`` and the last one adds ``U LN(x_L)`` whether or not they keep a side block, so
+the last side block still reaches the output. Each dropped block takes away its side block's parameters and
+activations and the ``h_i`` its ladder would save.
+
+Initialisation (``init``). ``random``: PyTorch's defaults for the side blocks and ladders. ``pruned``, the paper's
+structural weight initialisation: side block ``S_i`` starts as backbone block i structurally pruned to the side
+width, its parts found by role in ``core.layouts.LAYOUTS`` (BERT / RoBERTa / MiniLM / ELECTRA, MPNet, Llama / Qwen /
+Mistral, DistilBERT; any other block is refused). Each kept unit is ranked by the L1 norm of the weights it owns::
+
+    hidden dims  the d_s of d with the largest column norm of the input embedding matrix, one selection for the
+                 whole network (every residual stream, ladder and norm keeps the same dims, so they line up)
+    heads        per block, the side_heads heads with the largest |W| over their q, k, v rows and their columns of
+                 the output projection, on the kept dims; copied whole (a grouped-query model's key and value rows
+                 are those of the key/value head each kept query head reads), so side heads must be as wide as the
+                 backbone's -- the default side_heads makes them so where the reduction factor divides the head
+                 count, and other choices are refused
+    FFN units    per block, the intermediate_size / r units with the largest |W| over their input row and output
+                 column on the kept dims; a gated FFN (Llama) gives its up_proj rows and down_proj columns, and its
+                 gate is left out (the side FFN is an ungated GELU)
+
+Biases are the same slices (zero where the backbone has none). Each side norm copies the kept dims of the backbone
+norm whose output the copied sublayer reads there: in a pre-norm block (Llama) the block's own input and
+post-attention norms, and the body's final norm for the side's final norm; in a post-norm block (BERT) attention
+reads the previous block's output norm (block 0: the embedding norm), the FFN the block's attention-output norm, and
+the side's final norm takes the last block's output norm. An RMSNorm's weight goes into a LayerNorm (bias 0), which
+also centres. The ladders ``D_0``, ``D_i`` start as the selection of the kept dims (``D h`` is ``h`` pruned), so a
+side block first reads the coordinates its copied weights were trained on. Either way ``U = 0`` and ``alpha = 0``.
+
+Departures of ``pruned``, and why: the paper ranks weights by their Fisher information (squared gradients of the
+task loss over training examples); ``apply()`` sees no data, so the ranking here is by weight magnitude, which needs
+none. The paper's ladders start as random linear maps; here they start as the selection, for the reason above.
+Copied query and key rows of a rotary model (Llama) start without their rotation: the side attention has no
+positions. Norm weights are copied as stored, which suits LayerNorm and Llama's RMSNorm but not a norm that scales
+by ``1 + weight`` (Gemma's), whose copies start off by that 1; Gemma is not tested here.
 
 Where the state lives: each backbone block is wrapped by a ``LadderBlock`` that holds its ladder ``D_i``, gate
-``alpha_i`` and side block ``S_i`` (the first also ``D_0``, the last also the final LayerNorm and ``U``), so the core
-finds every tensor through the adapter protocol. The wrappers pass ``x_{i-1}`` along through a ``SideState``
-shared by all of them (a plain object, not a module); a forward pre-hook on the model's body records the attention
-mask and position ids of each call and a forward hook clears the state afterwards. Nothing merges into the weights.
+``alpha_i`` and side block ``S_i`` where it keeps them (the first also ``D_0``, the last also the final LayerNorm and
+``U``), so the core finds every tensor through the adapter protocol. The wrappers pass ``x_{i-1}`` along through a
+``SideState`` shared by all of them (a plain object, not a module); a forward pre-hook on the model's body records
+the attention mask and position ids of each call and a forward hook clears the state afterwards. Nothing merges into
+the weights.
 
 Generation: with a KV cache a decoder's blocks see only the new tokens, and a side network without a cache of its
 own would attend to nothing before them. LST generates without the backbone's cache instead: attaching sets the
@@ -59,6 +98,7 @@ import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +106,9 @@ from torch import nn
 
 from ..core.adapter import AdapterLayer, replace_module
 from ..core.kv_cache import cache_length
-from ..core.layouts import find_blocks
+from ..core.layouts import LAYOUTS, find_blocks, find_layout
 from ..core.registry import Method, register
+from ..core.targets import matches
 from ..errors import InputError, PeftlabError, require
 
 
@@ -83,6 +124,16 @@ class LSTConfig:
     )  # fmt: skip
     gate_temperature: float = field(default=0.1, metadata={"help": "T in the ladder gate mu = sigmoid(alpha / T)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout inside the side blocks while training"})
+    init: Literal["random", "pruned"] = field(
+        default="random",
+        metadata={"help": "side network start: random, or pruned (each side block from its backbone block, "
+                          "structurally pruned to the side width by weight magnitude; ladders select the kept dims)"},
+    )  # fmt: skip
+    side_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "layer dropping: the backbone blocks (0-based) that keep a ladder and a side block "
+                          "(default: every block)"},
+    )  # fmt: skip
 
     def __post_init__(self):
         r = self.reduction_factor
@@ -98,6 +149,20 @@ class LSTConfig:
             "dropout",
             "a number in [0, 1)",
             self.dropout,
+        )
+        require(self.init in ("random", "pruned"), "init", "random or pruned", self.init)
+        layers = self.side_layers
+        require(
+            layers is None
+            or (
+                isinstance(layers, (list, tuple))
+                and len(layers) > 0
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+                and len(set(layers)) == len(layers)
+            ),
+            "side_layers",
+            "a non-empty list of distinct block indices >= 0",
+            layers,
         )
 
 
@@ -197,12 +262,12 @@ class SideState:
 
 
 class LadderBlock(AdapterLayer):
-    """Wraps backbone block i: runs it, then advances the side network by one block from its output,
-    ``x_i = S_i(mu_i x_{i-1} + (1 - mu_i) D_i h_i)``. The first block's wrapper starts the side state from its input
-    (the embedding output), ``x_0 = D_0 e``; the last one adds ``U LN(x_L)`` to its output."""
+    """Wraps backbone block i: runs it, then (where it keeps a side block) advances the side network by one block
+    from its output, ``x_i = S_i(mu_i x_{i-1} + (1 - mu_i) D_i h_i)``. The first block's wrapper starts the side
+    state from its input (the embedding output), ``x_0 = D_0 e``; the last one adds ``U LN(x_L)`` to its output."""
 
     def __init__(self, base: nn.Module, state: SideState, sizes: dict[str, int], config: LSTConfig,
-                 first: bool, last: bool):  # fmt: skip
+                 first: bool, last: bool, side: bool = True):  # fmt: skip
         super().__init__(base)
         self.state = state
         self.temperature = config.gate_temperature
@@ -210,9 +275,10 @@ class LadderBlock(AdapterLayer):
         like = {"dtype": w.dtype, "device": w.device}
         hidden, width = sizes["hidden"], sizes["width"]
         self.embed_down = nn.Linear(hidden, width, **like) if first else None  # D_0
-        self.down = nn.Linear(hidden, width, **like)  # D_i
-        self.alpha = nn.Parameter(torch.zeros((), **like))  # mu_i = sigmoid(alpha_i / T) = 0.5 at the start
-        self.side = SideBlock(width, sizes["heads"], sizes["ffn"], config.dropout, **like)  # S_i
+        self.down = nn.Linear(hidden, width, **like) if side else None  # D_i
+        # mu_i = sigmoid(alpha_i / T) = 0.5 at the start
+        self.alpha = nn.Parameter(torch.zeros((), **like)) if side else None
+        self.side = SideBlock(width, sizes["heads"], sizes["ffn"], config.dropout, **like) if side else None  # S_i
         self.final_norm = nn.LayerNorm(width, **like) if last else None
         self.up = nn.Linear(width, hidden, **like) if last else None  # U
         if self.up is not None:
@@ -231,9 +297,12 @@ class LadderBlock(AdapterLayer):
             state.x = self.embed_down(e)  # (B, T, d_s)
         with torch.no_grad():  # nothing in the backbone is recorded, even for an input that requires a gradient
             out = self.base(hidden_states, *args, **kwargs)
+        if self.side is None and self.up is None:
+            return out  # a dropped block: the side state passes on unchanged
         h = out[0] if isinstance(out, tuple) else out  # (B, T, d)
-        mu = torch.sigmoid(self.alpha / self.temperature)
-        state.x = self.side(mu * state.x + (1 - mu) * self.down(h), state.masking)  # (B, T, d_s)
+        if self.side is not None:
+            mu = torch.sigmoid(self.alpha / self.temperature)
+            state.x = self.side(mu * state.x + (1 - mu) * self.down(h), state.masking)  # (B, T, d_s)
         if self.up is None:
             return out
         h = h + self.up(self.final_norm(state.x)).to(h.dtype)
@@ -246,7 +315,7 @@ class LadderBlock(AdapterLayer):
         self.state.uninstall()
 
 
-# --- attaching ---------------------------------------------------------------------------------------------------
+# --- reading the backbone ----------------------------------------------------------------------------------------
 
 
 def _config_value(model: nn.Module, *names: str) -> int | None:
@@ -298,15 +367,148 @@ def is_causal(block: nn.Module, model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_decoder", False))
 
 
+# --- init="pruned": the side network from the backbone's weights -------------------------------------------------
+
+PRUNED_ROLES = ("query", "key", "value", "attention_output", "ffn_up", "ffn_output", "attention_norm", "ffn_norm")
+
+
+def top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``scores``, in increasing order."""
+    return scores.float().topk(k).indices.sort().values
+
+
+def head_rows(heads: torch.Tensor, width: int) -> torch.Tensor:
+    """The rows of a projection that belong to ``heads`` (each ``width`` rows), head after head."""
+    return (heads[:, None] * width + torch.arange(width, device=heads.device)).flatten()
+
+
+def bias_of(linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+    """The entries ``rows`` of the bias of ``linear`` (zeros where it has none)."""
+    return linear.bias[rows] if linear.bias is not None else linear.weight.new_zeros(len(rows))
+
+
+class PrunedInit:
+    """The backbone's parts by role for every block, the hidden dims kept for the whole side network (``keep``) and
+    the head width; built before the blocks are wrapped, so a layout or width it cannot prune is refused before the
+    model changes. ``initialise`` then copies backbone block i, pruned, into the new ``LadderBlock`` i."""
+
+    def __init__(self, model: nn.Module, blocks_name: str, sizes: dict[str, int], config: LSTConfig,
+                 protected: Sequence[str]):  # fmt: skip
+        blocks = model.get_submodule(blocks_name)
+        kind = type(blocks[0]).__name__
+        found = find_layout(model, PRUNED_ROLES, protected)
+        self.parts: list[dict[str, nn.Module]] = []
+        for i, block in enumerate(blocks):
+            hits = {role: [m for n, m in block.named_modules(prefix=f"{blocks_name}.{i}")
+                           if found and matches(getattr(found[0], role), n)] for role in PRUNED_ROLES}  # fmt: skip
+            if found is None or any(len(h) != 1 for h in hits.values()):
+                raise InputError(f"init=pruned: cannot find the attention and feed-forward projections and norms in "
+                                 f"{kind} (knows {', '.join(LAYOUTS)}); use init=random")  # fmt: skip
+            self.parts.append({role: h[0] for role, h in hits.items()})
+        self.norms = found[0].norms
+        count = _config_value(model, "num_attention_heads", "n_head", "num_heads")
+        if count is None:
+            raise InputError(f"init=pruned: cannot tell the head count of {kind} (no config.num_attention_heads); "
+                             "use init=random")  # fmt: skip
+        self.hidden = hidden = sizes["hidden"]
+        width = sizes["width"]
+        self.head_width = w = self.parts[0]["query"].out_features // count
+        if width % w:
+            fits = [r for r in range(1, hidden // w + 1) if (hidden // r) % w == 0]
+            raise InputError(f"reduction_factor: init=pruned copies whole backbone heads ({w} wide), so the side "
+                             f"width {hidden} / r must be a multiple of {w}: expected r in {fits} (or init=random), "
+                             f"got {config.reduction_factor}")  # fmt: skip
+        if width // sizes["heads"] != w:
+            raise InputError(f"side_heads: init=pruned copies whole backbone heads ({w} wide), so a side width of "
+                             f"{width} needs {width // w} of them, got {sizes['heads']}")  # fmt: skip
+        embed = getattr(model, "get_input_embeddings", lambda: None)()
+        if not isinstance(getattr(embed, "weight", None), torch.Tensor) or embed.weight.shape[-1] != hidden:
+            raise InputError(f"init=pruned: cannot find the input embeddings of {type(model).__name__}; "
+                             "use init=random")  # fmt: skip
+        self.keep = top(embed.weight.detach().abs().sum(0), width)  # (d_s,): hidden dims by embedding column norm
+        body = getattr(model, "base_model", model)
+        # the norms whose outputs the first block's attention and what follows the blocks read (see the docstring)
+        self.first_input_norm = getattr(getattr(body, "embeddings", None), "LayerNorm", None)
+        self.final_norm = getattr(body, "norm", None) if self.norms == "pre" else self.parts[-1]["ffn_norm"]
+
+    @torch.no_grad()
+    def initialise(self, layer: LadderBlock, i: int) -> None:
+        keep = self.keep
+        for ladder in (layer.embed_down, layer.down):
+            if ladder is not None:  # D = the selection of the kept dims: D h = h[keep]
+                ladder.weight.zero_()
+                ladder.weight[torch.arange(len(keep)), keep] = 1.0
+                ladder.bias.zero_()
+        if layer.final_norm is not None:
+            self.copy_norm(layer.final_norm, self.final_norm)
+        if layer.side is None:
+            return
+        part, side = self.parts[i], layer.side
+        if self.norms == "pre":
+            self.copy_norm(side.attn_norm, part["attention_norm"])
+            self.copy_norm(side.ffn_norm, part["ffn_norm"])
+        else:
+            self.copy_norm(side.attn_norm, self.parts[i - 1]["ffn_norm"] if i > 0 else self.first_input_norm)
+            self.copy_norm(side.ffn_norm, part["attention_norm"])
+        q, k, v, o = (part[role] for role in ("query", "key", "value", "attention_output"))
+        w, d_s = self.head_width, len(keep)
+
+        def per_head(rows_by_input: torch.Tensor) -> torch.Tensor:  # (heads * w, d_s) -> (heads,)
+            return rows_by_input.abs().view(-1, w, d_s).sum((1, 2))
+
+        group = q.out_features // k.out_features  # query heads per key/value head (1 without grouped queries)
+        score = (per_head(q.weight[:, keep]) + (per_head(k.weight[:, keep]) + per_head(v.weight[:, keep]))
+                 .repeat_interleave(group) + o.weight[keep].abs().view(d_s, -1, w).sum((0, 2)))  # fmt: skip
+        heads = top(score, side.attn.heads)
+        q_rows, kv_rows = head_rows(heads, w), head_rows(heads // group, w)
+        side.attn.qkv.weight.copy_(torch.cat([q.weight[q_rows][:, keep], k.weight[kv_rows][:, keep],
+                                              v.weight[kv_rows][:, keep]]))  # fmt: skip
+        side.attn.qkv.bias.copy_(torch.cat([bias_of(q, q_rows), bias_of(k, kv_rows), bias_of(v, kv_rows)]))
+        side.attn.out.weight.copy_(o.weight[keep][:, q_rows])
+        side.attn.out.bias.copy_(bias_of(o, keep))
+        up, down = part["ffn_up"], part["ffn_output"]
+        units = top(up.weight[:, keep].abs().sum(1) + down.weight[keep].abs().sum(0), side.ffn_in.out_features)
+        side.ffn_in.weight.copy_(up.weight[units][:, keep])
+        side.ffn_in.bias.copy_(bias_of(up, units))
+        side.ffn_out.weight.copy_(down.weight[keep][:, units])
+        side.ffn_out.bias.copy_(bias_of(down, keep))
+
+    def copy_norm(self, norm: nn.LayerNorm, source: nn.Module | None) -> None:
+        """The kept dims of ``source``'s weight and bias (bias 0 for an RMSNorm); LayerNorm's defaults without one."""
+        weight, bias = getattr(source, "weight", None), getattr(source, "bias", None)
+        if isinstance(weight, torch.Tensor) and weight.shape == (self.hidden,):
+            norm.weight.copy_(weight[self.keep])
+            norm.bias.copy_(bias[self.keep] if isinstance(bias, torch.Tensor) else torch.zeros_like(norm.bias))
+
+
+# --- attaching ---------------------------------------------------------------------------------------------------
+
+
+def side_blocks(config: LSTConfig, count: int) -> set[int]:
+    """Indices of the backbone blocks that keep a ladder and a side block (``side_layers``; default all)."""
+    if config.side_layers is None:
+        return set(range(count))
+    if max(config.side_layers) >= count:
+        raise InputError(f"side_layers: expected block indices in 0..{count - 1} (the model has {count} blocks), "
+                         f"got {config.side_layers}")  # fmt: skip
+    return set(config.side_layers)
+
+
 def apply(model: nn.Module, config: LSTConfig, protected: Sequence[str] = ()) -> list[str]:
     blocks_name = find_blocks(model, protected, field="lst")
     blocks = model.get_submodule(blocks_name)
     sizes = side_sizes(model, config)
+    with_side = side_blocks(config, len(blocks))
+    # init=pruned finds and checks the backbone's parts before any block is wrapped
+    pruned = PrunedInit(model, blocks_name, sizes, config, protected) if config.init == "pruned" else None
     state = SideState(is_causal(blocks[0], model))
     names = []
     for i, block in enumerate(blocks):
         name = f"{blocks_name}.{i}"
-        replace_module(model, name, LadderBlock(block, state, sizes, config, i == 0, i == len(blocks) - 1))
+        layer = LadderBlock(block, state, sizes, config, i == 0, i == len(blocks) - 1, i in with_side)
+        if pruned is not None:
+            pruned.initialise(layer, i)
+        replace_module(model, name, layer)
         names.append(name)
     _install(model, state)
     return names
@@ -348,9 +550,9 @@ METHOD = register(
         "backbone",
         paper="Sung, Cho and Bansal 2022, LST: Ladder Side-Tuning for Parameter and Memory Efficient Transfer "
         "Learning (arXiv:2206.06522)",
-        # The side network starts random and reaches the output through a zero U, so it needs more than the
-        # adapters' 1e-3: on the tiny BERT's sentiment task (20 epochs) 1e-3 reaches 75 % test accuracy, 3e-3 100 %
-        # (houlsby at 1e-3: 54 %). Not yet chosen on validation with a real model.
+        # The side network starts random (init=random) and reaches the output through a zero U, so it needs more
+        # than the adapters' 1e-3: on the tiny BERT's sentiment task (20 epochs) 1e-3 reaches 75 % test accuracy,
+        # 3e-3 100 % (houlsby at 1e-3: 54 %). Not yet chosen on validation with a real model, nor for init=pruned.
         lr=3e-3,
         mergeable=False,
     )
