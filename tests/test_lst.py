@@ -325,11 +325,14 @@ def entries(linear, rows, cols) -> float:
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_pruned_init_copies_the_slices_the_magnitude_score_selects(kind):
+@pytest.mark.parametrize("r, n_heads", [(2, 2), (4, 2)])  # side heads of 8 (the backbone's width) or of 4
+def test_pruned_init_copies_the_slices_the_magnitude_score_selects(kind, r, n_heads):
     """Every side block is its backbone block cut to the kept hidden dims (the input embedding's columns of largest
-    L1 norm), its 2 heads of largest |W| over their q, k, v rows and out columns (the tiny Llama groups 2 query heads
-    per key/value head: a kept query head brings the k, v rows of the head it reads) and its 32 FFN units of largest
-    |W| over their input row and output column (Llama: up_proj, down_proj); each side norm holds the kept dims of the
+    L1 norm), its n_heads heads of largest |W| over their q, k, v rows and out columns (the tiny Llama groups 2 query
+    heads per key/value head: a kept query head brings the k, v rows of the head it reads), within each kept head
+    its s query/key dims of largest |W| over their q and k rows and its s value dims of largest |W| over their v rows
+    and out columns (all 8 when the side heads are as wide as the backbone's), and its 64 / r FFN units of largest |W|
+    over their input row and output column (Llama: up_proj, down_proj); each side norm holds the kept dims of the
     norm whose output the copied sublayer reads; the ladders select the kept dims; the output is unchanged."""
     model = model_of(kind)
     g = torch.Generator().manual_seed(0)
@@ -340,11 +343,12 @@ def test_pruned_init_copies_the_slices_the_magnitude_score_selects(kind):
                 if getattr(module, "bias", None) is not None:
                     module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=g))
     plain = copy.deepcopy(model)
-    adapter = peftlab.attach(model, "lst", reduction_factor=2, init="pruned")  # side 16 wide: 2 heads of 8, FFN 32
+    adapter = peftlab.attach(model, "lst", reduction_factor=r, side_heads=n_heads, init="pruned")
+    width, dims = 32 // r, 32 // r // n_heads  # the side width, each side head's width
     layers = list(adapter.layers().values())
     blocks = [layer.base for layer in layers]
-    keep = largest(model.get_input_embeddings().weight.abs().sum(0).tolist(), 16)
-    assert not torch.equal(keep, torch.arange(16))  # not trivially the first dims
+    keep = largest(model.get_input_embeddings().weight.abs().sum(0).tolist(), width)
+    assert not torch.equal(keep, torch.arange(width))  # not trivially the first dims
     if kind == "bert":  # post-norm: attention reads the previous block's output norm (block 0: the embeddings')
         parts = [(b.attention.self.query, b.attention.self.key, b.attention.self.value, b.attention.output.dense,
                   b.intermediate.dense, b.output.dense) for b in blocks]  # fmt: skip
@@ -362,33 +366,41 @@ def test_pruned_init_copies_the_slices_the_magnitude_score_selects(kind):
         return list(range(8 * h, 8 * h + 8))
 
     def same_norm(norm, source) -> bool:
-        bias = source.bias[keep] if getattr(source, "bias", None) is not None else torch.zeros(16)
+        bias = source.bias[keep] if getattr(source, "bias", None) is not None else torch.zeros(width)
         return torch.equal(norm.weight, source.weight[keep]) and torch.equal(norm.bias, bias)
 
     for i, layer in enumerate(layers):
         q, k, v, o, up, down = parts[i]
         owned = [entries(q, head(h), keep) + entries(k, head(h // group), keep) + entries(v, head(h // group), keep)
                  + entries(o, keep, head(h)) for h in range(4)]  # fmt: skip
-        heads = largest(owned, 2).tolist()
-        q_rows = [r for h in heads for r in head(h)]
-        kv_rows = [r for h in heads for r in head(h // group)]
-        units = largest([entries(up, [u], keep) + entries(down, keep, [u]) for u in range(64)], 32)
+        heads = largest(owned, n_heads).tolist()
+        qk = [largest([entries(q, [8 * h + j], keep) + entries(k, [8 * (h // group) + j], keep) for j in range(8)],
+                      dims).tolist() for h in heads]  # fmt: skip
+        vo = [largest([entries(v, [8 * (h // group) + j], keep) + entries(o, keep, [8 * h + j]) for j in range(8)],
+                      dims).tolist() for h in heads]  # fmt: skip
+        q_rows = [8 * h + j for h, js in zip(heads, qk, strict=True) for j in js]
+        k_rows = [8 * (h // group) + j for h, js in zip(heads, qk, strict=True) for j in js]
+        v_rows = [8 * (h // group) + j for h, js in zip(heads, vo, strict=True) for j in js]
+        o_columns = [8 * h + j for h, js in zip(heads, vo, strict=True) for j in js]
+        if dims == 8:  # whole heads
+            assert q_rows == [row for h in heads for row in head(h)] and o_columns == q_rows
+        units = largest([entries(up, [u], keep) + entries(down, keep, [u]) for u in range(64)], 64 // r)
         side = layer.side
-        qkv = torch.cat([q.weight[q_rows][:, keep], k.weight[kv_rows][:, keep], v.weight[kv_rows][:, keep]])
+        qkv = torch.cat([q.weight[q_rows][:, keep], k.weight[k_rows][:, keep], v.weight[v_rows][:, keep]])
         assert torch.equal(side.attn.qkv.weight, qkv)
-        assert torch.equal(side.attn.out.weight, o.weight[keep][:, q_rows])
+        assert torch.equal(side.attn.out.weight, o.weight[keep][:, o_columns])
         assert torch.equal(side.ffn_in.weight, up.weight[units][:, keep])
         assert torch.equal(side.ffn_out.weight, down.weight[keep][:, units])
         if kind == "bert":
-            assert torch.equal(side.attn.qkv.bias, torch.cat([q.bias[q_rows], k.bias[kv_rows], v.bias[kv_rows]]))
+            assert torch.equal(side.attn.qkv.bias, torch.cat([q.bias[q_rows], k.bias[k_rows], v.bias[v_rows]]))
             assert torch.equal(side.attn.out.bias, o.bias[keep])
             assert torch.equal(side.ffn_in.bias, up.bias[units]) and torch.equal(side.ffn_out.bias, down.bias[keep])
         else:  # Llama's projections have no biases
             assert not side.attn.qkv.bias.any() and not side.ffn_in.bias.any() and not side.ffn_out.bias.any()
         assert same_norm(side.attn_norm, attn_norms[i]) and same_norm(side.ffn_norm, ffn_norms[i])
     assert same_norm(layers[-1].final_norm, final_norm)
-    selection = torch.zeros(16, 32)
-    selection[torch.arange(16), keep] = 1
+    selection = torch.zeros(width, 32)
+    selection[torch.arange(width), keep] = 1
     for ladder in (layers[0].embed_down, layers[0].down, layers[1].down):
         assert torch.equal(ladder.weight, selection) and not ladder.bias.any()
     assert not layers[-1].up.weight.any() and not layers[-1].up.bias.any()
@@ -454,16 +466,11 @@ def test_the_cli_takes_init_and_side_layers():
         ({"dropout": 1.0}, r"dropout: expected a number in \[0, 1\), got 1.0"),
         ({"init": "magnitude"}, "lst options: init: expected one of random, pruned, got 'magnitude'"),
         (
-            {"init": "pruned"},  # the side width 32 / 8 = 4 is narrower than one backbone head (8)
-            re.escape(
-                "reduction_factor: init=pruned copies whole backbone heads (8 wide), so the side width 32 / r "
-                "must be a multiple of 8: expected r in [1, 2, 4] (or init=random), got 8"
-            ),
-        ),
-        (
             {"init": "pruned", "reduction_factor": 2, "side_heads": 1},  # one head 16 wide
-            "side_heads: init=pruned copies whole backbone heads \\(8 wide\\), so a side width of 16 needs 2 of "
-            "them, got 1",
+            re.escape(
+                "side_heads: init=pruned prunes backbone heads (8 wide), so side heads can be at most 8 wide: "
+                "expected at least 2 heads for a side width of 16, got 1"
+            ),
         ),
         (
             {"side_layers": [2]},

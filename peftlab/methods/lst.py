@@ -54,10 +54,13 @@ Mistral, DistilBERT; any other block is refused). Each kept unit is ranked by th
     hidden dims  the d_s of d with the largest column norm of the input embedding matrix, one selection for the
                  whole network (every residual stream, ladder and norm keeps the same dims, so they line up)
     heads        per block, the side_heads heads with the largest |W| over their q, k, v rows and their columns of
-                 the output projection, on the kept dims; copied whole (a grouped-query model's key and value rows
-                 are those of the key/value head each kept query head reads), so side heads must be as wide as the
-                 backbone's -- the default side_heads makes them so where the reduction factor divides the head
-                 count, and other choices are refused
+                 the output projection, on the kept dims (a grouped-query model's key and value rows are those of
+                 the key/value head each kept query head reads)
+    head dims    within each kept head, when side heads are narrower than the backbone's (s = d_s / side_heads
+                 below its head width w: MiniLM and MPNet at r = 8), the s query/key dims with the largest |W| over
+                 their q and k rows, and separately the s value dims with the largest |W| over their v rows and
+                 output columns (q.k sums over the first, the output reads the second, so they prune apart); side
+                 heads wider than the backbone's are refused
     FFN units    per block, the intermediate_size / r units with the largest |W| over their input row and output
                  column on the kept dims; a gated FFN (Llama) gives its up_proj rows and down_proj columns, and its
                  gate is left out (the side FFN is an ungated GELU)
@@ -377,9 +380,15 @@ def top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.float().topk(k).indices.sort().values
 
 
-def head_rows(heads: torch.Tensor, width: int) -> torch.Tensor:
-    """The rows of a projection that belong to ``heads`` (each ``width`` rows), head after head."""
-    return (heads[:, None] * width + torch.arange(width, device=heads.device)).flatten()
+def head_dims(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per head (row of ``scores``: (heads, w)), the indices of its ``k`` largest dims, in increasing order."""
+    return scores.float().topk(k, dim=1).indices.sort(dim=1).values
+
+
+def head_rows(heads: torch.Tensor, dims: torch.Tensor, width: int) -> torch.Tensor:
+    """The rows of a projection (heads of ``width`` rows each) for ``dims[j]`` of head ``heads[j]``, head after
+    head."""
+    return (heads[:, None] * width + dims).flatten()
 
 
 def bias_of(linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
@@ -413,14 +422,11 @@ class PrunedInit:
         self.hidden = hidden = sizes["hidden"]
         width = sizes["width"]
         self.head_width = w = self.parts[0]["query"].out_features // count
-        if width % w:
-            fits = [r for r in range(1, hidden // w + 1) if (hidden // r) % w == 0]
-            raise InputError(f"reduction_factor: init=pruned copies whole backbone heads ({w} wide), so the side "
-                             f"width {hidden} / r must be a multiple of {w}: expected r in {fits} (or init=random), "
-                             f"got {config.reduction_factor}")  # fmt: skip
-        if width // sizes["heads"] != w:
-            raise InputError(f"side_heads: init=pruned copies whole backbone heads ({w} wide), so a side width of "
-                             f"{width} needs {width // w} of them, got {sizes['heads']}")  # fmt: skip
+        self.side_head_width = width // sizes["heads"]
+        if self.side_head_width > w:
+            raise InputError(f"side_heads: init=pruned prunes backbone heads ({w} wide), so side heads can be at "
+                             f"most {w} wide: expected at least {-(-width // w)} heads for a side width of {width}, "
+                             f"got {sizes['heads']}")  # fmt: skip
         embed = getattr(model, "get_input_embeddings", lambda: None)()
         if not isinstance(getattr(embed, "weight", None), torch.Tensor) or embed.weight.shape[-1] != hidden:
             raise InputError(f"init=pruned: cannot find the input embeddings of {type(model).__name__}; "
@@ -460,11 +466,20 @@ class PrunedInit:
         score = (per_head(q.weight[:, keep]) + (per_head(k.weight[:, keep]) + per_head(v.weight[:, keep]))
                  .repeat_interleave(group) + o.weight[keep].abs().view(d_s, -1, w).sum((0, 2)))  # fmt: skip
         heads = top(score, side.attn.heads)
-        q_rows, kv_rows = head_rows(heads, w), head_rows(heads // group, w)
-        side.attn.qkv.weight.copy_(torch.cat([q.weight[q_rows][:, keep], k.weight[kv_rows][:, keep],
-                                              v.weight[kv_rows][:, keep]]))  # fmt: skip
-        side.attn.qkv.bias.copy_(torch.cat([bias_of(q, q_rows), bias_of(k, kv_rows), bias_of(v, kv_rows)]))
-        side.attn.out.weight.copy_(o.weight[keep][:, q_rows])
+        kv_heads = heads // group
+
+        def per_dim(rows_by_input: torch.Tensor) -> torch.Tensor:  # (heads * w, d_s) -> (heads, w)
+            return rows_by_input.abs().sum(1).view(-1, w)
+
+        s = self.side_head_width  # the s of each kept head's w dims (all of them when s = w)
+        qk_dims = head_dims(per_dim(q.weight[:, keep])[heads] + per_dim(k.weight[:, keep])[kv_heads], s)
+        vo_dims = head_dims(per_dim(v.weight[:, keep])[kv_heads] + o.weight[keep].abs().sum(0).view(-1, w)[heads], s)
+        q_rows, k_rows = head_rows(heads, qk_dims, w), head_rows(kv_heads, qk_dims, w)
+        v_rows, o_columns = head_rows(kv_heads, vo_dims, w), head_rows(heads, vo_dims, w)
+        side.attn.qkv.weight.copy_(torch.cat([q.weight[q_rows][:, keep], k.weight[k_rows][:, keep],
+                                              v.weight[v_rows][:, keep]]))  # fmt: skip
+        side.attn.qkv.bias.copy_(torch.cat([bias_of(q, q_rows), bias_of(k, k_rows), bias_of(v, v_rows)]))
+        side.attn.out.weight.copy_(o.weight[keep][:, o_columns])
         side.attn.out.bias.copy_(bias_of(o, keep))
         up, down = part["ffn_up"], part["ffn_output"]
         units = top(up.weight[:, keep].abs().sum(1) + down.weight[keep].abs().sum(0), side.ffn_in.out_features)
