@@ -811,3 +811,16 @@ def test_without_a_grid_the_report_has_no_search(quick):
     assert "Learning-rate search" not in (quick / "report.md").read_text()
     assert all("lr_search" not in g for g in json.loads((quick / "report.json").read_text()))
     assert not list(quick.glob("*/*@lr*"))
+
+
+def test_share_of_the_model_divides_by_the_pretrained_model_not_what_the_method_adds():
+    """Diff pruning trains a difference vector and a gate per weight: 200 % of the model, not 100 % of the total."""
+    from peftlab.bench.collect import Row
+    from peftlab.bench.summary_tables import fmt_share, model_parameters
+
+    params = {"total": 3_000, "base": 1_000, "adapter": 2_000, "trainable": 2_000, "changed": 5}
+    row = Row("s", "m", "t", "classify", "diff_pruning", "diff_pruning", "peftlab", [{"params": params}])
+    assert fmt_share(row.mean("params", "trainable"), model_parameters(row)) == "200%"
+    assert fmt_share(row.mean("params", "changed"), model_parameters(row)) == "0.5%"
+    older = Row("s", "m", "t", "classify", "lora", "lora", "peftlab", [{"params": {"total": 400, "trainable": 4}}])
+    assert fmt_share(4, model_parameters(older)) == "1%"  # cells without "base" divide by the total

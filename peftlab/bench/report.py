@@ -68,8 +68,10 @@ def environment(collected: Collected) -> list[str]:
 
 READING = (
     "**How to read.** Quality is the test metric of the best validation state, mean ± standard deviation over the "
-    "seeds (n). *Trainable* counts what the optimiser updates (the task head included); *changed* counts entries "
-    "of the merged weights that differ from the pretrained ones; *Δ rank* is the rank of each adapted matrix's weight "
+    "seeds (n). *Trainable* counts what the optimiser updates (the task head included); *% of model* divides it by "
+    "the pretrained model's parameters with its head (not what the method adds, so a method can train more than "
+    "100 %); *changed* counts entries of the merged weights that differ from the pretrained ones (with their share "
+    "of the model); *Δ rank* is the rank of each adapted matrix's weight "
     "difference; *adapter* is the saved folder's size. *Memory* is measured on one training step of the fixed batch: "
     "W weights (parameters and buffers), G gradients, O optimiser state (plus any method state), A activations saved "
     "for the backward pass. *Step ms* is the median of alternating timed steps on that batch; *× floor* is the median "

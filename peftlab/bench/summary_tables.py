@@ -14,6 +14,17 @@ def fmt_quality(mean: float | None, std: float | None, metric: str) -> str:
     return f"{mean:.3f} ± {std or 0:.3f}"
 
 
+def model_parameters(r: Row) -> float | None:
+    """The parameters of the model the method adapts (the pretrained model with its task head, without what the
+    method adds): what "% of model" divides by, so a method that adds as many parameters as it adapts (diff
+    pruning's difference vector and gates) shows 200 %."""
+    return r.mean("params", "base") or r.mean("params", "total")
+
+
+def fmt_share(n: float | None, of: float | None) -> str:
+    return f"{100 * n / of:.3g}%" if n and of else "-"
+
+
 def fmt_count(n: float | None) -> str:
     if n is None:
         return "-"
@@ -79,7 +90,7 @@ def method_table(group: Group) -> tuple[list[str], list[list[str]]]:
     for r in group.ours():
         t = step_times(group, r.label)
         m = memory_of(group, r.label, "ours")
-        trainable, total = r.mean("params", "trainable"), r.mean("params", "total")
+        trainable, model = r.mean("params", "trainable"), model_parameters(r)
         row = [
             f"**{r.label}**",
             f"{fmt_quality(r.mean('quality', 'value'), r.std('quality', 'value'), group.metric)} ({r.seeds})",
@@ -90,8 +101,9 @@ def method_table(group: Group) -> tuple[list[str], list[list[str]]]:
                     r.mean("metrics", "test", extra_metric), r.std("metrics", "test", extra_metric), extra_metric
                 )
             )
-        row += [fmt_count(trainable), f"{100 * trainable / total:.3g}%" if trainable and total else "-"]
-        row.append(fmt_count(r.mean("params", "changed")))
+        row += [fmt_count(trainable), fmt_share(trainable, model)]
+        changed = r.mean("params", "changed")
+        row.append(f"{fmt_count(changed)} ({fmt_share(changed, model)})" if changed and model else fmt_count(changed))
         if has_rank:
             rank = r.first.get("params", {}).get("delta_rank") or {}
             row.append(
@@ -172,9 +184,9 @@ def standings(group: Group) -> list[str]:
         if extra_metric and r.values("metrics", "test", extra_metric):
             extra = r.mean("metrics", "test", extra_metric), r.std("metrics", "test", extra_metric)
             parts.append(f"{extra_metric.replace('_', ' ')} {fmt_quality(*extra, extra_metric)}")
-        trainable, total = r.mean("params", "trainable"), r.mean("params", "total")
-        if trainable and total:
-            parts.append(f"{100 * trainable / total:.3g}% trainable")
+        trainable, model = r.mean("params", "trainable"), model_parameters(r)
+        if trainable and model:
+            parts.append(f"{fmt_share(trainable, model)} trainable")
         parts += [f"{name} perplexity {fmt_forgetting(r, name)}" for name in corpora]
         if t["ours"] and t["floor"]:
             parts.append(
