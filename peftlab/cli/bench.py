@@ -26,7 +26,9 @@ def cmd_bench(argv: list[str], show_progress: bool) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="run the quick suite (tiny models built on the fly)")
     parser.add_argument(
-        "--out", action="append", help="bench folder (default: runs/bench/<suite>); with --report, several may be given"
+        "--out",
+        action="append",
+        help="bench folder (default: runs/bench/<suite>); with --report, repeat it to report several folders together",
     )
     parser.add_argument("--report", action="store_true", help="only rebuild the report from the existing results")
     parser.add_argument(
