@@ -437,6 +437,12 @@ def test_speed_only_measures_without_training(cli, tmp_path):
     assert code == 0
     again = json.loads(path.read_text())["methods"]["lora"]
     assert again["fingerprint"] == first["fingerprint"] and again["ours"]["times"] != first["ours"]["times"]
+    record = json.loads(path.read_text())  # a measurement that failed (a bad option, say) is tried again
+    record["methods"]["lora"] = {"fingerprint": first["fingerprint"], "error": "InputError: r: expected ..."}
+    path.write_text(json.dumps(record))
+    code, out, _ = cli(*args)
+    assert code == 0
+    assert "error" not in json.loads(path.read_text())["methods"]["lora"]
 
 
 def test_quick_report_has_tables_and_plots(quick):

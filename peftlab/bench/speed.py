@@ -39,6 +39,7 @@ class SpeedBench:
                 entry = (theirs.get("methods") or {}).get(variant.label)
                 if (
                     entry
+                    and "error" not in entry
                     and entry.get("fingerprint") == fingerprint(self.speed_config(group, variant))
                     and self.speed_entry(group, variant) is None
                 ):
@@ -70,11 +71,17 @@ class SpeedBench:
         }
 
     def speed_entry(self, group: Group, variant: Variant) -> dict | None:
+        """The variant's finished measurement; None when there is none for this configuration, or it failed (so
+        the next run measures it again, as it runs a failed cell again)."""
         path = self.speed_path(group)
         if not path.is_file():
             return None
         entry = read_json(path, "speed results").get("methods", {}).get(variant.label)
-        if entry and entry.get("fingerprint") == fingerprint(self.speed_config(group, variant)):
+        if (
+            entry
+            and "error" not in entry
+            and entry.get("fingerprint") == fingerprint(self.speed_config(group, variant))
+        ):
             return entry
         return None
 
