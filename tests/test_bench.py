@@ -437,6 +437,11 @@ def test_speed_only_measures_without_training(cli, tmp_path):
     assert code == 0
     again = json.loads(path.read_text())["methods"]["lora"]
     assert again["fingerprint"] == first["fingerprint"] and again["ours"]["times"] != first["ours"]["times"]
+    md = write_report([tmp_path], tmp_path / "speed-report")[0].read_text()  # no cells: the group still reports
+    section = md.split("## tiny:bert / sentiment")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| **lora** |"))
+    assert "- (0)" in row and "×" in row  # no quality, its step ratios and memory split
+    assert "quality.png" not in section and "memory.png" in section
     record = json.loads(path.read_text())  # a measurement that failed (a bad option, say) is tried again
     record["methods"]["lora"] = {"fingerprint": first["fingerprint"], "error": "InputError: r: expected ..."}
     path.write_text(json.dumps(record))

@@ -32,7 +32,8 @@ class Row:
 
     @property
     def first(self) -> dict:
-        return self.cells[0]
+        """The first seed's cell; empty for a method measured by the micro-benchmark only (no cells)."""
+        return self.cells[0] if self.cells else {}
 
     def values(self, *path: str) -> list[float]:
         out = []
@@ -160,6 +161,8 @@ def collect(folders: list[Path]) -> Collected:
                 continue
             counted.add((key, cell.get("fingerprint")))
             group.rows[row_key].cells.append(cell)
+        if suite is not None:
+            add_speed_only_groups(folder, suite, groups, speed_read)
         for path in sorted(folder.glob("*/*/seed*/failed.json")) + sorted(folder.glob("*/*/seed*/peer/failed.json")):
             failure = json.loads(path.read_text(encoding="utf-8"))
             notes.append(f"failed: {failure['cell']}: {failure['error']}")
@@ -168,6 +171,35 @@ def collect(folders: list[Path]) -> Collected:
         group.rows = dict(sorted(group.rows.items(), key=lambda kv: _method_order(kv[0][0])))
         group.lr_search = keep_chosen_rates(group)
     return Collected(ordered, notes, suites)
+
+
+def add_speed_only_groups(folder: Path, suite, groups: dict, speed_read: set[Path]) -> None:
+    """Groups whose micro-benchmark ran without cells (``--speed-only``, e.g. a model too large to train here): a
+    group of the suite's model and task with a row per measured method, so the report shows their memory split and
+    step ratios (quality "-")."""
+    from .plan import _slug
+    from .suite import DEFAULT_METRIC
+
+    methods = {m.label: m.name for m in suite.methods}
+    for model in suite.models:
+        for task in suite.tasks:
+            path = folder / f"{_slug(model)}__{_slug(task.name)}" / "speed.json"
+            if path in speed_read or not path.is_file():
+                continue
+            speed_read.add(path)
+            speed = json.loads(path.read_text(encoding="utf-8"))
+            key = (suite.name, model, task.name)
+            if key not in groups:
+                metric = task.metric or DEFAULT_METRIC[task.kind]
+                groups[key] = Group(suite.name, model, task.name, task.kind, metric, metric != "loss",
+                                    budget=suite.budget_text(), seeds=suite.seeds)  # fmt: skip
+            group = groups[key]
+            merge_speed(group, speed)
+            for label, entry in (speed.get("methods") or {}).items():
+                if "ours" in entry and (label, "peftlab") not in group.rows:
+                    method = methods.get(label, label)
+                    group.rows[(label, "peftlab")] = Row(suite.name, model, task.name, task.kind, label, method,
+                                                         "peftlab")  # fmt: skip
 
 
 def merge_speed(group: Group, speed: dict) -> None:

@@ -135,6 +135,8 @@ def write_report(
             for kind, plot in (("quality", plot_quality), ("memory", plot_memory), ("speed", plot_speed)):
                 if kind != "quality" and not memory_rows(group):  # no micro-benchmark results
                     continue
+                if kind == "quality" and not any(r.cells for r in group.ours()):  # measured with --speed-only
+                    continue
                 name = f"{group.slug}-{kind}.png"
                 plot(plt, group, images / name)
                 doc.image(f"{images.name}/{name}", f"{group.title}: {kind}")
@@ -147,6 +149,8 @@ def write_report(
     settings_rows = {}
     for group in collected.groups:
         for r in group.ours():
+            if not r.cells:  # measured by the micro-benchmark only: its settings are those of a trained row or none
+                continue
             key = (r.label, json.dumps(r.first.get("config"), sort_keys=True), r.first.get("lr"))
             settings_rows.setdefault(key, set()).add(group.suite)
     doc.table(

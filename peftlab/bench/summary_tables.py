@@ -125,7 +125,7 @@ def method_table(group: Group) -> tuple[list[str], list[list[str]]]:
             f"{r.mean('train_seconds'):.0f}" if r.mean("train_seconds") is not None else "-",
             f"{r.mean('examples_per_second'):.1f}" if r.mean("examples_per_second") is not None else "-",
             f"{r.mean('tokens_per_second'):.0f}" if r.mean("tokens_per_second") is not None else "-",
-            f"{r.first.get('lr'):g}",
+            f"{r.first['lr']:g}" if r.first.get("lr") is not None else "-",
         ]
         row += [fmt_forgetting(r, name) for name in corpora]
         rows.append(row)
