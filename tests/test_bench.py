@@ -532,6 +532,17 @@ def test_one_task_on_two_model_sizes_gets_the_size_study(quick, tmp_path):
         assert {p["label"]: round(p["share"], 9) for p in model["points"]} == {
             label: round(share, 9) for label, (share, _) in points.items()
         }
+        # without the task head: what a method that adds parameters trains beyond them
+        heads = {c["params"]["trainable"] - c["params"]["adapter"] for c in cells if c["params"].get("adapter")}
+        assert len(heads) == 1 and model["task_head"] == heads.pop() > 0
+        head, total = model["task_head"], full["params"]["total"]
+        body = {label: (points[label][0] * total - head) / (total - head) for label in points}
+        reaching = [(body[label], label) for label, (_, relative) in points.items() if relative >= 0.95]
+        expected = min(reaching)[1] if reaching else None
+        assert (model["smallest_reaching_target_without_head"] or {}).get("label") == expected
+        assert {p["label"]: round(p["body_share"], 9) for p in model["points"]} == {
+            label: round(share, 9) for label, share in body.items()
+        }
 
 
 def test_unfinished_cell_is_run_again_after_its_config_changed(tmp_path):

@@ -177,8 +177,9 @@ SIZE_STUDY = (
     "Where one task ran on models of different sizes, each with full fine-tuning, every method's quality relative to "
     "full fine-tuning on the same model (quality / full's; full's / quality for a loss) against its trainable share "
     "of the model (trainable parameters, the task head included, / all parameters), and per model the smallest "
-    "trainable share that reaches {target:.0%} of full fine-tuning, in share and in number (`{stem}-size.json` holds "
-    "the same)."
+    "trainable share that reaches {target:.0%} of full fine-tuning, in share and in number; then the same without "
+    "the task head (its size is the architecture's choice: one Linear for BERT, two for MPNet or RoBERTa), as a share "
+    "of the parameters outside it (`{stem}-size.json` holds the same)."
 )
 
 
