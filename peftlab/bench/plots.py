@@ -170,19 +170,22 @@ SIZE_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"
 
 def plot_size(plt, study, path: Path) -> None:
     """Quality relative to full fine-tuning against the trainable share of the model, one series per model size
-    (``peftlab.bench.size_study``), with the 95 % line."""
+    (``peftlab.bench.size_study``), with the 95 % line; the share without the task head where every model's head
+    size is known (heads differ by architecture, not by model size)."""
     from .size_study import TARGET
 
+    body = all(size.head is not None for size in study.models)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, size in enumerate(study.models):
         colour = SIZE_COLOURS[i % len(SIZE_COLOURS)]
-        xs, ys = [p.share for p in size.points], [p.relative for p in size.points]
+        xs = [p.body_share if body else p.share for p in size.points]
+        ys = [p.relative for p in size.points]
         ax.plot(xs, ys, "o", color=colour, label=f"{size.model} ({size.total / 1e6:.0f}M)")
-        for p in size.points:
-            ax.annotate(p.label, (p.share, p.relative), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        for p, x, y in zip(size.points, xs, ys, strict=True):
+            ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.axhline(TARGET, color="black", linestyle="--", linewidth=1, label=f"{TARGET:.0%} of full fine-tuning")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable share of the model (log scale)")
+    ax.set_xlabel(f"trainable share of the model{', without the task head' if body else ''} (log scale)")
     ax.set_ylabel(f"test {study.metric} relative to full fine-tuning")
     ax.set_title(f"{study.task}: quality vs trainable share, by model size", fontsize=10)
     ax.grid(alpha=0.3)
