@@ -15,7 +15,7 @@ from ..fileio import read_folder, read_json
 from ..models import load_causal_lm, load_classifier, load_span_model, load_tagger
 from ..train.loop import TrainSettings, autocast_for
 from .options import RunOptions, split_config, without_command_line_only
-from .prepare import Prepared, build_model, encode_file, make_task, prepare_data
+from .prepare import PEFT_TASK_TYPES, TASK_TYPES, Prepared, build_model, encode_file, make_task, prepare_data
 
 
 def load_run(run: str | Path) -> tuple[Path, dict]:
@@ -93,15 +93,6 @@ def save_merged(attachment: Attachment, tokenizer, out: str | Path) -> None:
         write_pooling_files(tmp, pooling_of(model), hidden)  # how its head reads, for peftlab and sentence-transformers
 
 
-# PEFT's task types that peftlab trains, with the model class each is read on and the task it saves.
-IMPORT_TASKS = {
-    "SEQ_CLS": ("classify", "classification"),
-    "TOKEN_CLS": ("tag", "tagging"),
-    "QUESTION_ANS": ("span", "span"),
-    "CAUSAL_LM": ("sft", "sft"),
-}
-
-
 def import_hf_adapter(
     adapter: str | Path, out: str | Path, model: str | None, labels: list[str] | None, overwrite: bool, quiet: bool
 ) -> Attachment:
@@ -115,12 +106,12 @@ def import_hf_adapter(
     src = Path(adapter)
     cfg = read_json(src / HF_CONFIG, "PEFT adapter config")
     task_type = cfg.get("task_type") or "SEQ_CLS"
-    if task_type not in IMPORT_TASKS:
+    kinds = {peft: kind for kind, peft in PEFT_TASK_TYPES.items()}  # PEFT's task types that peftlab trains
+    if task_type not in kinds:
         raise InputError(
-            f"{src / HF_CONFIG}: task_type {task_type!r} is not one peftlab trains (expected one of "
-            f"{', '.join(IMPORT_TASKS)})"
+            f"{src / HF_CONFIG}: task_type {task_type!r} is not one peftlab trains (expected one of {', '.join(kinds)})"
         )
-    kind, task_name = IMPORT_TASKS[task_type]
+    kind = kinds[task_type]
     if labels is not None and kind in ("span", "sft"):
         raise InputError(f"--labels: a {task_type} adapter has no classes (labels are for SEQ_CLS and TOKEN_CLS)")
     model_name = model or cfg.get("base_model_name_or_path")
@@ -129,7 +120,7 @@ def import_hf_adapter(
     path = resolve_model(model_name, quiet=quiet)
     check_output(out, [adapter, path], overwrite)
     notes = read_json(src / NOTES_FILE, "peftlab notes") if (src / NOTES_FILE).is_file() else {}
-    task: dict = {"type": task_name}
+    task: dict = {"type": TASK_TYPES[kind]}
     if kind == "classify":
         labels = labels or default_labels(src)
         pooling = str(notes.get("pooling", "model"))  # written beside our own exports

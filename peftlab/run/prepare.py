@@ -238,9 +238,13 @@ def make_task(prepared: Prepared):
     return ClassificationTask(len(prepared.data.labels))
 
 
+# Each task kind as an adapter file's ``task.type`` names it, and as Hugging Face PEFT's ``task_type`` does.
+TASK_TYPES = {"classify": "classification", "tag": "tagging", "span": "span", "sft": "sft"}
+PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "span": "QUESTION_ANS", "sft": "CAUSAL_LM"}
+
+
 def task_meta(options: RunOptions, prepared: Prepared) -> dict:
-    kinds = {"classify": "classification", "tag": "tagging", "span": "span", "sft": "sft"}
-    task = {"type": kinds[prepared.kind]} | ({"labels": prepared.labels} if prepared.labels else {})
+    task = {"type": TASK_TYPES[prepared.kind]} | ({"labels": prepared.labels} if prepared.labels else {})
     if prepared.kind == "classify":
         task["pooling"] = prepared.pooling
     return {"task": task, "model": options.model, "max_length": options.max_length}
@@ -266,7 +270,7 @@ def encode_file(options: RunOptions, prepared: Prepared, path: str | Path):
 
 
 def hf_task_type(prepared: Prepared) -> str:
-    return {"classify": "SEQ_CLS", "tag": "TOKEN_CLS", "span": "QUESTION_ANS", "sft": "CAUSAL_LM"}[prepared.kind]
+    return PEFT_TASK_TYPES[prepared.kind]
 
 
 def generation_sets(options: RunOptions, prepared: Prepared, limit: int | None = None) -> dict[str, list]:
