@@ -177,13 +177,13 @@ def add_speed_only_groups(folder: Path, suite, groups: dict, speed_read: set[Pat
     """Groups whose micro-benchmark ran without cells (``--speed-only``, e.g. a model too large to train here): a
     group of the suite's model and task with a row per measured method, so the report shows their memory split and
     step ratios (quality "-")."""
-    from .plan import _slug
+    from .plan import group_slug
     from .suite import DEFAULT_METRIC
 
     methods = {m.label: m.name for m in suite.methods}
     for model in suite.models:
         for task in suite.tasks:
-            path = folder / f"{_slug(model)}__{_slug(task.name)}" / "speed.json"
+            path = folder / group_slug(model, task.name) / "speed.json"
             if path in speed_read or not path.is_file():
                 continue
             speed_read.add(path)

@@ -58,7 +58,7 @@ class Group:
 
     @property
     def slug(self) -> str:
-        return f"{_slug(self.model_spec)}__{_slug(self.task.name)}"
+        return group_slug(self.model_spec, self.task.name)
 
     def options(self, method: str, out: Path | None = None):
         from ..run import RunOptions
@@ -126,6 +126,11 @@ class Filters:
     remeasure: bool = False  # measure the micro-benchmark again even where it is done (e.g. on a quieter machine)
     model_dirs: dict[str, str] = field(default_factory=dict)  # model name -> local folder standing in for it
     lr_grid: list[float] | None = None  # factors of each base rate to search; overrides the suite's lr_grid
+
+
+def group_slug(model_spec: str, task_name: str) -> str:
+    """The folder of one model on one task inside a bench folder (its cells and its ``speed.json``)."""
+    return f"{_slug(model_spec)}__{_slug(task_name)}"
 
 
 def _slug(text: str) -> str:

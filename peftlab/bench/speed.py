@@ -37,12 +37,7 @@ class SpeedBench:
             theirs = read_json(theirs_path, "speed results")
             for variant in self.plan.variants:
                 entry = (theirs.get("methods") or {}).get(variant.label)
-                if (
-                    entry
-                    and "error" not in entry
-                    and entry.get("fingerprint") == fingerprint(self.speed_config(group, variant))
-                    and self.speed_entry(group, variant) is None
-                ):
+                if self.finished(entry, group, variant) and self.speed_entry(group, variant) is None:
                     for key in ("batch", "repeats", "warmup", "references"):
                         record.setdefault(key, theirs.get(key))
                     record.setdefault("methods", {})[variant.label] = entry
@@ -72,18 +67,20 @@ class SpeedBench:
 
     def speed_entry(self, group: Group, variant: Variant) -> dict | None:
         """The variant's finished measurement; None when there is none for this configuration, or it failed (so
-        the next run measures it again, as it runs a failed cell again)."""
+        the next run measures it again, as it runs a failed cell again; ``--reuse`` copies only finished ones)."""
         path = self.speed_path(group)
         if not path.is_file():
             return None
         entry = read_json(path, "speed results").get("methods", {}).get(variant.label)
-        if (
-            entry
+        return entry if self.finished(entry, group, variant) else None
+
+    def finished(self, entry: dict | None, group: Group, variant: Variant) -> bool:
+        """Whether a recorded measurement counts as done: taken with this configuration, and not failed."""
+        return (
+            bool(entry)
             and "error" not in entry
             and entry.get("fingerprint") == fingerprint(self.speed_config(group, variant))
-        ):
-            return entry
-        return None
+        )
 
     def speed_missing(self, group: Group) -> list[Variant]:
         if not self.suite.speed.enabled:
