@@ -457,23 +457,21 @@ class PrunedInit:
             self.copy_norm(side.attn_norm, self.parts[i - 1]["ffn_norm"] if i > 0 else self.first_input_norm)
             self.copy_norm(side.ffn_norm, part["attention_norm"])
         q, k, v, o = (part[role] for role in ("query", "key", "value", "attention_output"))
-        w, d_s = self.head_width, len(keep)
-
-        def per_head(rows_by_input: torch.Tensor) -> torch.Tensor:  # (heads * w, d_s) -> (heads,)
-            return rows_by_input.abs().view(-1, w, d_s).sum((1, 2))
-
-        group = q.out_features // k.out_features  # query heads per key/value head (1 without grouped queries)
-        score = (per_head(q.weight[:, keep]) + (per_head(k.weight[:, keep]) + per_head(v.weight[:, keep]))
-                 .repeat_interleave(group) + o.weight[keep].abs().view(d_s, -1, w).sum((0, 2)))  # fmt: skip
-        heads = top(score, side.attn.heads)
-        kv_heads = heads // group
+        w = self.head_width
 
         def per_dim(rows_by_input: torch.Tensor) -> torch.Tensor:  # (heads * w, d_s) -> (heads, w)
             return rows_by_input.abs().sum(1).view(-1, w)
 
+        # |W| each head dim owns on the kept dims: its q, k, v rows and its output projection column
+        q_owned, k_owned, v_owned = (per_dim(x.weight[:, keep]) for x in (q, k, v))
+        o_owned = o.weight[keep].abs().sum(0).view(-1, w)  # (heads, w)
+        group = q.out_features // k.out_features  # query heads per key/value head (1 without grouped queries)
+        score = q_owned.sum(1) + (k_owned.sum(1) + v_owned.sum(1)).repeat_interleave(group) + o_owned.sum(1)
+        heads = top(score, side.attn.heads)
+        kv_heads = heads // group
         s = self.side_head_width  # the s of each kept head's w dims (all of them when s = w)
-        qk_dims = head_dims(per_dim(q.weight[:, keep])[heads] + per_dim(k.weight[:, keep])[kv_heads], s)
-        vo_dims = head_dims(per_dim(v.weight[:, keep])[kv_heads] + o.weight[keep].abs().sum(0).view(-1, w)[heads], s)
+        qk_dims = head_dims(q_owned[heads] + k_owned[kv_heads], s)
+        vo_dims = head_dims(v_owned[kv_heads] + o_owned[heads], s)
         q_rows, k_rows = head_rows(heads, qk_dims, w), head_rows(kv_heads, qk_dims, w)
         v_rows, o_columns = head_rows(kv_heads, vo_dims, w), head_rows(heads, vo_dims, w)
         side.attn.qkv.weight.copy_(torch.cat([q.weight[q_rows][:, keep], k.weight[k_rows][:, keep],
