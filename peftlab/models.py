@@ -220,14 +220,7 @@ def load_classifier(
     allow_pickle: bool = False,
 ):
     """A sequence classifier on the pretrained body; its head is new and trains beside the method."""
-    check_remote_code(path, trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read the model config ({str(e).splitlines()[0]})") from None
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {name: i for i, name in enumerate(labels)}
+    config = labelled_config(path, labels, trust_remote_code)
     if getattr(config, "pad_token_id", None) is None and pad_token_id is not None:
         config.pad_token_id = pad_token_id
     return pretrained(
@@ -243,6 +236,16 @@ def load_tagger(
     allow_pickle: bool = False,
 ):
     """A token classifier (sequence labelling) on the pretrained body; its head is new and trains with the method."""
+    config = labelled_config(path, labels, trust_remote_code)
+    return pretrained(
+        AutoModelForTokenClassification, path, "a token classifier", dtype, trust_remote_code, allow_pickle,
+        config=config,
+    )  # fmt: skip
+
+
+def labelled_config(path: Path, labels: Sequence[str], trust_remote_code: bool):
+    """The model's config with a head of ``labels`` (``num_labels``, ``id2label``, ``label2id``); code shipped with
+    the model runs only when ``trust_remote_code``."""
     check_remote_code(path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -251,10 +254,7 @@ def load_tagger(
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {name: i for i, name in enumerate(labels)}
-    return pretrained(
-        AutoModelForTokenClassification, path, "a token classifier", dtype, trust_remote_code, allow_pickle,
-        config=config,
-    )  # fmt: skip
+    return config
 
 
 def load_span_model(
