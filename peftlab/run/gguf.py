@@ -10,6 +10,7 @@ from ..core.attach import Attachment
 from ..core.gguf_lora import BaseIdentity, gguf_lora, write_gguf_lora
 from ..core.gguf_merge import write_merged_gguf
 from ..errors import InputError
+from ..fileio import atomic_file
 
 
 def export_gguf(
@@ -45,8 +46,7 @@ def export_gguf(
                 f"note: {base_file} is not the GGUF the run's base {model} was built from (its shapes fit); "
                 "the adapter was trained on that file's weights"
             )
-    tmp = out.with_name(out.name + ".part")
-    try:
+    with atomic_file(out) as tmp:  # written beside ``out`` and renamed: an interrupted export leaves no file
         if merged:
             count = write_merged_gguf(lora, base_file, tmp, dtype, f"{attachment.method.name} adapter (peftlab)")
             notes.insert(
@@ -61,7 +61,4 @@ def export_gguf(
                 f"wrote a llama.cpp LoRA adapter ({lora.arch}, {len(lora.factors)} tensors, {dtype}) "
                 f"for {model} to {out}",
             )
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return notes
